@@ -1,0 +1,42 @@
+"""The `shardstream` command: a thin dispatcher. Each subcommand lives beside the code it drives,
+as a `cli(argv) -> exit code` function, so this file only maps names to them."""
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "download": ("shardstream.download", "fetch train shards 0..N-1 and the val shard (nanochat's dataset -n N -w W)"),
+    "serve": ("shardstream.server", "serve a directory of shards like the HuggingFace Hub (Range, ETag, faults)"),
+    "status": ("shardstream.status", "show a running downloader's status (--watch to follow)"),
+    "make-sample": ("shardstream.sample", "write offline sample shards in nanochat's layout"),
+    "demo": ("shardstream.demo", "offline end-to-end demo: sample shards, local server, streaming training"),
+    "bench": ("shardstream.bench", "run the benchmarks in bench/ and print their ratios"),
+}
+
+
+def usage():
+    lines = ["usage: shardstream COMMAND [options]   (shardstream COMMAND --help for details)", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"shardstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return module.cli(rest) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The exceptions shardstream raises. Each names the thing that failed and what to do about it."""
+
+
+class ShardStreamError(Exception):
+    """Base class of every error shardstream raises on purpose."""
+
+
+class ConfigError(ShardStreamError, ValueError):
+    """A bad argument or setting (bad buffer size, unwritable directory, malformed URL...)."""
+
+
+class FetchError(ShardStreamError):
+    """A shard could not be brought to disk. Carries shard id, URL (token-free), attempts, cause."""
+
+    def __init__(self, message, *, shard_id=None, url=None, attempts=0, cause=None):
+        super().__init__(message)
+        self.shard_id = shard_id
+        self.url = url
+        self.attempts = attempts
+        self.cause = cause
+
+
+class TransientFetchError(FetchError):
+    """A failure worth retrying (reset, 5xx, 429, stall, truncation, checksum mismatch once)."""
+
+
+class PermanentFetchError(FetchError):
+    """A failure retrying cannot fix (404, 401/403, size or checksum that never matches)."""
+
+
+class CorruptShardError(ShardStreamError):
+    """A file on disk is not the shard it claims to be (size, sha256 or parquet layout wrong)."""
+
+
+class DiskSpaceError(ShardStreamError):
+    """Free disk space fell under the configured floor, or a budget cannot hold what is needed."""
+
+
+class ShardWaitTimeout(ShardStreamError, TimeoutError):
+    """A reader waited longer than allowed for a shard."""
+
+
+class StateMismatchError(ShardStreamError, ValueError):
+    """A resume state does not belong to this run (other source, geometry, tokenizer...)."""
