@@ -42,3 +42,7 @@ class ShardWaitTimeout(ShardStreamError, TimeoutError):
 
 class StateMismatchError(ShardStreamError, ValueError):
     """A resume state does not belong to this run (other source, geometry, tokenizer...)."""
+
+
+class FetchCancelled(FetchError):
+    """A fetch was stopped (its stop event was set); the partial file is left to resume later."""
