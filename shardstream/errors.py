@@ -44,5 +44,22 @@ class StateMismatchError(ShardStreamError, ValueError):
     """A resume state does not belong to this run (other source, geometry, tokenizer...)."""
 
 
+class ShardSkipped(ShardStreamError):
+    """The failure policy is "skip" and this shard could not be fetched: the reader should move on."""
+
+    def __init__(self, message, *, shard_id=None, cause=None):
+        super().__init__(message)
+        self.shard_id = shard_id
+        self.cause = cause
+
+
+class DownloaderCrashed(ShardStreamError):
+    """A background download worker died of an unexpected error (chained as __cause__)."""
+
+
+class DownloaderStopped(ShardStreamError):
+    """The downloader was stopped (or never started) while a reader asked it for a shard."""
+
+
 class FetchCancelled(FetchError):
     """A fetch was stopped (its stop event was set); the partial file is left to resume later."""
