@@ -1,0 +1,88 @@
+"""The tokenizer: trains offline with rustbpe, encodes with tiktoken, round-trips, is deterministic."""
+import pickle
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shardstream.errors import ConfigError
+from shardstream.tokenizer import (BOS, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, iter_shard_texts,
+                                   train_tokenizer, train_tokenizer_from_shards)
+
+TEXTS = [
+    "The old man walked slowly to the harbor, where the boats waited in the morning light.",
+    "In 1987 she wrote 42 letters; only 3 arrived.\n\nThe rest were lost.",
+    "Don't you think it's strange? We'll see what they've done.",
+    "   leading spaces, tabs\tand trailing spaces   ",
+    "Unicode: café, naïve, Straße, 日本語, emoji 🙂🚀.",
+] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=400)
+
+
+def test_round_trip_and_bos(tok):
+    bos = tok.get_bos_token_id()
+    assert bos == tok.encode_special(BOS)
+    assert tok.get_vocab_size() <= 400
+    assert bos < tok.get_vocab_size()
+    for text in set(TEXTS) | {"", "x", "new words never seen: zyzzyva quokka"}:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert bos not in ids
+    # list in -> list of lists, prepend/append by id or by name
+    rows = tok.encode(TEXTS[:3], prepend=bos, append="<|assistant_end|>", num_threads=2)
+    assert len(rows) == 3
+    for text, row in zip(TEXTS[:3], rows):
+        assert row[0] == bos and row[-1] == tok.encode_special("<|assistant_end|>")
+        assert row[1:-1] == tok.encode(text)
+    # merges learned: common text is shorter in tokens than in bytes
+    assert len(tok.encode(TEXTS[0])) < len(TEXTS[0].encode()) / 2
+    assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
+
+
+def test_training_is_deterministic(tok):
+    again = train_tokenizer(TEXTS, vocab_size=400)
+    assert again.identity() == tok.identity()
+    assert again.encode(TEXTS[:5]) == tok.encode(TEXTS[:5])
+    other = train_tokenizer(TEXTS, vocab_size=350)
+    assert other.identity() != tok.identity()
+
+
+def test_save_load_atomic(tok, tmp_path):
+    path = tok.save(tmp_path / "tok")
+    assert path.name == TOKENIZER_FILE
+    assert [p.name for p in (tmp_path / "tok").iterdir()] == [TOKENIZER_FILE]   # no temp file left
+    loaded = Tokenizer.load(tmp_path / "tok")
+    assert loaded.identity() == tok.identity()
+    assert loaded.encode(TEXTS[:5], prepend=loaded.get_bos_token_id()) == \
+        tok.encode(TEXTS[:5], prepend=tok.get_bos_token_id())
+    # a nanochat-style tokenizer.pkl (a pickled tiktoken Encoding) loads too
+    with open(tmp_path / TOKENIZER_FILE, "wb") as f:
+        pickle.dump(tok.enc, f)
+    assert Tokenizer.load(tmp_path).encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+def test_train_from_shards(tmp_path):
+    path = tmp_path / "shard_00000.parquet"
+    pq.write_table(pa.table({"text": TEXTS}), path, row_group_size=64)
+    t = train_tokenizer_from_shards([path], vocab_size=380, max_chars=5_000)
+    assert t.decode(t.encode(TEXTS[4])) == TEXTS[4]
+    texts = list(iter_shard_texts([path], max_chars=5_000, doc_cap=20))
+    assert all(len(x) <= 20 for x in texts) and 5_000 <= sum(map(len, texts)) < 5_020
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match="no 'text' column"):
+        train_tokenizer_from_shards([tmp_path / "bad.parquet"])
+
+
+def test_bad_inputs(tok, tmp_path):
+    with pytest.raises(ConfigError, match="too small"):
+        train_tokenizer(TEXTS, vocab_size=100)
+    with pytest.raises(ConfigError, match="not a special token"):
+        tok.encode("hi", prepend="<|nope|>")
+    with pytest.raises(ConfigError, match="str or a list"):
+        tok.encode(42)
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing")
