@@ -107,8 +107,17 @@ class DownloaderStatus:
         return "\n".join(lines)
 
 
-def _mb(n):
-    return "?" if n is None else f"{n / 1e6:.1f} MB"
+def human_bytes(n):
+    """250300000 -> '250.3 MB' (decimal units, like the seed's log lines)."""
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+_mb = human_bytes
 
 
 def _ids(ids, limit=12):

@@ -1,0 +1,908 @@
+"""StreamingDownloader: keep a window of verified shards ahead of the reader, inside a disk budget.
+
+    with StreamingDownloader(total_shards=20, buffer_size=5, max_cache_bytes=2e9) as dl:
+        for i in range(20):
+            path = dl.wait_for_shard(i)      # blocks until verified; leases it
+            ...read path...
+            dl.release(i)                    # consumed: deleted once beyond `retain`
+
+Background workers fetch the nearest needed shard first: shards a reader is waiting for, then the next
+shard of the window, the val shard, the rest of the window (`buffer_size` shards after the slowest
+reader's position). Before a download starts, its remote size is reserved in the budget (cache.py);
+when it does not fit, consumed/unneeded shards are evicted, and if that is not enough the download waits
+for room rather than overshoot. Free disk space is checked against a floor before every download.
+
+Faults: fetch.py retries transient errors within one call; when a call gives up, the shard is retried
+after a backoff while other shards go on. Once the reader has waited longer than `FailurePolicy.deadline`
+for a failing shard (at once for a permanent failure such as a 404), the policy decides: "fail" raises
+the fetch error, "wait" keeps waiting (warning every `warn_every` s), "skip" records the shard as skipped
+and raises ShardSkipped so the reader moves on. A crashed worker makes the reader's next call raise.
+
+Every shard event goes to <data_dir>/events.jsonl and refreshes <data_dir>/status.json (see status.py).
+"""
+import errno
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import ShardCache, ahead_window, choose_evictions
+from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
+                     FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
+                     TransientFetchError)
+from .fetch import FetchPolicy, fetch_shard, remote_info
+from .shards import DEFAULT_DATASET, default_data_dir, shard_name
+from .source import Source, make_source, redact_url
+from .status import DownloaderStatus, EventLog, human_bytes, write_status
+from .verify import verify_shard
+
+logger = logging.getLogger(__name__)
+P = "[StreamingDownloader]"
+SHA_AUTO_LIMIT = 2 << 30        # verify_existing="auto": hash shards found on disk when they total <= 2 GiB
+RATE_WINDOW = 5.0               # seconds of transfer history behind "download MB/s (recent)"
+
+
+# -----------------------------------------------------------------------------
+# Policies
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """How many shards to keep, ahead and behind, and the hard byte budget."""
+    buffer_size: int = 5                  # verified shards kept ready ahead of the slowest reader
+    retain: int = 0                       # consumed shards kept behind it
+    max_cache_bytes: int | None = None    # hard budget: files + partials + reservations (None = none)
+    initial_buffer: int = 1               # train shards start() downloads before returning
+    cycle: bool = False                   # after the last train shard, prefetch shard 0.. (next epoch)
+
+    def __post_init__(self):
+        _check_int("buffer_size", self.buffer_size, 1, "keep at least one shard ahead of the reader")
+        _check_int("retain", self.retain, 0, "use 0 to delete consumed shards at once")
+        _check_int("initial_buffer", self.initial_buffer, 0, "use 0 to return from start() at once")
+        if self.initial_buffer > self.buffer_size:
+            raise ConfigError(f"initial_buffer={self.initial_buffer} is larger than buffer_size={self.buffer_size}: "
+                              f"the window never holds more than buffer_size shards ahead")
+        if self.max_cache_bytes is not None:
+            if isinstance(self.max_cache_bytes, bool) or not isinstance(self.max_cache_bytes, (int, float)) \
+                    or self.max_cache_bytes <= 0:
+                raise ConfigError(f"max_cache_bytes must be a positive number of bytes or None (no budget), "
+                                  f"got {self.max_cache_bytes!r}")
+            object.__setattr__(self, "max_cache_bytes", int(self.max_cache_bytes))
+
+
+FAILURE_MODES = ("fail", "wait", "skip")
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """What happens when a shard the reader waits for cannot be fetched."""
+    mode: str = "fail"                    # "fail": raise; "wait": keep waiting; "skip": move on without it
+    deadline: float = 300.0               # seconds the reader waits on a failing shard before `mode` applies
+    warn_every: float = 60.0              # a waiting reader logs a warning this often
+    retry_initial: float = 1.0            # backoff between fetch calls for one shard (full jitter)...
+    retry_max: float = 60.0               # ...doubling up to this
+
+    def __post_init__(self):
+        if self.mode not in FAILURE_MODES:
+            raise ConfigError(f"failure policy mode must be one of {', '.join(FAILURE_MODES)}, got {self.mode!r}")
+        for name in ("deadline", "warn_every", "retry_initial", "retry_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"FailurePolicy.{name} must be a number of seconds >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class DiskPolicy:
+    """Free-space guard, checked before every download against the shard's known size."""
+    warn_free_bytes: int = 5_000_000_000  # warn when a download would leave less than this free
+    min_free_bytes: int = 1_000_000_000   # refuse to download (and tell the reader) under this
+    recheck_seconds: float = 5.0          # how often a paused downloader looks again
+
+    def __post_init__(self):
+        for name in ("warn_free_bytes", "min_free_bytes", "recheck_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"DiskPolicy.{name} must be a number >= 0, got {v!r}")
+
+
+def _check_int(name, value, minimum, hint):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r} ({hint})")
+
+
+@dataclass
+class _Failure:
+    """Why a shard is not on disk yet."""
+    attempts: int = 0          # HTTP attempts in all
+    rounds: int = 0            # failed fetch calls (drives the backoff)
+    error: BaseException | None = None
+    permanent: bool = False
+    retry_at: float = 0.0      # monotonic time before which no worker retries it
+
+
+# -----------------------------------------------------------------------------
+
+class StreamingDownloader:
+    """Background download of train shards 0..total_shards-1 (and the val shard), a window ahead of the
+    reader, under a disk budget. Thread-safe; a context manager (start on enter, stop on exit)."""
+
+    def __init__(self, total_shards=-1, buffer_size=5, data_dir=None, source=None, retain=0,
+                 max_cache_bytes=None, workers=2, initial_buffer=1, failure_policy="fail", *,
+                 window=None, disk_policy=None, fetch_policy=None, deadline=None,
+                 warn_free_bytes=None, min_free_bytes=None, dataset=DEFAULT_DATASET, dataset_shards=None,
+                 verify_existing="auto", progress=True, status_interval=0.5):
+        # --- policies: dataclasses, or the seed's loose keyword arguments
+        if window is None:
+            window = WindowPolicy(buffer_size, retain, max_cache_bytes, initial_buffer)
+        elif not isinstance(window, WindowPolicy):
+            raise ConfigError(f"window must be a WindowPolicy, got {type(window).__name__}")
+        elif (buffer_size, retain, max_cache_bytes, initial_buffer) != (5, 0, None, 1):
+            raise ConfigError("give either window=WindowPolicy(...) or buffer_size/retain/max_cache_bytes/"
+                              "initial_buffer, not both")
+        if isinstance(failure_policy, str):
+            failure_policy = FailurePolicy(failure_policy, **({} if deadline is None else {"deadline": deadline}))
+        elif not isinstance(failure_policy, FailurePolicy):
+            raise ConfigError(f"failure_policy must be 'fail', 'wait', 'skip' or a FailurePolicy, "
+                              f"got {failure_policy!r}")
+        elif deadline is not None:
+            raise ConfigError("give the deadline inside FailurePolicy(...), or failure_policy as a string, not both")
+        if disk_policy is None:
+            kw = {k: v for k, v in (("warn_free_bytes", warn_free_bytes), ("min_free_bytes", min_free_bytes))
+                  if v is not None}
+            disk_policy = DiskPolicy(**kw)
+        elif not isinstance(disk_policy, DiskPolicy):
+            raise ConfigError(f"disk_policy must be a DiskPolicy, got {type(disk_policy).__name__}")
+        elif warn_free_bytes is not None or min_free_bytes is not None:
+            raise ConfigError("give either disk_policy=DiskPolicy(...) or warn_free_bytes/min_free_bytes, not both")
+        if fetch_policy is None:
+            fetch_policy = FetchPolicy()
+        _check_int("workers", workers, 1, "parallel downloads")
+        if verify_existing not in ("auto", "size", "sha256"):
+            raise ConfigError(f"verify_existing must be 'auto', 'size' or 'sha256', got {verify_existing!r}")
+        self.window = window
+        self.failure_policy = failure_policy
+        self.disk_policy = disk_policy
+        self.fetch_policy = fetch_policy
+        self.workers = workers
+        self.verify_existing = verify_existing
+        self.progress = progress
+        self.status_interval = status_interval
+
+        # --- source and plan
+        if source is None or isinstance(source, str):
+            source = make_source(source, dataset=dataset, dataset_shards=dataset_shards)
+        elif not isinstance(source, Source):
+            raise ConfigError(f"source must be a Source or a base URL string, got {type(source).__name__}")
+        elif dataset_shards is not None and dataset_shards != source.dataset_shards:
+            raise ConfigError(f"dataset_shards={dataset_shards} disagrees with the Source's "
+                              f"dataset_shards={source.dataset_shards}")
+        self._source = source
+        n_train = source.num_train_shards
+        if total_shards is None or total_shards == -1:
+            total_shards = n_train
+        _check_int("total_shards", total_shards, 1, "-1 or None streams every train shard")
+        if total_shards > n_train:
+            raise ConfigError(f"total_shards={total_shards} but the dataset at {redact_url(source.base_url)} has "
+                              f"only {n_train} train shards (0..{n_train - 1}; shard {source.val_shard} is val): "
+                              f"ask for at most {n_train}, or -1 for all")
+        if window.initial_buffer > total_shards:
+            raise ConfigError(f"initial_buffer={window.initial_buffer} is more than total_shards={total_shards}")
+        self.total_shards = total_shards
+        self._plan = list(range(total_shards))
+        self._pos = {s: k for k, s in enumerate(self._plan)}
+
+        # --- data dir: created and writable, or a clear error now
+        self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
+        try:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self._data_dir, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"data dir {self._data_dir} is not a writable directory ({e.strerror or e}): "
+                              f"pass data_dir= (or SHARDSTREAM_DATA_DIR) pointing somewhere writable") from None
+
+        # --- state, all guarded by self._cond
+        self._cond = threading.Condition(threading.RLock())
+        self.cache = ShardCache(self._data_dir, window.max_cache_bytes)
+        self._stop = threading.Event()
+        self._threads = []
+        self._state = "created"
+        self._events = None
+        self._info = {}                  # shard -> RemoteInfo
+        self._info_pending = set()       # shards whose remote_info a worker is asking for
+        self._failures = {}              # shard -> _Failure
+        self._skipped = {}               # shard -> reason
+        self._blocked = {}               # shard -> why it is waiting for room in the budget
+        self._demand = Counter()         # shard -> readers waiting for it
+        self._demand_order = {}          # shard -> when the first of them started
+        self._cursor = {}                # reader -> plan position of the shard it last asked for
+        self._current = {}               # reader -> that shard
+        self._verified = set()           # plan shards verified during this run (downloaded or reused)
+        self._crash = None
+        self._disk_error = None
+        self._disk_retry_at = 0.0
+        self._last_disk_warn = 0.0
+        self._retries = self._n_failures = self._waits = 0
+        self._wait_seconds = 0.0
+        self._downloaded_bytes = 0
+        self._rate = deque()             # (monotonic time, bytes)
+        self._last_status_write = 0.0
+        logger.info(f"{P} Initialized StreamingDownloader: {total_shards} shards, buffer_size={window.buffer_size}"
+                    f", retain={window.retain}, budget="
+                    f"{'none' if window.max_cache_bytes is None else human_bytes(window.max_cache_bytes)}"
+                    f", workers={workers}, failure policy={failure_policy.mode}")
+        logger.info(f"{P} Data directory: {self._data_dir}")
+
+    # --- what the reader sees
+    @property
+    def source(self):
+        return self._source
+
+    @property
+    def data_dir(self):
+        return self._data_dir
+
+    @property
+    def val_shard(self):
+        return self._source.val_shard
+
+    @property
+    def buffer_size(self):
+        return self.window.buffer_size
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def __repr__(self):
+        return (f"StreamingDownloader(total_shards={self.total_shards}, buffer_size={self.buffer_size}, "
+                f"data_dir={str(self._data_dir)!r}, source={redact_url(self._source.base_url)!r}, "
+                f"state={self._state!r})")
+
+    # -------------------------------------------------------------------------
+    # start / stop
+
+    def start(self):
+        """Scan the data dir, start the workers, and block until the first `initial_buffer` train shards are
+        verified. Returns self. Calling it again does nothing."""
+        with self._cond:
+            if self._state != "created":
+                if self._state in ("stopped", "crashed"):
+                    raise DownloaderStopped(f"{self!r} was stopped; make a new one to start again")
+                return self
+            self._state = "starting"
+        try:
+            self._events = EventLog(self._data_dir)
+            logger.info(f"{P} Starting download of {self.total_shards} shards with buffer_size={self.buffer_size}")
+            self._scan_existing()
+            self._check_budget()
+            with self._cond:
+                self._event("start", total_shards=self.total_shards, buffer_size=self.buffer_size,
+                            retain=self.window.retain, val_shard=self.val_shard)
+            for k in range(self.workers):
+                self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
+            self._spawn(self._status_loop, "shardstream-dl-status")
+            with self._cond:
+                self._state = "running"
+            self._initial_buffer()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, fn, name, *args):
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _initial_buffer(self):
+        n = self.window.initial_buffer
+        if n == 0:
+            return
+        targets = self._plan[:n]
+        logger.info(f"{P} Downloading initial buffer: shards {targets[0]}-{targets[-1]}")
+        from tqdm import tqdm
+        with tqdm(total=n, unit="shard", desc="initial buffer", disable=not self.progress, leave=False) as bar:
+            for s in targets:
+                try:
+                    self._wait(s, None, reader=None, lease=False)
+                except ShardSkipped:
+                    pass
+                bar.update(1)
+        logger.info(f"{P} Initial buffer ready, training can start")
+
+    def stop(self):
+        """Stop the workers (mid-transfer too: partial files stay for a later resume) and join every thread.
+        A second call does nothing."""
+        with self._cond:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            self._cond.notify_all()
+            started = bool(self._threads)
+        if started:
+            logger.info(f"{P} Stopping download thread...")
+        for t in self._threads:
+            t.join(timeout=15)
+            if t.is_alive():
+                logger.error(f"{P} thread {t.name} did not stop within 15 s")
+        with self._cond:
+            if self._state != "crashed":
+                self._state = "stopped"
+            if self._events is not None:
+                self._event("stopped")
+                self._events.close()
+        if started:
+            logger.info(f"{P} Download thread stopped")
+
+    # -------------------------------------------------------------------------
+    # the reader's side
+
+    def wait_for_shard(self, shard_id, timeout=None, *, reader=0):
+        """Block until shard_id is verified on disk; lease it to `reader` and return its path.
+
+        A shard outside the window (evicted, or never planned) is fetched on demand, before anything else.
+        Raises ShardWaitTimeout after `timeout` seconds, the fetch error / ShardSkipped as the failure
+        policy says, DiskSpaceError under the free-space floor, DownloaderCrashed if a worker died."""
+        self._check_shard(shard_id)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout < 0):
+            raise ConfigError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+        return self._wait(shard_id, timeout, reader=reader, lease=True)
+
+    def release(self, shard_id, *, reader=0):
+        """The reader is done with shard_id: end its lease. Once no reader holds it, it is consumed and
+        deleted as soon as it falls beyond `retain` (and outside the window)."""
+        self._check_shard(shard_id)
+        with self._cond:
+            self._raise_if_crashed()
+            done = self.cache.release(shard_id, reader)
+            if done is None:
+                raise ConfigError(f"release({shard_id}): reader {reader!r} holds no lease on {shard_name(shard_id)} "
+                                  f"(wait_for_shard({shard_id}) first, and release each lease once)")
+            if done:
+                self._event("consumed", shard_id)
+            self._evict_routine()
+            self._cond.notify_all()
+
+    mark_consumed = release
+
+    def get_status(self):
+        """A DownloaderStatus snapshot (status.py)."""
+        with self._cond:
+            return self._status()
+
+    # -------------------------------------------------------------------------
+    # waiting
+
+    def _check_shard(self, shard_id):
+        n = self._source.dataset_shards
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < n:
+            raise ConfigError(f"shard id must be an int in 0..{n - 1} (the dataset's shards), got {shard_id!r}")
+
+    def _raise_if_crashed(self):
+        if self._crash is not None:
+            e = self._crash
+            raise DownloaderCrashed(f"a download worker crashed: {type(e).__name__}: {e} "
+                                    f"(see the traceback logged by {__name__})") from e
+
+    def _wait(self, shard, timeout, *, reader, lease):
+        t0 = time.monotonic()
+        with self._cond:
+            self._raise_if_crashed()
+            if self._state in ("created",):
+                raise DownloaderStopped(f"wait_for_shard({shard}): call start() (or use `with`) first")
+            if reader is not None:
+                self._move_reader(reader, shard)
+            if shard in self.cache.files:
+                return self._hand_over(shard, reader, lease)
+            self._demand[shard] += 1
+            self._demand_order.setdefault(shard, t0)
+            self._waits += reader is not None
+            self._event("wait_start", shard, reader=reader)
+            logger.info(f"{P} Waiting for {shard_name(shard)}...")
+            self._cond.notify_all()
+            last_warn = t0
+            try:
+                while True:
+                    self._raise_if_crashed()
+                    if self._stop.is_set():
+                        raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
+                    if shard in self.cache.files:
+                        return self._hand_over(shard, reader, lease)
+                    now = time.monotonic()
+                    waited = now - t0
+                    self._check_failure(shard, waited)
+                    if timeout is not None and waited >= timeout:
+                        raise ShardWaitTimeout(f"{shard_name(shard)} was not ready within {timeout:g} s "
+                                               f"({self._why_not_ready(shard)})")
+                    if now - last_warn >= self.failure_policy.warn_every:
+                        last_warn = now
+                        logger.warning(f"{P} still waiting for {shard_name(shard)} after {waited:.0f} s: "
+                                       f"{self._why_not_ready(shard)}")
+                    left = 0.25 if timeout is None else max(0.0, min(0.25, timeout - waited))
+                    self._cond.wait(left)
+            finally:
+                waited = time.monotonic() - t0
+                self._demand[shard] -= 1
+                if self._demand[shard] <= 0:
+                    del self._demand[shard]
+                    self._demand_order.pop(shard, None)
+                if reader is not None:
+                    self._wait_seconds += waited
+                self._event("wait_end", shard, reader=reader, seconds=round(waited, 4),
+                            ok=shard in self.cache.files)
+
+    def _hand_over(self, shard, reader, lease):
+        if lease:
+            self.cache.lease(shard, reader)
+        return self.cache.path(shard)
+
+    def _move_reader(self, reader, shard):
+        if shard in self._pos:
+            self._cursor[reader] = self._pos[shard]
+            self._current[reader] = shard
+            self._evict_routine()
+            self._cond.notify_all()
+
+    def _check_failure(self, shard, waited):
+        """Apply the failure policy to a shard the reader is waiting for (lock held)."""
+        if shard in self._skipped:
+            raise ShardSkipped(f"{shard_name(shard)} was skipped: {self._skipped[shard]}", shard_id=shard)
+        if self._disk_error is not None and shard not in self.cache.inflight:
+            raise DiskSpaceError(str(self._disk_error))
+        if shard in self._blocked and not self.cache.inflight and waited >= self.failure_policy.deadline:
+            raise DiskSpaceError(f"{shard_name(shard)} cannot be downloaded: {self._blocked[shard]}")
+        f = self._failures.get(shard)
+        if f is None or f.error is None or not (f.permanent or waited >= self.failure_policy.deadline):
+            return
+        mode = self.failure_policy.mode
+        if mode == "fail":
+            raise self._failure_error(shard, f)
+        if mode == "skip":
+            reason = f"{type(f.error).__name__} after {f.attempts} attempts: {f.error}"
+            self._skipped[shard] = reason
+            self._n_failures += 1
+            logger.error(f"{P} SKIPPING {shard_name(shard)} ({redact_url(self._source.url(shard))}): {reason}. "
+                         f"Training goes on without it (failure policy 'skip').")
+            self._event("skipped", shard, error=reason)
+            raise ShardSkipped(f"{shard_name(shard)} was skipped: {reason}", shard_id=shard, cause=f.error)
+        # "wait": keep waiting; the reader's loop warns every warn_every seconds
+
+    def _failure_error(self, shard, f):
+        e = f.error
+        url = redact_url(self._source.url(shard))
+        msg = (f"{shard_name(shard)} could not be downloaded from {url} after {f.attempts} attempts "
+               f"({'permanent' if f.permanent else f'still failing after the {self.failure_policy.deadline:g} s deadline'}); "
+               f"last cause: {type(e).__name__}: {e}")
+        cls = type(e) if isinstance(e, FetchError) else (PermanentFetchError if f.permanent else TransientFetchError)
+        err = cls(msg, shard_id=shard, url=url, attempts=f.attempts, cause=e)
+        err.__cause__ = e
+        return err
+
+    def _why_not_ready(self, shard):
+        if shard in self.cache.inflight:
+            r, got = self.cache.inflight[shard]
+            return f"downloading, {human_bytes(got)} of {human_bytes(r)}"
+        if shard in self._blocked:
+            return f"waiting for room: {self._blocked[shard]}"
+        f = self._failures.get(shard)
+        if f is not None and f.error is not None:
+            return f"{f.attempts} failed attempts, last: {type(f.error).__name__}: {f.error}"
+        if self._disk_error is not None:
+            return str(self._disk_error)
+        return "queued behind other downloads"
+
+    # -------------------------------------------------------------------------
+    # the window
+
+    def _reader_pos(self):
+        return min(self._cursor.values()) if self._cursor else -1
+
+    def _reader_shard(self):
+        if not self._cursor:
+            return None
+        return self._plan[self._reader_pos()]
+
+    def _ahead(self):
+        return ahead_window(self._plan, self._reader_pos(), self.buffer_size, self.window.cycle)
+
+    def _priority(self):
+        """Shards to have on disk, most urgent first: waited for, next in window, val, rest of window."""
+        order = sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))
+        win = self._ahead()
+        order += win[:1] + [self.val_shard] + win[1:]
+        seen, out = set(), []
+        for s in order:
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+        return out
+
+    def _protected(self, for_demand=False):
+        prot = self.cache.leased() | {self.val_shard} | set(self._demand)
+        if not for_demand:
+            prot |= set(self._ahead())
+        return prot
+
+    def _next_read(self, shard):
+        """How many plan positions until shard is read again (None: never, as far as the plan says)."""
+        if shard not in self._pos:
+            return None
+        d = self._pos[shard] - self._reader_pos()
+        if d > 0:
+            return d
+        return d + len(self._plan) if self.window.cycle else None
+
+    def _evict_routine(self):
+        evict, _ = choose_evictions(self.cache.entries(), protected=self._protected(),
+                                    consumed=list(self.cache.consumed), retain=self.window.retain,
+                                    next_read=self._next_read)
+        for s in evict:
+            self._delete(s, "consumed" if s in self.cache.consumed else "unneeded")
+
+    def _make_room(self, shard, size):
+        """Evict what must go so that a download of shard (size bytes) fits the budget. False: it does not."""
+        if self.cache.budget is None:
+            return True
+        extra = max(size, self.cache.partials.get(shard, 0)) - self.cache.partials.get(shard, 0)
+        need = self.cache.used_bytes() + extra - self.cache.budget
+        entries = self.cache.entries()
+        entries.pop(shard, None)
+        evict, ok = choose_evictions(entries, protected=self._protected(for_demand=shard in self._demand),
+                                     consumed=list(self.cache.consumed), retain=self.window.retain,
+                                     next_read=self._next_read, need_bytes=max(0, need))
+        if not ok:
+            if shard not in self._blocked:
+                logger.info(f"{P} {shard_name(shard)} waits for room: the budget "
+                            f"({human_bytes(self.cache.budget)}) is full of shards in use or ahead")
+            self._blocked[shard] = (f"budget {human_bytes(self.cache.budget)} holds "
+                                    f"{human_bytes(self.cache.used_bytes())} of shards in use, pinned or ahead; "
+                                    f"{shard_name(shard)} needs {human_bytes(size)} more (release shards, or raise "
+                                    f"max_cache_bytes)")
+            return False
+        for s in evict:
+            self._delete(s, "consumed" if s in self.cache.consumed else "budget")
+        self._blocked.pop(shard, None)
+        return True
+
+    def _delete(self, shard, reason):
+        freed = self.cache.delete(shard)
+        logger.info(f"{P} Deleted {shard_name(shard)} ({reason}, {human_bytes(freed)} freed)")
+        self._event("evicted", shard, reason=reason, freed=freed)
+
+    # -------------------------------------------------------------------------
+    # workers
+
+    def _worker_loop(self, k):
+        import requests
+        session = requests.Session()
+        try:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    return
+                kind, shard = job
+                if kind == "info":
+                    self._get_info(shard, session)
+                else:
+                    self._download(shard, session)
+        except BaseException as e:
+            logger.exception(f"{P} download worker {k} crashed")
+            with self._cond:
+                if self._crash is None:
+                    self._crash = e
+                self._state = "crashed"
+                self._event("crashed", error=f"{type(e).__name__}: {e}")
+                self._cond.notify_all()
+        finally:
+            session.close()
+
+    def _next_job(self):
+        """Block until there is something to do: ("info", shard), ("fetch", shard) or None to stop."""
+        with self._cond:
+            while not self._stop.is_set() and self._crash is None:
+                now = time.monotonic()
+                shard = self._pick(now)
+                if shard is None:
+                    self._cond.wait(0.25)
+                    continue
+                info = self._info.get(shard)
+                if info is None:
+                    self._info_pending.add(shard)
+                    return "info", shard
+                size = self._size_of(info)
+                if not self._disk_ok(shard, size, now) or not self._make_room(shard, size):
+                    self._cond.wait(0.25)
+                    continue
+                self.cache.begin(shard, size)
+                self._event("download_start", shard, size=size)
+                return "fetch", shard
+        return None
+
+    def _pick(self, now):
+        if now < self._disk_retry_at:
+            return None
+        for s in self._priority():
+            if (s in self.cache.files or s in self.cache.inflight or s in self._skipped
+                    or s in self._info_pending):
+                continue
+            f = self._failures.get(s)
+            if f is not None and f.retry_at > now:
+                continue
+            return s
+        return None
+
+    def _size_of(self, info):
+        if info.size is not None:
+            return info.size
+        known = [i.size for i in self._info.values() if i.size is not None]
+        return max(known) if known else 0
+
+    def _disk_ok(self, shard, size, now):
+        dp = self.disk_policy
+        need = max(0, size - self.cache.partials.get(shard, 0))
+        free = self.cache.free_bytes()
+        after = free - need
+        if after < dp.min_free_bytes:
+            msg = (f"only {free / 1e9:.2f} GB free in {self._data_dir}; downloading {shard_name(shard)} "
+                   f"({human_bytes(need)}) would leave {after / 1e9:.2f} GB, under the floor of "
+                   f"{dp.min_free_bytes / 1e9:.2f} GB: free some space, lower max_cache_bytes or buffer_size, "
+                   f"or lower DiskPolicy.min_free_bytes")
+            if self._disk_error is None:
+                logger.error(f"{P} Downloads paused: {msg}")
+                self._event("disk_low", shard, free=free, floor=dp.min_free_bytes)
+            self._disk_error = DiskSpaceError(msg)
+            self._disk_retry_at = now + dp.recheck_seconds
+            self._cond.notify_all()
+            return False
+        if self._disk_error is not None:
+            logger.info(f"{P} Free space is back above the floor ({free / 1e9:.2f} GB): downloads resume")
+            self._disk_error = None
+        if after < dp.warn_free_bytes and now - self._last_disk_warn >= 60:
+            self._last_disk_warn = now
+            logger.warning(f"{P} Low disk space: {free / 1e9:.2f} GB free in {self._data_dir} "
+                           f"(warning under {dp.warn_free_bytes / 1e9:.2f} GB)")
+        return True
+
+    def _get_info(self, shard, session):
+        try:
+            info = remote_info(self._source, shard, self.fetch_policy, session=session, stop=self._stop)
+        except FetchCancelled:
+            with self._cond:
+                self._info_pending.discard(shard)
+            return
+        except FetchError as e:
+            with self._cond:
+                self._info_pending.discard(shard)
+                self._record_failure(shard, e)
+            return
+        with self._cond:
+            self._info_pending.discard(shard)
+            self._info[shard] = info
+            self._cond.notify_all()
+
+    def _download(self, shard, session):
+        name = shard_name(shard)
+        logger.info(f"{P} Downloading {name}...")
+        info = self._info[shard]
+        try:
+            res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
+                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=info)
+        except FetchCancelled:
+            with self._cond:
+                self.cache.abandon(shard)
+                self._event("cancelled", shard)
+            return
+        except (FetchError, CorruptShardError) as e:
+            with self._cond:
+                self.cache.abandon(shard)
+                self._record_failure(shard, e)
+            return
+        except (DiskSpaceError, OSError) as e:
+            if not isinstance(e, DiskSpaceError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                with self._cond:
+                    self.cache.abandon(shard)
+                raise
+            with self._cond:
+                self.cache.abandon(shard)
+                self._disk_error = DiskSpaceError(f"the disk of {self._data_dir} is full (while downloading "
+                                                  f"{name}: {e}): free some space or lower max_cache_bytes")
+                self._disk_retry_at = time.monotonic() + self.disk_policy.recheck_seconds
+                logger.error(f"{P} {self._disk_error}")
+                self._event("disk_full", shard, error=str(e))
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self.cache.finish(shard, res.size)
+            self._failures.pop(shard, None)
+            if shard in self._pos:
+                self._verified.add(shard)
+            where = f"[{len(self._verified)}/{self.total_shards}]" if shard in self._pos else "[val]" \
+                if shard == self.val_shard else "[on demand]"
+            logger.info(f"{P} Downloaded {name} ({human_bytes(res.size)}) {where}")
+            self._event("downloaded", shard, size=res.size, seconds=round(res.seconds, 4),
+                        attempts=res.attempts, resumed_from=res.resumed_from)
+            self._evict_routine()
+            self._cond.notify_all()
+
+    def _on_bytes(self, shard, n):
+        with self._cond:
+            self.cache.progress(shard, n)
+            self._downloaded_bytes += n
+            now = time.monotonic()
+            self._rate.append((now, n))
+            while self._rate and self._rate[0][0] < now - RATE_WINDOW:
+                self._rate.popleft()
+
+    def _record_failure(self, shard, e):
+        f = self._failures.setdefault(shard, _Failure())
+        f.attempts += max(1, getattr(e, "attempts", 0) or 1)
+        f.rounds += 1
+        f.error = e
+        f.permanent = isinstance(e, PermanentFetchError)
+        fp = self.failure_policy
+        if f.permanent and fp.mode != "wait":
+            f.retry_at = float("inf")
+            self._n_failures += 1
+            logger.error(f"{P} {shard_name(shard)} failed permanently: {e}")
+            self._event("failed", shard, error=f"{type(e).__name__}: {e}", attempts=f.attempts)
+        else:
+            cap = fp.retry_max if f.permanent else min(fp.retry_max, fp.retry_initial * 2 ** (f.rounds - 1))
+            delay = random.uniform(cap / 2, cap)
+            f.retry_at = time.monotonic() + delay
+            self._retries += 1
+            logger.warning(f"{P} {shard_name(shard)} failed ({type(e).__name__}: {e}); retrying in {delay:.1f} s")
+            self._event("retry", shard, error=f"{type(e).__name__}: {e}", attempts=f.attempts,
+                        delay=round(delay, 3))
+        self._cond.notify_all()
+
+    # -------------------------------------------------------------------------
+    # scanning what is already there
+
+    def _scan_existing(self):
+        finals, partials = self.cache.scan()
+        wanted = set(self._plan) | {self.val_shard}
+        do_sha = self.verify_existing == "sha256" or (
+            self.verify_existing == "auto" and sum(finals.values()) <= SHA_AUTO_LIMIT)
+
+        def check(shard):
+            info = None
+            if shard in wanted:
+                try:
+                    info = remote_info(self._source, shard, self.fetch_policy, stop=self._stop)
+                except FetchError as e:
+                    logger.warning(f"{P} cannot ask the source about {shard_name(shard)} ({e}); "
+                                   f"checking its parquet footer only")
+            path = self.cache.path(shard)
+            try:
+                verify_shard(path, size=info.size if info else None,
+                             sha256=info.sha256 if (info and do_sha) else None)
+            except CorruptShardError as e:
+                return shard, info, e
+            return shard, info, None
+
+        results = []
+        if finals:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=max(2, self.workers), thread_name_prefix="shardstream-scan") as ex:
+                results = list(ex.map(check, sorted(finals)))
+        with self._cond:
+            for shard, info, err in results:
+                if info is not None:
+                    self._info[shard] = info
+                if err is not None:
+                    logger.warning(f"{P} Removing corrupt {shard_name(shard)}: {err}")
+                    try:
+                        os.remove(self.cache.path(shard))
+                    except FileNotFoundError:
+                        pass
+                    self._event("corrupt_removed", shard, error=str(err))
+                    continue
+                self.cache.files[shard] = finals[shard]
+                if shard in self._pos:
+                    self._verified.add(shard)
+            self.cache.partials = dict(partials)
+            found = sorted(self.cache.files)
+            logger.info(f"{P} Found {len(found)} shards already downloaded"
+                        + (f" ({len(partials)} partial downloads to resume)" if partials else ""))
+            self._event("scan", found=found, partials=sorted(partials))
+            budget = self.cache.budget
+            if budget is not None and self.cache.used_bytes() > budget:
+                evict, _ = choose_evictions(self.cache.entries(), protected=self._protected(),
+                                            next_read=self._next_read,
+                                            need_bytes=self.cache.used_bytes() - budget)
+                logger.warning(f"{P} The data dir holds {human_bytes(self.cache.used_bytes())} of shards, over the "
+                               f"budget of {human_bytes(budget)}: deleting {len(evict)} not needed soon")
+                for s in evict:
+                    self._delete(s, "budget")
+
+    def _check_budget(self):
+        """A budget must hold the val shard plus two train shards, or the window cannot move."""
+        budget = self.cache.budget
+        if budget is None:
+            return
+        sizes = {}
+        for s in (self._plan[0], self.val_shard):
+            info = self._info.get(s)
+            if info is None:
+                info = remote_info(self._source, s, self.fetch_policy, stop=self._stop)
+                with self._cond:
+                    self._info[s] = info
+            sizes[s] = info.size or 0
+        need = sizes[self.val_shard] + 2 * sizes[self._plan[0]]
+        if budget < need:
+            raise ConfigError(f"max_cache_bytes={budget} ({human_bytes(budget)}) cannot hold the val shard "
+                              f"({human_bytes(sizes[self.val_shard])}) plus two train shards "
+                              f"(~{human_bytes(sizes[self._plan[0]])} each): give at least {need} bytes, or None")
+
+    # -------------------------------------------------------------------------
+    # status and events
+
+    def _status(self):
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if t >= now - RATE_WINDOW]
+        mbps = 0.0
+        if recent:
+            span = max(now - recent[0][0], 0.5)
+            mbps = sum(n for _, n in recent) / span / 1e6
+        try:
+            free = self.cache.free_bytes()
+        except OSError:
+            free = None
+        win = self._ahead()
+        err = self._crash or self._disk_error
+        return DownloaderStatus(
+            state=self._state, shards_verified=len(self._verified), total_shards=self.total_shards,
+            ahead=sum(1 for s in win if s in self.cache.files), buffer_size=self.buffer_size,
+            current_shard=self._reader_shard(), bytes_on_disk=self.cache.disk_bytes(),
+            reserved_bytes=self.cache.reserved_bytes(), budget=self.cache.budget, free_disk_bytes=free,
+            download_mbps=round(mbps, 3), downloaded_bytes=self._downloaded_bytes,
+            in_flight=tuple(sorted(self.cache.inflight)), cached=tuple(sorted(self.cache.files)),
+            retries=self._retries, failures=self._n_failures, skipped=tuple(sorted(self._skipped)),
+            waits=self._waits, wait_seconds=round(self._wait_seconds, 4),
+            error=None if err is None else f"{type(err).__name__}: {err}", val_shard=self.val_shard,
+            data_dir=str(self._data_dir), source=redact_url(self._source.base_url), pid=os.getpid(),
+            host=_hostname(), updated=time.time())
+
+    def _event(self, event, shard=None, **extra):
+        """Log one event to events.jsonl and refresh status.json (lock held)."""
+        if self._events is None:
+            return
+        win = self._ahead()
+        self._events.write(event, shard=shard, bytes_on_disk=self.cache.disk_bytes(), budget=self.cache.budget,
+                           ahead=sum(1 for s in win if s in self.cache.files), reader_shard=self._reader_shard(),
+                           **extra)
+        self._write_status()
+
+    def _write_status(self):
+        try:
+            write_status(self._data_dir, self._status())
+            self._last_status_write = time.monotonic()
+        except OSError as e:
+            logger.debug(f"{P} could not write status.json: {e}")
+
+    def _status_loop(self):
+        while not self._stop.wait(self.status_interval):
+            with self._cond:
+                if time.monotonic() - self._last_status_write >= self.status_interval:
+                    self._write_status()
+
+
+_HOST = None
+
+
+def _hostname():
+    global _HOST
+    if _HOST is None:
+        import socket
+        _HOST = socket.gethostname()
+    return _HOST
