@@ -364,7 +364,7 @@ class ShardServer:
         with self._lock:
             self.requests.append(RequestRecord(method, path, headers, status))
 
-    def _count(self, name, method=None, sent=None, span=None, fault=False):
+    def _count(self, name, method=None, fault=False):
         with self._lock:
             s = self._stats.setdefault(name, FileStats())
             if method is not None:
@@ -373,11 +373,30 @@ class ShardServer:
                     s.get_requests += 1
                 elif method == "HEAD":
                     s.head_requests += 1
-            if sent:
-                s.bytes_sent += sent
-                s.ranges.append(span)
             if fault:
                 s.faults += 1
+
+    def _count_body(self, name, start, n):
+        """Count the n bytes a body is about to send, before it goes out, so a client that has read
+        the whole body always finds it counted. Returns a ticket for _recount_body."""
+        if n <= 0:
+            return None
+        with self._lock:
+            s = self._stats.setdefault(name, FileStats())
+            s.bytes_sent += n
+            s.ranges.append((start, start + n))
+            return s, len(s.ranges) - 1, n
+
+    def _recount_body(self, ticket, sent):
+        """The body stopped after `sent` bytes (the client went away): correct the count."""
+        if ticket is None or ticket[2] == sent:
+            return
+        s, i, n = ticket
+        with self._lock:
+            if i < len(s.ranges):
+                start = s.ranges[i][0]
+                s.bytes_sent -= n - sent
+                s.ranges[i] = (start, start + sent)
 
     def _take_fault(self, method, name):
         with self._lock:
@@ -465,14 +484,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             _abort(self.connection)
             return
+        self._record = (method, url_path, headers)       # logged by _reply, before anything is sent
         if url_path == "/_stats":
             body = json.dumps(owner.stats_json(), indent=1).encode()
-            owner._record(method, url_path, headers, 200)
             return self._reply(200, body if method == "GET" else b"", {"Content-Type": "application/json"},
                                length=len(body))
         name, hub, err = self._file_name(unquote(url_path))
-        status = self._respond(method, name, hub, err)
-        owner._record(method, url_path, headers, status)
+        self._respond(method, name, hub, err)
 
     def _file_name(self, path):
         """(name relative to the dir, is_hub_path, error status or None)."""
@@ -547,6 +565,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return status
 
     def _reply(self, status, body, extra, length):
+        self.owner._record(*self._record, status)
         self.send_response(status)
         for k, v in extra.items():
             self.send_header(k, v)
@@ -564,6 +583,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             cut = int(total * fault.at)
         flip_at = start + min(int(total * fault.at), total - 1) if kind == "flip" and total else None
         sent = 0
+        ticket = owner._count_body(name, start, cut)
         try:
             with open(path, "rb") as f:
                 if kind is None and owner._bucket.rate is None:
@@ -592,7 +612,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             logger.debug("sending %s stopped after %d bytes: %s", name, sent, e)
             self.close_connection = True
         finally:
-            owner._count(name, sent=sent, span=(start, start + sent))
+            owner._recount_body(ticket, sent)
         if owner._stopping.is_set():
             self.close_connection = True
             return
