@@ -57,7 +57,7 @@ def choose_evictions(entries, *, protected=(), consumed=(), retain=0, next_read=
     protected = set(protected)
     next_read = next_read or (lambda s: None)
     cands = [s for s in consumed if s in entries and s not in protected]
-    keep = set(cands[len(cands) - retain:]) if retain > 0 else set()
+    keep = set(cands[max(0, len(cands) - retain):]) if retain > 0 else set()
     routine = [s for s in cands if s not in keep]
     freed = sum(entries[s] for s in routine)
     if freed >= need_bytes:

@@ -398,8 +398,10 @@ class StreamingDownloader:
         t0 = time.monotonic()
         with self._cond:
             self._raise_if_crashed()
-            if self._state in ("created",):
+            if self._state == "created":
                 raise DownloaderStopped(f"wait_for_shard({shard}): call start() (or use `with`) first")
+            if self._stop.is_set():
+                raise DownloaderStopped(f"wait_for_shard({shard}): the downloader was stopped")
             if reader is not None:
                 self._move_reader(reader, shard)
             if shard in self.cache.files:
