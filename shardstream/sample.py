@@ -18,6 +18,7 @@ Generation is vectorized with numpy: ~100 MB of text takes a few seconds.
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +250,11 @@ def cli(argv):
                    help="characters of text per shard (default 10,000,000; nanochat's are ~250,000,000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
-    paths = make_sample(args.directory, args.shards, args.chars_per_shard, seed=args.seed)
+    try:
+        paths = make_sample(args.directory, args.shards, args.chars_per_shard, seed=args.seed)
+    except ConfigError as e:
+        print(f"shardstream make-sample: {e}", file=sys.stderr)
+        return 2
     total = 0
     for path in paths:
         size = path.stat().st_size

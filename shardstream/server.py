@@ -14,7 +14,14 @@ a single `Range` (206 + Content-Range; 416 + `Content-Range: bytes */size` when 
 ranges are ignored and the whole file is sent, as RFC 9110 allows); `If-Range` with the ETag;
 `ETag` (the quoted sha256 of the file, strong); `Content-Length`; `Accept-Ranges: bytes`. Hub paths also
 carry `X-Linked-Size` and `X-Linked-Etag: "<sha256 hex>"` on HEAD and GET, as the Hub does on its resolve
-URLs. A path outside the directory is refused with 403. `GET /_stats` returns the counters as JSON.
+URLs. A path outside the directory is refused with 403; another repo under /datasets/ gets 404.
+With token="..." every file request must carry `Authorization: Bearer <token>` (else 401).
+
+Counters: `stats(name)` -> FileStats(requests, get_requests, head_requests, bytes_sent, ranges, faults)
+per file (name relative to the directory, the same for both URL forms); `ranges` are the spans sent,
+(start, stop) with stop exclusive. Bytes are counted before they go out, so a client that has read a
+response always finds it counted. `requests` logs RequestRecord(method, path, headers, status) of every
+request; `reset_stats()` clears both. `GET /_stats` returns them as JSON (for `shardstream serve`).
 
 Bandwidth: one token bucket (MB/s, 1 MB = 10**6 bytes) shared by all connections; `set_rate(None)` lifts
 it. Uncapped, unfaulted bodies go out with sendfile, so serving is not the bottleneck.
@@ -49,9 +56,10 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -201,6 +209,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 128        # many parallel fetchers connect at once
 
     def __init__(self, addr, handler, owner):
         self.owner = owner
@@ -670,22 +679,26 @@ def cli(argv):
                    help='scripted faults, e.g. "reset:file=shard_00001.parquet:at=0.5:times=2;status:status=503"')
     p.add_argument("--hub-repo", default=DEFAULT_HUB_REPO, help="ORG/NAME served under /datasets/.../resolve/")
     args = p.parse_args(argv)
-    srv = ShardServer(args.directory, host=args.host, port=args.port, rate=args.rate, faults=args.faults,
-                      hub_repo=args.hub_repo)
+    try:
+        srv = ShardServer(args.directory, host=args.host, port=args.port, rate=args.rate, faults=args.faults,
+                          hub_repo=args.hub_repo).start()
+    except ConfigError as e:
+        print(f"shardstream serve: {e}", file=sys.stderr)
+        return 2
     with srv:
         n = sum(1 for e in os.scandir(srv.directory) if e.is_file())
-        logger.info("serving %d files from %s", n, srv.directory)
-        logger.info("  plain:  %s/<file>", srv.url)
-        logger.info("  hub:    %s/<file>", srv.hub_url)
-        logger.info("  stats:  %s/_stats", srv.url)
+        print(f"serving {n} files from {srv.directory}")
+        print(f"  plain:  {srv.url}/<file>")
+        print(f"  hub:    {srv.hub_url}/<file>")
+        print(f"  stats:  {srv.url}/_stats")
         if srv.rate:
-            logger.info("  rate cap: %g MB/s", srv.rate)
+            print(f"  rate cap: {srv.rate:g} MB/s (all connections together)")
         for f, _ in srv.faults:
-            logger.info("  fault: %s", f)
-        logger.info("Ctrl-C to stop")
+            print(f"  fault: {f}")
+        print("Ctrl-C to stop", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            logger.info("stopped")
+            print("stopped")
     return 0

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from shardstream.errors import ConfigError
-from shardstream.server import Fault, ShardServer, parse_faults
+from shardstream.server import Fault, ShardServer, cli, parse_faults
 
 NAME = "shard_00001.parquet"
 
@@ -311,7 +311,7 @@ def test_serve_cli(remote_dir, data):
         urls = {}
         deadline = time.monotonic() + 20
         while len(urls) < 2 and time.monotonic() < deadline:
-            line = proc.stderr.readline()
+            line = proc.stdout.readline()
             if m := re.search(r"(plain|hub):\s+(\S+)/<file>", line):
                 urls[m.group(1)] = m.group(2)
         assert urls["hub"].startswith(urls["plain"]) and urls["plain"].startswith("http://127.0.0.1:")
@@ -323,3 +323,8 @@ def test_serve_cli(remote_dir, data):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
     assert proc.returncode in (0, 130)
+
+
+def test_serve_cli_bad_input_is_a_clear_error(remote_dir, capsys):
+    assert cli([str(remote_dir), "--port", "0", "--faults", "explode"]) == 2
+    assert "unknown fault kind 'explode'" in capsys.readouterr().err
