@@ -183,9 +183,9 @@ def make_documents(n_docs, chars, seed):
     ends = np.searchsorted(cum, np.cumsum(targets)) + 1            # doc k ends before sentence ends[k]
     ends = np.maximum(ends, np.arange(1, n_docs + 1))               # at least one sentence each
     ends = np.maximum.accumulate(ends)
+    ends[-1] = min(ends[-1], len(sentences))
     for k in range(n_docs - 2, -1, -1):                             # leave room for the docs after it
         ends[k] = min(ends[k], ends[k + 1] - 1)
-    ends[-1] = min(ends[-1], len(sentences))
     breaks = rng.random(len(sentences)) < PARAGRAPH_BREAK_P
     parts = [s + ("\n\n" if b else " ") for s, b in zip(sentences, breaks.tolist())]
     docs, start = [], 0
