@@ -360,3 +360,60 @@ def test_cuda_matches_cpu(tok, data_dir):
     gpu = loader_fn(tok, split="train", data_dir=data_dir, **dict(KW, device="cuda"))
     for (xc, yc, sc), (xg, yg, sg) in zip(cpu, gpu):
         assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc) and sg == sc
+
+
+# --- over a StreamingDownloader against the local server ----------------------------------------------
+
+def _disk_bytes(directory):
+    total = 0
+    for entry in os.scandir(directory):
+        if entry.name.startswith("shard_") and not entry.name.endswith((".lock", ".json")):
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:       # deleted (evicted, renamed) since the listing
+                pass
+    return total
+
+
+def test_loader_over_streaming_downloader(tok, data_dir, tmp_path, caplog):
+    """A budget of ~2 shards, 3+ epochs of 4 train shards: same batches as the local dir, budget kept,
+    evicted shards fetched again, exact resume from a state whose buffered docs live in evicted shards."""
+    import logging
+    from shardstream.downloader import StreamingDownloader
+    from shardstream.server import ShardServer
+    from shardstream.source import Source
+
+    local = take(loader_fn(tok, split="train", data_dir=data_dir, **KW), 360)
+    sizes = [(data_dir / f"shard_{i:05d}.parquet").stat().st_size for i in range(len(SHARD_ROW_GROUPS))]
+    budget = sizes[-1] + int(2.3 * max(sizes[:-1]))          # the val shard + ~2 of the 4 train shards
+    assert budget < sum(sizes)
+    cache = tmp_path / "cache"
+    peak = 0
+    with ShardServer(data_dir) as srv:
+        source = Source(srv.url, dataset_shards=len(SHARD_ROW_GROUPS))
+
+        def downloader(d):
+            return StreamingDownloader(source=source, data_dir=d, buffer_size=1, max_cache_bytes=budget,
+                                       progress=False)
+
+        with caplog.at_level(logging.INFO, logger="shardstream.loader"), downloader(cache) as dl:
+            gen = loader_fn(tok, split="train", streaming_downloader=dl, **KW)
+            streamed = []
+            for _ in range(360):
+                x, y, state = next(gen)
+                streamed.append((batch_hash(x, y), json.dumps(state, sort_keys=True)))
+                peak = max(peak, _disk_bytes(cache))
+            gen.close()
+        assert [h for h, _ in streamed] == [h for h, _ in local]
+        assert peak <= budget
+        assert json.loads(streamed[-1][1])["epoch"] >= 3
+        reads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Reading shard_")]
+        assert reads[:5] == [f"Reading shard_{i:05d}.parquet" for i in (0, 1, 2, 3, 0)]
+        assert srv.stats("shard_00000.parquet").get_requests >= 2     # evicted, then fetched again
+
+        # resume in a fresh cache dir at a point whose anchor holds docs of earlier, evicted shards
+        k = next(k for k in range(300, 340) if len({d[1] for d in json.loads(streamed[k][1])["anchor"]["docs"]}) > 2)
+        with downloader(tmp_path / "cache2") as dl2:
+            gen = loader_fn(tok, split="train", streaming_downloader=dl2,
+                            resume_state_dict=json.loads(streamed[k][1]), **KW)
+            assert take(gen, 20) == streamed[k:k + 20]
