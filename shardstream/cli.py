@@ -4,6 +4,8 @@ import importlib
 import logging
 import sys
 
+from .errors import ConfigError, ShardStreamError
+
 COMMANDS = {
     "download": ("shardstream.download", "fetch train shards 0..N-1 and the val shard (nanochat's dataset -n N -w W)"),
     "serve": ("shardstream.server", "serve a directory of shards like the HuggingFace Hub (Range, ETag, faults)"),
@@ -36,6 +38,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ConfigError as e:
+        print(f"shardstream {name}: {e}", file=sys.stderr)
+        return 2
+    except ShardStreamError as e:
+        print(f"shardstream {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
