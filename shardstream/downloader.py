@@ -308,7 +308,8 @@ class StreamingDownloader:
         if n == 0:
             return
         targets = self._plan[:n]
-        logger.info(f"{P} Downloading initial buffer: shards {targets[0]}-{targets[-1]}")
+        which = f"shard {targets[0]}" if n == 1 else f"shards {targets[0]}-{targets[-1]}"
+        logger.info(f"{P} Downloading initial buffer: {which}")
         from tqdm import tqdm
         with tqdm(total=n, unit="shard", desc="initial buffer", disable=not self.progress, leave=False) as bar:
             for s in targets:
