@@ -282,11 +282,11 @@ class StreamingDownloader:
         try:
             self._events = EventLog(self._data_dir)
             logger.info(f"{P} Starting download of {self.total_shards} shards with buffer_size={self.buffer_size}")
-            self._scan_existing()
-            self._check_budget()
             with self._cond:
                 self._event("start", total_shards=self.total_shards, buffer_size=self.buffer_size,
                             retain=self.window.retain, val_shard=self.val_shard)
+            self._scan_existing()
+            self._check_budget()
             for k in range(self.workers):
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
             self._spawn(self._status_loop, "shardstream-dl-status")

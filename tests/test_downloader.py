@@ -203,7 +203,7 @@ def test_status_json_and_event_log(srv, tmp_path):
     assert final.state == "stopped"
     ev = read_events(tmp_path / "data")
     kinds = [e["event"] for e in ev]
-    assert kinds[0] == "scan" and "start" in kinds and kinds[-1] == "stopped"
+    assert kinds[:2] == ["start", "scan"] and kinds[-1] == "stopped"
     assert {"downloaded", "consumed", "evicted", "wait_start", "wait_end"} <= set(kinds)
     for e in ev:
         assert {"t", "event", "shard", "bytes_on_disk", "budget", "ahead", "reader_shard"} <= set(e)
@@ -441,6 +441,21 @@ def test_stop_wakes_a_waiting_reader(srv, tmp_path):
     dl.stop()
     t.join(5)
     assert not t.is_alive() and isinstance(errors[0], DownloaderStopped)
+
+
+def test_a_data_dir_over_the_budget_is_trimmed_at_start_keeping_the_window(srv, shards_dir, tmp_path, caplog):
+    with make(srv, tmp_path, total=12, retain=20) as dl:
+        for i in range(6):
+            dl.wait_for_shard(i)
+            dl.release(i)
+        until(lambda: set(range(11)) <= set(dl.get_status().cached), what="shards 0-10 on disk")
+    s = sizes(shards_dir)
+    budget = s[VAL] + 6 * max(s.values())
+    with make(srv, tmp_path, total=12, buffer_size=3, initial_buffer=0, max_cache_bytes=budget) as dl:
+        assert on_disk(tmp_path / "data") <= budget
+        cached = set(dl.get_status().cached)
+        assert {0, 1, 2, VAL} <= cached and 10 not in cached     # furthest-read shards went first
+    assert "over the budget" in caplog.text
 
 
 def test_start_after_stop_is_refused(srv, tmp_path):
