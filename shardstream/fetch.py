@@ -21,12 +21,14 @@ How a fetch goes:
 
 Errors name the shard, the URL without secrets, attempts and cause, and never the token.
 """
+import ctypes
 import errno
 import hashlib
 import http.client
 import json
 import logging
 import os
+import queue
 import random
 import re
 import socket
@@ -71,6 +73,9 @@ class FetchPolicy:
     verify_parquet: bool = True
     max_full_downloads: int = 3       # complete downloads that fail verification before giving up
     retry_after_max: float = 300.0    # longest Retry-After honoured (seconds)
+    fsync: bool = True                # fsync file + dir before/after the rename. False: faster on slow
+                                      # disks, but a machine crash (not a process kill) may then leave a
+                                      # final-named file incomplete. For benchmarks and scratch dirs.
 
     def __post_init__(self):
         for name in ("connect_timeout", "stall_timeout", "backoff_max", "retry_after_max"):
@@ -400,6 +405,54 @@ def _sidecar_record(info):
     return {"size": info.size, "sha256": info.sha256, "etag": info.etag}
 
 
+class _HashThread:
+    """sha256 on a helper thread, so hashing one chunk overlaps receiving and writing the next
+    (hashlib, recv and write all release the GIL). Buffers circulate: free -> filled -> hashed -> free."""
+
+    def __init__(self, hasher, chunk_bytes, buffers=4):
+        self.hasher = hasher
+        self.free = queue.SimpleQueue()
+        self.todo = queue.SimpleQueue()
+        for _ in range(buffers):
+            self.free.put(memoryview(bytearray(chunk_bytes)))
+        self.thread = threading.Thread(target=self._run, name="fetch-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        update = self.hasher.update
+        while (item := self.todo.get()) is not None:
+            mv, n = item
+            update(mv[:n])
+            self.free.put(mv)
+
+    def free_buffer(self):
+        return self.free.get()
+
+    def submit(self, mv, n):
+        self.todo.put((mv, n))
+
+    def close(self):
+        self.todo.put(None)
+        self.thread.join()
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range (Linux), to start writing a file back while it is still being received,
+    so the final fsync has little left to do. None elsewhere: then fsync does it all at the end."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_BYTES = 8 << 20         # start writeback every this many bytes received
+
+
 class _DiskError(Exception):
     def __init__(self, err):
         super().__init__(err)
@@ -664,38 +717,48 @@ class _Transfer:
             os.close(fd)
 
     def _stream(self, resp, fd, limit):
-        """The hot loop: fill one 1 MiB buffer from the socket, then write and hash it. Bytes received
-        before a connection drops are still written, so a resume loses nothing."""
+        """The hot loop: fill a 1 MiB buffer from the socket, write it, hand it to the hashing thread,
+        take the next free buffer. Bytes received before a connection drops are still written (and
+        hashed), so a resume loses nothing."""
         read, body_left = _body_reader(resp)
-        mv = memoryview(bytearray(self.policy.chunk_bytes))
-        chunk = len(mv)
-        update, on_bytes, stop = self.hasher.update, self.on_bytes, self.stop
-        while self.pos < limit:
-            want = min(chunk, limit - self.pos, body_left)
-            if want <= 0:
-                break
-            fill, err = 0, None
-            try:
-                while fill < want:
-                    n = read(mv[fill:want])
-                    if not n:
-                        break
-                    fill += n
-            except NETWORK_ERRORS as e:
-                err = e
-            if fill:
-                view = mv[:fill]
-                _write_all(fd, view)
-                update(view)
-                self.pos += fill
-                self.bytes_downloaded += fill
-                body_left -= fill
-                if on_bytes is not None:
-                    on_bytes(fill)
-            if err is not None:
-                raise err
-            if fill < want or (stop is not None and stop.is_set()):
-                break
+        chunk = self.policy.chunk_bytes
+        on_bytes, stop = self.on_bytes, self.stop
+        writeback = _sync_file_range if self.policy.fsync else None
+        flushed = self.pos
+        hashing = _HashThread(self.hasher, chunk)
+        try:
+            mv = hashing.free_buffer()
+            while self.pos < limit:
+                want = min(chunk, limit - self.pos, body_left)
+                if want <= 0:
+                    break
+                fill, err = 0, None
+                try:
+                    while fill < want:
+                        n = read(mv[fill:want])
+                        if not n:
+                            break
+                        fill += n
+                except NETWORK_ERRORS as e:
+                    err = e
+                if fill:
+                    _write_all(fd, mv[:fill])
+                    hashing.submit(mv, fill)
+                    self.pos += fill
+                    self.bytes_downloaded += fill
+                    body_left -= fill
+                    if on_bytes is not None:
+                        on_bytes(fill)
+                    if writeback is not None and self.pos - flushed >= WRITEBACK_BYTES:
+                        writeback(fd, flushed, self.pos - flushed, SYNC_FILE_RANGE_WRITE)   # advisory
+                        flushed = self.pos
+                    mv = hashing.free_buffer()
+                if err is not None:
+                    raise err
+                if fill < want or (stop is not None and stop.is_set()):
+                    break
+        finally:
+            hashing.close()     # every byte written is hashed before anyone reads self.hasher
 
     # --- verify and commit
 
@@ -715,13 +778,15 @@ class _Transfer:
                     raise _Fatal(f"the source's file is not a valid shard: {e}") from None
                 raise _Corrupt(str(e)) from None
         try:
-            fd = os.open(self.partial, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if self.policy.fsync:
+                fd = os.open(self.partial, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(self.partial, self.final)
-            _fsync_dir(self.final.parent)
+            if self.policy.fsync:
+                _fsync_dir(self.final.parent)
         except OSError as e:
             raise _DiskError(e) from None
         _remove(_sidecar(self.partial))

@@ -1,0 +1,171 @@
+"""fetch_shard vs curl: MB/s of one shard (and of 8 in parallel) from the same local ShardServer to the same disk.
+
+    python bench/fetch.py            # a 200 MB shard, 3 runs each, interleaved; then 8 x 25 MB, w=8
+    python bench/fetch.py --quick    # 20 MB, for a smoke test
+    shardstream bench fetch --quick
+
+Both clients fetch the same Hub-style URL of an uncapped ShardServer on 127.0.0.1 and write into the
+same temporary directory. curl runs as `curl -s -o FILE URL`. fetch_shard does everything it always
+does: HEAD, stream into a partial file, sha256 while streaming, parquet footer check, fsync, atomic
+rename. Prints best and median MB/s of each and the ratio fetch/curl (target >= 0.9).
+
+fsync makes fetch_shard wait for the disk and curl does not, so two more pairs separate the costs:
+curl + an fsync of its file (the same durability) and fetch_shard with FetchPolicy(fsync=False) (the
+transfer path alone). Where loopback is faster than the disk's write-back, the plain ratio measures the
+disk, not the code.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's shardstream
+
+from shardstream.download import download_shards  # noqa: E402
+from shardstream.fetch import FetchPolicy, fetch_shard  # noqa: E402
+from shardstream.server import ShardServer  # noqa: E402
+from shardstream.shards import shard_name  # noqa: E402
+from shardstream.source import Source  # noqa: E402
+
+DOC_BYTES = 4096
+
+
+def write_big_shard(path, size_bytes, seed):
+    """A parquet shard with a `text` column of incompressible base64 text, about size_bytes on disk.
+    (make_sample writes real English-like text, but making 200 MB of it takes minutes on a small box;
+    the transfer only cares about bytes.)"""
+    rng = np.random.default_rng(seed)
+    n_docs = max(1, size_bytes // DOC_BYTES)
+    raw = rng.integers(0, 64, size=n_docs * DOC_BYTES, dtype=np.uint8)
+    alphabet = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", dtype=np.uint8)
+    data = pa.py_buffer(alphabet[raw].tobytes())
+    offsets = pa.py_buffer(np.arange(0, n_docs * DOC_BYTES + 1, DOC_BYTES, dtype=np.int32).tobytes())
+    text = pa.StringArray.from_buffers(n_docs, offsets, data)
+    pq.write_table(pa.table({"text": text}), path, compression="none", use_dictionary=False,
+                   write_statistics=False, row_group_size=1024)
+
+
+def mbps(nbytes, seconds):
+    return nbytes / 1e6 / seconds
+
+
+def time_curl(urls, out_dir, fsync=False):
+    """8 curls run at once for 8 URLs. fsync=True also fsyncs each file, as fetch_shard does."""
+    procs = []
+    t0 = time.perf_counter()
+    for i, url in enumerate(urls):
+        procs.append(subprocess.Popen(["curl", "-s", "-o", str(out_dir / f"curl_{i}.bin"), url]))
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"curl failed with exit code {p.returncode}")
+    if fsync:
+        for i in range(len(urls)):
+            fd = os.open(out_dir / f"curl_{i}.bin", os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        fd = os.open(out_dir, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def time_fetch(source, ids, out_dir, workers, fsync=True):
+    policy = FetchPolicy(fsync=fsync)
+    t0 = time.perf_counter()
+    if len(ids) == 1:
+        fetch_shard(source, ids[0], out_dir, policy)
+    else:
+        for r in download_shards(source, ids, out_dir, workers, policy):
+            if isinstance(r, Exception):
+                raise SystemExit(f"fetch failed: {r}")
+    return time.perf_counter() - t0
+
+
+def clear(d):
+    for p in d.iterdir():
+        p.unlink()
+    os.sync()                   # start each run with no dirty pages from the last one
+
+
+def compare(label, srv, source, ids, nbytes, out_dir, repeats, workers):
+    urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]
+    clients = {
+        "curl": lambda: time_curl(urls, out_dir),
+        "fetch_shard": lambda: time_fetch(source, ids, out_dir, workers),
+        "curl + fsync": lambda: time_curl(urls, out_dir, fsync=True),
+        "fetch_shard, fsync=False": lambda: time_fetch(source, ids, out_dir, workers, fsync=False),
+    }
+    runs = {k: [] for k in clients}
+    for _ in range(repeats):                        # interleaved, so drift hits all alike
+        for k, run in clients.items():
+            clear(out_dir)
+            runs[k].append(mbps(nbytes, run()))
+    clear(out_dir)
+    best = {k: max(v) for k, v in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"\n{label}")
+    for k, v in runs.items():
+        print(f"  {k:<26} MB/s  best {best[k]:7.1f}  median {med[k]:7.1f}   runs {' '.join(f'{x:.0f}' for x in v)}")
+
+    def ratio(a, b, what):
+        print(f"  {what:<50} best {best[a] / best[b]:.2f}  median {med[a] / med[b]:.2f}")
+    ratio("fetch_shard", "curl", "ratio fetch/curl (target >= 0.9):")
+    ratio("fetch_shard", "curl + fsync", "ratio fetch/(curl + fsync), same durability:")
+    ratio("fetch_shard, fsync=False", "curl", "ratio fetch(fsync=False)/curl, transfer path:")
+    return best["fetch_shard"] / best["curl"], med["fetch_shard"] / med["curl"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="20 MB instead of 200 MB (a smoke test)")
+    p.add_argument("--size-mb", type=float, default=None, help="shard size in MB (default 200, --quick 20)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each client (default 3)")
+    p.add_argument("--parallel", type=int, default=8, help="shards in the parallel round (0 skips it)")
+    p.add_argument("--dir", default=None, help="directory to work in (default a new temp dir; same disk for both)")
+    args = p.parse_args(argv)
+    if shutil.which("curl") is None:
+        raise SystemExit("curl is not installed: the baseline needs it (apt-get install curl)")
+    size = int((args.size_mb or (20 if args.quick else 200)) * 1e6)
+
+    work = Path(tempfile.mkdtemp(prefix="shardstream-bench-", dir=args.dir))
+    try:
+        remote, out = work / "remote", work / "out"
+        remote.mkdir()
+        out.mkdir()
+        t0 = time.perf_counter()
+        write_big_shard(remote / shard_name(0), size, seed=0)
+        n_par = args.parallel
+        for i in range(1, n_par + 1):
+            write_big_shard(remote / shard_name(i), size // max(n_par, 1), seed=i)
+        nbytes = (remote / shard_name(0)).stat().st_size
+        par_bytes = sum((remote / shard_name(i)).stat().st_size for i in range(1, n_par + 1))
+        print(f"made {1 + n_par} shards in {time.perf_counter() - t0:.1f}s under {work} "
+              f"(cpus: {os.cpu_count()}, curl: {subprocess.run(['curl', '--version'], capture_output=True, text=True).stdout.split()[1]})")
+        with ShardServer(remote) as srv:
+            source = Source(srv.hub_url, n_par + 2)
+            for i in range(n_par + 1):              # warm the server's sha256 cache and the page cache
+                subprocess.run(["curl", "-s", "-I", f"{srv.hub_url}/{shard_name(i)}"], capture_output=True)
+                subprocess.run(["curl", "-s", "-o", os.devnull, f"{srv.hub_url}/{shard_name(i)}"])
+            best, med = compare(f"one shard, {nbytes / 1e6:.0f} MB, local ShardServer, uncapped",
+                                srv, source, [0], nbytes, out, args.repeats, 1)
+            if n_par:
+                compare(f"{n_par} shards of {par_bytes / n_par / 1e6:.0f} MB: fetch w={n_par} vs {n_par} parallel curls",
+                        srv, source, list(range(1, n_par + 1)), par_bytes, out, args.repeats, n_par)
+        print(f"\nRESULT fetch/curl ratio (one shard): best {best:.2f}, median {med:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
