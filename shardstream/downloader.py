@@ -10,7 +10,13 @@ Background workers fetch the nearest needed shard first: shards a reader is wait
 shard of the window, the val shard, the rest of the window (`buffer_size` shards after the slowest
 reader's position). Before a download starts, its remote size is reserved in the budget (cache.py);
 when it does not fit, consumed/unneeded shards are evicted, and if that is not enough the download waits
-for room rather than overshoot. Free disk space is checked against a floor before every download.
+for room rather than overshoot. A shard a reader waits for outranks the window: to make room for it,
+even prefetched window shards may be evicted (never leased ones, never the val shard). Free disk space is
+checked against a floor before every download.
+
+Readers are named (`reader=`, default 0): leases are counted per reader and the window follows the
+slowest one, which leaves room for several ranks per node. The window and eviction choices are the pure
+functions of cache.py, over the plan `range(total_shards)`.
 
 Faults: fetch.py retries transient errors within one call; when a call gives up, the shard is retried
 after a backoff while other shards go on. Once the reader has waited longer than `FailurePolicy.deadline`
@@ -28,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cache import ShardCache, ahead_window, choose_evictions
@@ -777,14 +783,19 @@ class StreamingDownloader:
         do_sha = self.verify_existing == "sha256" or (
             self.verify_existing == "auto" and sum(finals.values()) <= SHA_AUTO_LIMIT)
 
+        quick = replace(self.fetch_policy, max_attempts=2)     # one retry; a dead source must not stall start()
+        unreachable = threading.Event()
+
         def check(shard):
             info = None
-            if shard in wanted:
+            if shard in wanted and not unreachable.is_set():
                 try:
-                    info = remote_info(self._source, shard, self.fetch_policy, stop=self._stop)
+                    info = remote_info(self._source, shard, quick, stop=self._stop)
                 except FetchError as e:
+                    if not isinstance(e, PermanentFetchError):
+                        unreachable.set()
                     logger.warning(f"{P} cannot ask the source about {shard_name(shard)} ({e}); "
-                                   f"checking its parquet footer only")
+                                   f"checking parquet footers only")
             path = self.cache.path(shard)
             try:
                 verify_shard(path, size=info.size if info else None,
