@@ -576,6 +576,9 @@ class _Transfer:
         if size is not None and size > self.policy.max_shard_bytes:
             raise _Fatal(f"the source says {size} bytes, over the per-shard cap of {self.policy.max_shard_bytes} "
                          f"(FetchPolicy.max_shard_bytes)")
+        if self.partial is not None and not self.partial.exists():
+            logger.warning("shard %05d: partial file %s vanished; starting over", self.shard_id, self.partial.name)
+            self._discard()
         if self.partial is None:
             self._open_partial()
         if size is None or self.pos < size:

@@ -471,3 +471,69 @@ def test_on_bytes_sees_every_byte(server, source, tmp_path):
     got = []
     fetch_shard(source, 0, tmp_path, FAST, on_bytes=got.append)
     assert sum(got) == (server.directory / name(0)).stat().st_size
+
+
+# -----------------------------------------------------------------------------
+# A hostile or broken server, and a full disk
+
+def test_body_without_length_that_never_ends_hits_the_size_cap(tmp_path):
+    # The ShardServer always sends Content-Length; only a tiny server can stream without end.
+    class Endless(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"          # no length: the body ends when the connection does
+
+        def log_message(self, *a):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("ETag", '"x"')
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            try:
+                for _ in range(10_000):        # 640 MB if nobody stops reading
+                    self.wfile.write(b"x" * 65536)
+            except OSError:
+                pass
+
+    with _TinyServer(Endless) as url:
+        with pytest.raises(PermanentFetchError, match="per-shard cap"):
+            fetch_shard(Source(url, SHARDS), 0, tmp_path, FetchPolicy(max_shard_bytes=1 << 20, backoff_initial=0.01))
+    assert not (tmp_path / name(0)).exists() and leftovers(tmp_path, 0) == []
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs (smaller than a sample shard); skipped where mounting is not allowed."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_partial(server, source, tiny_fs):
+    from shardstream.errors import DiskSpaceError
+    with pytest.raises(DiskSpaceError, match="disk full") as e:
+        fetch_shard(source, 0, tiny_fs, FAST)
+    assert "shard 00000" in str(e.value)
+    assert not (tiny_fs / name(0)).exists() and leftovers(tiny_fs, 0) == []
+
+
+def test_partial_file_deleted_under_a_fetch_is_started_over(server, source, tmp_path):
+    size = (server.directory / name(2)).stat().st_size
+    server.add_fault(Fault("truncate", file=name(2), at=0.5))
+
+    def delete_partials(n):
+        for p in tmp_path.glob(f"{name(2)}.*.partial"):
+            p.unlink()
+    deleted = []
+    # delete the partial after the first (truncated) GET, as a careless cleaner might
+    r = fetch_shard(source, 2, tmp_path, FAST,
+                    on_bytes=lambda n: deleted or (deleted.append(n), delete_partials(n)))
+    assert same_as_source(server, tmp_path, 2)
+    assert server.stats(name(2)).ranges[-1] == (0, size)
+    assert r.size == size
