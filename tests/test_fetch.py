@@ -537,3 +537,23 @@ def test_partial_file_deleted_under_a_fetch_is_started_over(server, source, tmp_
     assert same_as_source(server, tmp_path, 2)
     assert server.stats(name(2)).ranges[-1] == (0, size)
     assert r.size == size
+
+
+TWO_PROCS = """
+import sys
+from shardstream.fetch import FetchPolicy, fetch_shard
+from shardstream.source import Source
+r = fetch_shard(Source(sys.argv[1], int(sys.argv[2])), int(sys.argv[3]), sys.argv[4], FetchPolicy(chunk_bytes=16384))
+print("present" if r.already_present else "fetched")
+"""
+
+
+def test_two_processes_fetch_one_shard_once(server, tmp_path):
+    server.set_rate(0.5)                # ~1.1 s for the shard, so the two overlap
+    cmd = [sys.executable, "-c", TWO_PROCS, server.hub_url, str(SHARDS), "4", str(tmp_path)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == ["fetched", "present"]
+    assert server.stats(name(4)).get_requests == 1
+    assert same_as_source(server, tmp_path, 4)
