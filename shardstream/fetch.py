@@ -221,7 +221,8 @@ def _head(source, url, policy, session):
         if first.is_redirect and "X-Linked-Size" not in first.headers and "Location" in first.headers:
             _, last = _request(session, source, "HEAD",
                                _redirect_target(source, url, first.headers["Location"]), policy)
-        _check_status(first if first.is_redirect and "X-Linked-Size" in first.headers else last)
+        if not (first.is_redirect and "X-Linked-Size" in first.headers):    # that one is the Hub's answer
+            _check_status(last)
         size = first.headers.get("X-Linked-Size") or last.headers.get("X-Linked-Size") \
             or (last.headers.get("Content-Length") if last.status_code == 200 else None)
         try:

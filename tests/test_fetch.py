@@ -371,9 +371,10 @@ class _TinyServer:
         self.httpd.server_close()
 
 
-def _redirector(target_for, seen):
-    """A Hub stand-in: HEAD/GET on /<file> answer 302 to target_for(file), recording the headers seen.
-    The ShardServer never redirects, so the host change needs this tiny server."""
+def _redirector(target_for, seen, linked=None):
+    """A Hub stand-in: HEAD/GET on /<file> answer 302 to target_for(file), recording the headers seen,
+    with linked(file) -> extra headers (X-Linked-*) on it, as the Hub sends. The ShardServer never
+    redirects, so the host change needs this tiny server."""
     class Redirect(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -390,6 +391,8 @@ def _redirector(target_for, seen):
             seen.append((self.command, self.headers.get("Authorization")))
             self.send_response(302)
             self.send_header("Location", target_for(self.path.lstrip("/")))
+            for k, v in (linked(self.path.lstrip("/")) if linked else {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Length", "0")
             self.end_headers()
     return Redirect
@@ -406,6 +409,22 @@ def test_redirect_to_another_host_gets_no_authorization(server, tmp_path):
     assert seen and all(auth == f"Bearer {TOKEN}" for _, auth in seen)      # the token's host got it
     assert ("GET", f"Bearer {TOKEN}") in seen
     assert server.requests and all("Authorization" not in rec.headers for rec in server.requests)
+
+
+def test_hub_style_redirect_with_x_linked_headers_on_the_302(server, tmp_path):
+    # The Hub answers HEAD on resolve URLs with a 302 carrying X-Linked-Size/X-Linked-Etag: the HEAD
+    # must not follow it (the CDN is only asked for the bytes).
+    def linked(f):
+        data = (server.directory / f).read_bytes()
+        return {"X-Linked-Size": str(len(data)), "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "ETag": '"hub-etag"'}
+    seen = []
+    with _TinyServer(_redirector(lambda f: f"{server.url}/{f}", seen, linked)) as url:
+        r = fetch_shard(Source(url, SHARDS), 3, tmp_path, FAST)
+    assert same_as_source(server, tmp_path, 3) and r.sha256 == linked(name(3))["X-Linked-Etag"].strip('"')
+    assert [m for m, _ in seen] == ["HEAD", "GET"]
+    st = server.stats(name(3))
+    assert st.head_requests == 0 and st.get_requests == 1
 
 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http://example.com/x"])
