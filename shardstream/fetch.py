@@ -156,18 +156,23 @@ def _request(session, source, method, url, policy, headers=None, follow=True):
     token is sent only to its host, and only http(s) targets are followed). Returns (first, last)
     responses; first is closed unless it is last."""
     first = None
-    for _ in range(MAX_REDIRECTS + 1):
-        h = {"Accept-Encoding": "identity", **(headers or {}), **source.headers_for(url)}
-        resp = session.request(method, url, headers=h, allow_redirects=False, stream=True,
-                               timeout=(policy.connect_timeout, policy.stall_timeout))
-        if first is None:
-            first = resp
-        if not (follow and resp.is_redirect and "Location" in resp.headers):
-            return first, resp
-        url = _redirect_target(source, url, resp.headers["Location"])
-        if resp is not first:
-            resp.close()
-    raise _Fatal(f"more than {MAX_REDIRECTS} redirects")
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            h = {"Accept-Encoding": "identity", **(headers or {}), **source.headers_for(url)}
+            resp = session.request(method, url, headers=h, allow_redirects=False, stream=True,
+                                   timeout=(policy.connect_timeout, policy.stall_timeout))
+            if first is None:
+                first = resp
+            if not (follow and resp.is_redirect and "Location" in resp.headers):
+                return first, resp
+            url = _redirect_target(source, url, resp.headers["Location"])
+            if resp is not first:
+                resp.close()
+        raise _Fatal(f"more than {MAX_REDIRECTS} redirects")
+    except BaseException:
+        if first is not None:
+            first.close()
+        raise
 
 
 def _retry_after(resp):
@@ -626,7 +631,7 @@ class _Transfer:
                     self._remove_partial(best[0])
                 best = (p, have)
             else:
-                logger.info("shard %05d: deleting stale partial file %s", self.shard_id, p.name)
+                logger.info("shard %05d: deleting partial file %s (stale or superseded)", self.shard_id, p.name)
                 self._remove_partial(p)
         for s in d.glob(f"{name}.*.partial.json"):      # sidecars whose partial is gone
             if not s.with_name(s.name[:-len(".json")]).exists():
