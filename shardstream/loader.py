@@ -43,7 +43,6 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -142,25 +141,21 @@ def _read_texts(pf, rg_idx):
 # The document stream: tokenized batches ("chunks") in a deterministic order
 
 class Chunk:
-    """Up to tokenizer_batch_size documents of one row group, tokenized (BOS first), flat in one array."""
-    __slots__ = ("pos", "next_pos", "flat", "offsets", "lens")
+    """Up to tokenizer_batch_size documents of one row group, tokenized (BOS first), one array per doc.
 
-    def __init__(self, pos, next_pos, flat, offsets, lens):
+    A doc's array is dropped (set to None) when the packer takes it, so a long-lived doc in the buffer
+    keeps only itself alive, not its whole batch."""
+    __slots__ = ("pos", "next_pos", "docs")
+
+    def __init__(self, pos, next_pos, docs):
         self.pos = pos              # (epoch, pq_idx, rg_idx, first row)
         self.next_pos = next_pos    # where the stream continues after this chunk
-        self.flat = flat
-        self.offsets = offsets
-        self.lens = lens
+        self.docs = docs            # list of int64 arrays (None where not present / already taken)
 
 
 def tokenize_chunk(tokenizer, texts, bos, threads, pos=None, next_pos=None):
     rows = tokenizer.encode(texts, prepend=bos, num_threads=threads)
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    offsets = np.zeros(len(rows), dtype=np.int64)
-    if len(rows) > 1:
-        np.cumsum(lens[:-1], out=offsets[1:])
-    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
-    return Chunk(pos, next_pos, flat, offsets, lens.tolist())
+    return Chunk(pos, next_pos, [np.array(row, dtype=np.int64) for row in rows])
 
 
 def iter_chunks(plan, cursor, rank, world, batch_size, tokenize, stop=None):
@@ -266,15 +261,15 @@ class Packer:
 
     def add(self, chunk, indices=None):
         buckets = self.buckets
-        lens = chunk.lens
-        for i in (range(len(lens)) if indices is None else indices):
-            L = lens[i]
+        docs = chunk.docs
+        for i in (range(len(docs)) if indices is None else indices):
+            L = len(docs[i])
             q = buckets.get(L)
             if q is None:
                 q = buckets[L] = deque()
                 bisect.insort(self.lengths, L)
             q.append((chunk, i))
-        self.count += len(lens) if indices is None else len(indices)
+        self.count += len(docs) if indices is None else len(indices)
 
     def _take(self, k):
         L = self.lengths[k]
@@ -292,12 +287,12 @@ class Packer:
         k = bisect.bisect_right(self.lengths, remaining) - 1
         if k >= 0:                              # the largest doc that fits
             L, (chunk, i) = self._take(k)
-            off = chunk.offsets[i]
-            row[pos:pos + L] = chunk.flat[off:off + L]
+            row[pos:pos + L] = chunk.docs[i]
+            chunk.docs[i] = None
             return pos + L
         _, (chunk, i) = self._take(0)           # none fits: crop the shortest
-        off = chunk.offsets[i]
-        row[pos:] = chunk.flat[off:off + remaining]
+        row[pos:] = chunk.docs[i][:remaining]
+        chunk.docs[i] = None
         return self.row_capacity
 
     def snapshot(self):
@@ -411,12 +406,10 @@ def rebuild_buffer(packer, docs, plan, tokenize):
         picked = [rg_texts[row + i] for i in idx]
         sub = tokenize(picked, None, None)
         # lay the chunk out with the original indices so a later snapshot writes the same entry
-        lens = [0] * (idx[-1] + 1)
-        offsets = np.zeros(len(lens), dtype=np.int64)
+        docs = [None] * (idx[-1] + 1)
         for j, i in enumerate(idx):
-            lens[i] = sub.lens[j]
-            offsets[i] = sub.offsets[j]
-        packer.add(Chunk((int(epoch), int(pq_idx), int(rg_idx), int(row)), None, sub.flat, offsets, lens), idx)
+            docs[i] = sub.docs[j]
+        packer.add(Chunk((int(epoch), int(pq_idx), int(rg_idx), int(row)), None, docs), idx)
 
 
 # -----------------------------------------------------------------------------------------------------
