@@ -1,0 +1,777 @@
+"""The reference trainer behind `python -m scripts.base_train`: nanochat's base_train in small.
+
+    python -m scripts.base_train --depth=4 --device_batch_size=1 --num_iterations=100 --streaming_mode=True
+
+A tiny GPT (gpt.py) trained on the parquet shards: a BPE tokenizer trained offline from the first shard
+(rustbpe, encoded with tiktoken; saved and reused), gradient accumulation up to --total_batch_size, a
+warmup/warmdown learning-rate schedule, AdamW, and a periodic val loss on the val shard. With
+--streaming_mode=True the shards come from a StreamingDownloader that keeps --streaming_buffer_size shards
+ahead of the loader under --max_cache_bytes; otherwise it reads the shards already in --data_dir, as
+nanochat does.
+
+The loop is nanochat's: the first batch is fetched before step 0 and each step fetches the next batch while
+it trains on the current one. A checkpoint at step s holds the model and optimizer after s steps plus the
+loader state that came with the batch step s will train on, so `--resume_from_step s` continues with
+exactly the batches the uninterrupted run would have seen. Checkpoints are single files written atomically
+(temp file, fsync, rename) and carry a fingerprint (source, dataset, tokenizer, batch geometry, model);
+resuming against a different one fails, naming what differs.
+
+SIGTERM and Ctrl-C stop the run at the next step boundary (or at once when it is waiting for data): with
+--save_every set a final checkpoint is written, the downloader's threads are stopped (partial files stay
+resumable), and main() returns 128 + the signal number.
+"""
+import argparse
+import bisect
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, ShardStreamError, StateMismatchError
+from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, list_shards, nanochat_base_dir, shard_name
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "shardstream-ckpt/1"
+TOKENIZER_META = "shardstream_tokenizer.json"
+# Fingerprint fields a resume must match, and how to say each one in an error.
+LOADER_BUFFER_DOCS = 1000      # the loader's buffer_size (nanochat's default)
+LOADER_BATCH_DOCS = 128        # its tokenizer_batch_size
+RESUME_MUST_MATCH = {
+    "data": "data source", "dataset_shards": "dataset shard count", "tokenizer": "tokenizer",
+    "vocab_size": "vocab size", "device_batch_size": "--device_batch_size", "max_seq_len": "--max_seq_len",
+    "total_batch_size": "--total_batch_size", "world_size": "world size", "model": "model shape (--depth)",
+}
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if value in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text):
+    """'2000000', '500MB', '1.5GiB' -> bytes."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    try:
+        value = float(num) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a byte count like 2000000, 500MB or 2GiB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a byte count must be positive, got {text!r}")
+    return int(value)
+
+
+def parse_step(text):
+    """--resume_from_step: a step number, -1 (no resume) or 'latest'."""
+    if str(text).strip().lower() == "latest":
+        return "latest"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number, -1 or 'latest', got {text!r}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m scripts.base_train", allow_abbrev=False,
+                                description="Pretrain a tiny GPT on parquet shards, optionally streamed under a "
+                                            "disk budget. Every flag also takes nanochat's dashed spelling.")
+
+    def add(name, **kw):
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*names, dest=name, **kw)
+
+    def add_bool(name, default, help_):
+        add(name, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help_)
+
+    add("depth", type=int, default=4, help="transformer layers; width = depth*64 (default 4)")
+    add("max_seq_len", type=int, default=512, help="tokens per row (default 512)")
+    add("device_batch_size", type=int, default=8, help="rows per micro-batch (default 8)")
+    add("total_batch_size", type=int, default=-1,
+        help="tokens per optimizer step; a multiple of device_batch_size*max_seq_len (-1 = one micro-batch)")
+    add("num_iterations", type=int, default=-1,
+        help="optimizer steps (-1 = from --target_param_data_ratio, Chinchilla-style)")
+    add("target_param_data_ratio", type=float, default=20.0, help="tokens per parameter when num_iterations=-1")
+    add("lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    add("weight_decay", type=float, default=0.0, help="AdamW weight decay on the blocks' matrices")
+    add("warmup_ratio", type=float, default=0.05, help="fraction of steps warming the LR up")
+    add("warmdown_ratio", type=float, default=0.3, help="fraction of steps decaying the LR at the end")
+    add("final_lr_frac", type=float, default=0.0, help="final LR as a fraction of the peak")
+    add("grad_clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    add("eval_every", type=int, default=250, help="steps between val losses (-1: only at the end)")
+    add("eval_tokens", type=int, default=-1, help="tokens per val loss (-1 = 4 micro-batches, 0 disables)")
+    add("core_metric_every", type=int, default=-1, help="accepted for nanochat compatibility; no CORE here")
+    add("core_metric_max_per_task", type=int, default=-1, help="accepted for nanochat compatibility")
+    add("sample_every", type=int, default=-1, help="accepted for nanochat compatibility")
+    add("run", default="dummy", help="accepted for nanochat compatibility (wandb run name; unused)")
+    add_bool("streaming_mode", False, "stream shards from --source with a StreamingDownloader")
+    add("streaming_buffer_size", type=int, default=5, help="shards kept ready ahead of the reader (default 5)")
+    add("streaming_total_shards", type=int, default=-1,
+        help="shards to stream, the val shard included (-1 = computed from the tokens the run needs)")
+    add("streaming_retain", type=int, default=0, help="consumed shards kept on disk behind the reader")
+    add("source", default=None, help="base URL of the shards (default SHARDSTREAM_SOURCE, else the Hub)")
+    add("dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS), help="known dataset on the Hub")
+    add("dataset_shards", type=int, default=None, help="shards in a custom --source (the last is val)")
+    add("data_dir", default=None, help="shard directory (default SHARDSTREAM_DATA_DIR, else nanochat's)")
+    add("max_cache_bytes", type=parse_bytes, default=None, help="disk budget of the data dir, e.g. 2GB")
+    add("vocab_size", type=int, default=32768, help="BPE vocab size incl. special tokens (default 32768)")
+    add("tokenizer_dir", default=None, help="where the tokenizer is saved and reused")
+    add("checkpoint_dir", default=None, help="where checkpoints go (default <base>/shardstream/base_checkpoints/dN)")
+    add("save_every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+    add("resume_from_step", type=parse_step, default=-1, help="resume from this checkpoint step (or 'latest')")
+    add("device", default="", help="cpu or cuda (default: cuda when available)")
+    add("seed", type=int, default=42, help="model init seed")
+    add("status_every", type=int, default=100, help="steps between [Streaming] status lines")
+    add("tokenizer_threads", type=int, default=4, help="threads for tokenizing documents")
+    add("batch_hash_log", default=None, help="append one 'step micro sha256' line per trained batch to FILE")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    positive = ["depth", "max_seq_len", "device_batch_size", "streaming_buffer_size", "vocab_size",
+                "tokenizer_threads", "status_every"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        raise ConfigError(f"--num_iterations must be >= 1 (or -1 for automatic), got {args.num_iterations}")
+    if args.streaming_total_shards == 0 or args.streaming_total_shards < -1:
+        raise ConfigError(f"--streaming_total_shards must be >= 2 (or -1 for automatic), "
+                          f"got {args.streaming_total_shards}")
+    if args.streaming_retain < 0:
+        raise ConfigError(f"--streaming_retain must be >= 0, got {args.streaming_retain}")
+    row_tokens = args.device_batch_size * args.max_seq_len
+    if args.total_batch_size == -1:
+        args.total_batch_size = row_tokens
+    if args.total_batch_size < 1 or args.total_batch_size % row_tokens:
+        raise ConfigError(f"--total_batch_size {args.total_batch_size} must be a positive multiple of "
+                          f"device_batch_size*max_seq_len = {row_tokens}")
+    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name} must be within [0, 1], got {getattr(args, name)}")
+    if args.warmup_ratio + args.warmdown_ratio > 1.0:
+        raise ConfigError("--warmup_ratio + --warmdown_ratio must not exceed 1")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------------
+# Schedule, device, small helpers
+
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, linear warmdown to final_lr_frac (nanochat's shape)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def pick_device(name):
+    import torch
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N or mps, got {name!r}")
+    return name
+
+
+def batch_digest(x, y):
+    h = hashlib.sha256()
+    h.update(x.detach().cpu().numpy().tobytes())
+    h.update(y.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _short_hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Tokenizer: trained once from the first shard, reused afterwards
+
+def packed_rows(doc_lengths, row_capacity, buffer_size=1000):
+    """Rows best-fit packing makes from documents of these token lengths (the loader's rule, simulated).
+
+    Each row takes the longest buffered doc that fits the space left; when none fits, the shortest is
+    cropped to fill the row and its rest is dropped. So short rows waste many tokens on long documents.
+    """
+    pending = iter(doc_lengths)
+    buf = []
+    rows = 0
+    while True:
+        pos = 0
+        while pos < row_capacity:
+            for n in pending:
+                bisect.insort(buf, n)
+                if len(buf) >= buffer_size:
+                    break
+            if not buf:
+                return rows
+            i = bisect.bisect_right(buf, row_capacity - pos) - 1
+            if i >= 0:
+                pos += buf.pop(i)
+            else:
+                buf.pop(0)
+                pos = row_capacity
+        rows += 1
+
+
+@dataclass(frozen=True)
+class ShardYield:
+    """What one shard gives a run with rows of T tokens (measured on the first shard)."""
+    docs: int                 # documents (parquet rows)
+    raw_tokens: int           # their tokens, BOS included
+    trained_tokens: int       # tokens in the rows best-fit packing makes of them (cropped rests dropped)
+
+
+def measure_shard_yield(tokenizer, path, T, sample_chars=4_000_000, threads=4):
+    """A ShardYield for the shard at path, from its first documents (about sample_chars) scaled by its rows."""
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    rows = pf.metadata.num_rows
+    bos = tokenizer.get_bos_token_id()
+    lengths, chars = [], 0
+    for rg in range(pf.num_row_groups):
+        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        for start in range(0, len(texts), 256):
+            batch = texts[start:start + 256]
+            lengths += [len(ids) for ids in tokenizer.encode(batch, prepend=bos, num_threads=threads)]
+            chars += sum(len(t) for t in batch)
+            if chars >= sample_chars:
+                break
+        if chars >= sample_chars:
+            break
+    if not lengths:
+        raise ConfigError(f"{path} holds no documents; cannot measure tokens per shard")
+    scale = rows / len(lengths)
+    return ShardYield(docs=rows, raw_tokens=max(1, round(sum(lengths) * scale)),
+                      trained_tokens=max(1, round(packed_rows(lengths, T + 1) * T * scale)))
+
+
+def shards_needed(tokens_needed, shard_yield, dataset_shards=None, read_ahead_docs=0):
+    """Train shards the run reads, rounded up, plus the val shard (capped at the dataset's size).
+
+    The loader reads read_ahead_docs documents beyond the last row it hands out (its packing buffer and
+    prefetch); counting them keeps a short run from wrapping into a second epoch it never trains on.
+    """
+    docs = tokens_needed * shard_yield.docs / shard_yield.trained_tokens + read_ahead_docs
+    n = math.ceil(docs / shard_yield.docs) + 1
+    return max(2, min(n, dataset_shards)) if dataset_shards else max(2, n)
+
+
+def _read_tokenizer_meta(directory):
+    try:
+        with open(Path(directory) / TOKENIZER_META) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_tokenizer(tokenizer_dir, vocab_size, first_shard, data_key, T, threads=4):
+    """(tokenizer, ShardYield at row length T): load from tokenizer_dir or train from the first shard and save.
+
+    first_shard() returns the path of the first train shard (fetching it if need be); it is only called
+    when something is missing. The tokens-per-shard measurement is remembered per data source.
+    """
+    from .tokenizer import Tokenizer, train_tokenizer_from_shards
+    tokenizer_dir = Path(tokenizer_dir)
+    meta = _read_tokenizer_meta(tokenizer_dir)
+    tokenizer = None
+    if (tokenizer_dir / "tokenizer.pkl").is_file():
+        tokenizer = Tokenizer.load(tokenizer_dir)
+        if meta.get("requested_vocab_size", tokenizer.get_vocab_size()) != vocab_size:
+            raise ConfigError(f"the tokenizer in {tokenizer_dir} was trained with vocab size "
+                              f"{meta.get('requested_vocab_size')}, not --vocab_size {vocab_size}: give another "
+                              f"--tokenizer_dir or the matching --vocab_size")
+        logger.info("Tokenizer: reusing %s (vocab %d) from %s", tokenizer.identity(), tokenizer.get_vocab_size(),
+                    tokenizer_dir)
+    path = None
+    if tokenizer is None:
+        path = first_shard()
+        t0 = time.time()
+        tokenizer = train_tokenizer_from_shards([path], vocab_size=vocab_size)
+        tokenizer.save(tokenizer_dir)
+        meta = {"identity": tokenizer.identity(), "requested_vocab_size": vocab_size,
+                "trained_on": shard_name(0) if path is None else Path(path).name, "shard_yield": {}}
+        logger.info("Tokenizer: trained %s (vocab %d) on %s in %.1fs, saved to %s", tokenizer.identity(),
+                    tokenizer.get_vocab_size(), Path(path).name, time.time() - t0, tokenizer_dir)
+    key = f"{data_key} T={T}"
+    known = meta.get("shard_yield", {}).get(key) if meta.get("identity") == tokenizer.identity() else None
+    if known:
+        shard_yield = ShardYield(**known)
+    else:
+        path = path or first_shard()
+        shard_yield = measure_shard_yield(tokenizer, path, T, threads=threads)
+        meta.setdefault("shard_yield", {})[key] = asdict(shard_yield)
+        meta["identity"] = tokenizer.identity()
+        meta.setdefault("requested_vocab_size", vocab_size)
+        _write_json_atomic(tokenizer_dir / TOKENIZER_META, meta)
+        logger.info("Tokenizer: %s holds %s documents, about %s tokens, %s of them in packed rows of %d",
+                    Path(path).name, f"{shard_yield.docs:,}", f"{shard_yield.raw_tokens:,}",
+                    f"{shard_yield.trained_tokens:,}", T)
+    return tokenizer, shard_yield
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints: one file per step, written atomically
+
+def checkpoint_path(checkpoint_dir, step):
+    return Path(checkpoint_dir) / f"step_{step:06d}.pt"
+
+
+def checkpoint_steps(checkpoint_dir):
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    steps = []
+    for p in d.glob("step_*.pt"):
+        try:
+            steps.append(int(p.stem.split("_", 1)[1]))
+        except ValueError:
+            pass
+    return sorted(steps)
+
+
+def save_checkpoint(checkpoint_dir, step, payload):
+    """torch.save to a temp file in the same dir, fsync, rename: a checkpoint is whole or absent."""
+    import torch
+    d = Path(checkpoint_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(d, step)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(checkpoint_dir, step):
+    import torch
+    if step == "latest":
+        steps = checkpoint_steps(checkpoint_dir)
+        if not steps:
+            raise ConfigError(f"--resume_from_step latest: no checkpoints in {checkpoint_dir}")
+        step = steps[-1]
+    path = checkpoint_path(checkpoint_dir, step)
+    if not path.is_file():
+        have = checkpoint_steps(checkpoint_dir)
+        raise ConfigError(f"--resume_from_step {step}: no checkpoint {path}"
+                          + (f" (steps saved there: {', '.join(map(str, have))})" if have else
+                             " (that directory holds none; give --checkpoint_dir)"))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+def check_resume(saved, current, step):
+    """Raise StateMismatchError naming every fingerprint field that differs."""
+    diffs = []
+    for key, label in RESUME_MUST_MATCH.items():
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{label}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    if diffs:
+        raise StateMismatchError(f"cannot resume from step {step}: the checkpoint belongs to a different run "
+                                 f"({'; '.join(diffs)}). Resume with the original settings, or start a new "
+                                 f"run with another --checkpoint_dir.")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Signals: stop at a step boundary, or at once while waiting for data
+
+class StopRun(Exception):
+    """Raised by the signal handler while the loop waits for a batch."""
+
+
+class SignalStop:
+    """Turns SIGINT/SIGTERM into a stop request; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.waiting_for_data = False
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("Received %s: stopping at the next step boundary", signal.Signals(signum).name)
+        if self.waiting_for_data:
+            raise StopRun
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+
+# -----------------------------------------------------------------------------------------------------
+# The run
+
+@dataclass
+class TrainResult:
+    """What a run did (the demo prints it)."""
+    exit_code: int = 0
+    start_step: int = 0
+    step: int = 0                             # optimizer steps completed
+    num_iterations: int = 0
+    losses: list = field(default_factory=list)        # (step, train loss)
+    val_losses: list = field(default_factory=list)    # (step, val loss)
+    data_wait_seconds: float = 0.0            # time the loop waited for batches (incl. the first)
+    seconds_to_first_batch: float = 0.0       # from start to the first batch in hand
+    seconds_to_first_step: float = 0.0        # from start to the end of the first optimizer step
+    wall_seconds: float = 0.0
+    total_shards: int | None = None
+    shard_yield: ShardYield | None = None
+    checkpoint: str | None = None
+    downloader_status: object = None
+    signal: str | None = None
+
+
+def _fingerprint(args, data_id, dataset_shards, tokenizer, model_config):
+    return {"data": data_id, "dataset_shards": dataset_shards, "tokenizer": tokenizer.identity(),
+            "vocab_size": tokenizer.get_vocab_size(), "device_batch_size": args.device_batch_size,
+            "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size, "world_size": 1,
+            "model": asdict(model_config)}
+
+
+def train(args):
+    """Run training as configured by parse_args(); returns a TrainResult (exit_code 0 when it finished)."""
+    import torch
+    t_start = time.time()
+    result = TrainResult()
+    device = pick_device(args.device)
+    device_type = device.split(":")[0]
+    torch.manual_seed(args.seed)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if device_type == "cpu":
+        torch.use_deterministic_algorithms(True)     # exact resume: same batches -> same losses
+    try:
+        return _train(args, result, t_start, device, device_type)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(args, result, t_start, device, device_type):
+    import torch
+    from .gpt import GPT, config_for_depth
+    from .loader import (PREFETCH_CHUNKS, tokenizing_distributed_data_loader_bos_bestfit,
+                         tokenizing_distributed_data_loader_with_state_bos_bestfit)
+    if args.core_metric_every > 0:
+        logger.info("--core_metric_every %d: the CORE metric is not part of this trainer; ignored",
+                    args.core_metric_every)
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    base = nanochat_base_dir() / "shardstream"
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "base_checkpoints" / f"d{args.depth}"
+
+    resume = None
+    if args.resume_from_step != -1:
+        resume = load_checkpoint(checkpoint_dir, args.resume_from_step)
+        logger.info("Resuming from %s (step %d)", checkpoint_path(checkpoint_dir, resume["step"]), resume["step"])
+
+    # Where the data comes from, and how to get the first shard for the tokenizer.
+    source = None
+    if args.streaming_mode:
+        from .fetch import fetch_shard
+        from .source import make_source
+        source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)
+        data_id = source.identity()["source"]
+        dataset_shards = source.dataset_shards
+
+        def first_shard():
+            logger.info("Fetching %s to train the tokenizer and measure tokens per shard", shard_name(0))
+            return fetch_shard(source, 0, data_dir).path
+    else:
+        on_disk = list_shards(data_dir)
+        if len(on_disk) < 2:
+            raise ConfigError(f"{data_dir} holds {len(on_disk)} shard(s); the trainer needs at least 2 (train + "
+                              f"val). Download some (`shardstream download -n 4 --data-dir {data_dir}`) or "
+                              f"stream them with --streaming_mode=True")
+        data_id = f"local:{len(on_disk)} shards"
+        dataset_shards = None
+
+        def first_shard():
+            return data_dir / shard_name(on_disk[0])
+
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
+        base / f"tokenizer_{_short_hash([data_id if source else str(data_dir.resolve()), args.vocab_size])}"
+    tokenizer, shard_yield = prepare_tokenizer(tokenizer_dir, args.vocab_size, first_shard,
+                                                    data_key=data_id if source else str(data_dir.resolve()),
+                                                    T=args.max_seq_len, threads=args.tokenizer_threads)
+    result.shard_yield = shard_yield
+
+    # The model and its optimizer.
+    model_config = config_for_depth(args.depth, args.max_seq_len, tokenizer.get_vocab_size())
+    model = GPT(model_config).to(device)
+    optimizer = model.make_optimizer(args.lr, weight_decay=args.weight_decay)
+    tokens_per_step = args.total_batch_size
+    grad_accum = tokens_per_step // (args.device_batch_size * args.max_seq_len)
+    num_iterations = args.num_iterations
+    if num_iterations == -1:
+        num_iterations = max(1, round(args.target_param_data_ratio * model.num_params() / tokens_per_step))
+    result.num_iterations = num_iterations
+    fingerprint = _fingerprint(args, data_id, dataset_shards, tokenizer, model_config)
+    logger.info("Model: depth %d, width %d, %d heads, vocab %d, %s parameters; %s tokens per step "
+                "(%d x %d x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
+                model_config.n_head, model_config.vocab_size, f"{model.num_params():,}", f"{tokens_per_step:,}",
+                args.device_batch_size, args.max_seq_len, grad_accum, num_iterations, device)
+
+    start_step, loader_state = 0, None
+    if resume is not None:
+        check_resume(resume["fingerprint"], fingerprint, resume["step"])
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_step, loader_state = resume["step"], resume["loader_state"]
+    result.start_step = result.step = start_step
+
+    # The streaming downloader.
+    downloader = None
+    total_shards = None
+    if source is not None:
+        # total_shards counts the val shard (the seed's "shards to download"); the downloader's counts train shards.
+        total_shards = args.streaming_total_shards
+        if total_shards == -1 and resume is not None and resume.get("total_shards"):
+            total_shards = resume["total_shards"]
+        elif total_shards == -1:
+            tokens_needed = num_iterations * tokens_per_step
+            total_shards = shards_needed(tokens_needed, shard_yield, dataset_shards,
+                                         read_ahead_docs=LOADER_BUFFER_DOCS + PREFETCH_CHUNKS * LOADER_BATCH_DOCS)
+            logger.info("Streaming mode: calculated %d shards needed for %s tokens (%d train + the val shard, "
+                        "~%s tokens each)", total_shards, f"{tokens_needed:,}", total_shards - 1,
+                        f"{shard_yield.trained_tokens:,}")
+        if not 2 <= total_shards <= dataset_shards:
+            raise ConfigError(f"--streaming_total_shards must count at least 2 shards (train + val) and at most the "
+                              f"dataset's {dataset_shards}, got {total_shards}")
+        result.total_shards = total_shards
+        from .downloader import StreamingDownloader
+        downloader = StreamingDownloader(total_shards - 1, buffer_size=args.streaming_buffer_size, data_dir=data_dir,
+                                         source=source, max_cache_bytes=args.max_cache_bytes,
+                                         retain=args.streaming_retain, initial_buffer=0 if resume else 1)
+
+    hash_log = open(args.batch_hash_log, "a", buffering=1) if args.batch_hash_log else None
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
+                else _nullcontext())
+    eval_tokens = args.eval_tokens if args.eval_tokens != -1 else 4 * args.device_batch_size * args.max_seq_len
+    eval_batches = 0 if eval_tokens == 0 else max(1, eval_tokens // (args.device_batch_size * args.max_seq_len))
+
+    def evaluate():
+        loader = tokenizing_distributed_data_loader_bos_bestfit(
+            tokenizer, args.device_batch_size, args.max_seq_len, "val", tokenizer_threads=args.tokenizer_threads,
+            tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=device, streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+        model.eval()
+        total = 0.0
+        try:
+            with torch.no_grad(), autocast:
+                for _ in range(eval_batches):
+                    x, y = next(loader)
+                    total += model(x, y).item()
+        finally:
+            loader.close()
+            model.train()
+        return total / eval_batches
+
+    def checkpoint(step, state):
+        payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+                   "optimizer": optimizer.state_dict(), "loader_state": state, "fingerprint": fingerprint,
+                   "total_shards": total_shards, "num_iterations": num_iterations, "config": vars(args),
+                   "downloader": downloader.get_status().to_dict() if downloader else None}
+        path = save_checkpoint(checkpoint_dir, step, payload)
+        result.checkpoint = str(path)
+        logger.info("Saved checkpoint %s", path)
+
+    stopper = SignalStop()
+    step = start_step
+    try:
+        with stopper:
+            if downloader is not None:
+                downloader.start()
+            train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+                tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
+                buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
+                streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+
+            def next_batch():
+                t0 = time.time()
+                stopper.waiting_for_data = True
+                try:
+                    if stopper.requested:
+                        raise StopRun
+                    batch = next(train_loader)
+                finally:
+                    stopper.waiting_for_data = False
+                return batch, time.time() - t0
+
+            step_state = None
+            try:
+                (x, y, loader_state), waited = next_batch()
+                result.data_wait_seconds += waited
+                result.seconds_to_first_batch = time.time() - t_start
+                while True:
+                    last_step = step >= num_iterations
+                    if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
+                        val_loss = evaluate()
+                        result.val_losses.append((step, val_loss))
+                        logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
+                    if stopper.requested:
+                        raise StopRun
+                    if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                        checkpoint(step, loader_state)
+                    if last_step:
+                        break
+
+                    # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
+                    step_state = loader_state
+                    t0 = time.time()
+                    step_wait = 0.0
+                    loss_sum = 0.0
+                    for micro in range(grad_accum):
+                        with autocast:
+                            loss = model(x, y)
+                        (loss / grad_accum).backward()
+                        loss_sum += loss.item()
+                        if hash_log:
+                            hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
+                        (x, y, loader_state), waited = next_batch()
+                        step_wait += waited
+                    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
+                                        args.final_lr_frac)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["initial_lr"] * lrm
+                    if args.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if device_type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.time() - t0
+                    step += 1
+                    step_state = None
+                    result.step = step
+                    train_loss = loss_sum / grad_accum
+                    result.losses.append((step - 1, train_loss))
+                    result.data_wait_seconds += step_wait
+                    if step == start_step + 1:
+                        result.seconds_to_first_step = time.time() - t_start
+                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
+                                "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
+                                100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
+                                f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
+                                (time.time() - t_start) / 60)
+                    if downloader is not None and step % args.status_every == 0:
+                        logger.info("[Streaming] %s", downloader.get_status().line())
+            except StopRun:
+                # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
+                # with step_state (mid-step) or loader_state (at a boundary). Grads of a torn step are dropped.
+                optimizer.zero_grad(set_to_none=True)
+                result.signal = signal.Signals(stopper.signum).name
+                result.exit_code = 128 + stopper.signum
+                state = step_state if step_state is not None else loader_state
+                if args.save_every > 0 and state is not None:
+                    checkpoint(step, state)
+                logger.warning("Stopped by %s at step %d%s", result.signal, step,
+                               "" if args.save_every > 0 else " (no checkpoint: --save_every is not set)")
+            finally:
+                train_loader.close()
+    except KeyboardInterrupt:
+        result.exit_code = 130
+        result.signal = "SIGINT"
+        logger.warning("Interrupted at step %d", step)
+    finally:
+        if hash_log:
+            hash_log.close()
+        if downloader is not None:
+            logger.info("Stopping streaming downloader...")
+            try:
+                result.downloader_status = downloader.get_status()
+            finally:
+                downloader.stop()
+            logger.info("[Streaming] final: %s", result.downloader_status.line())
+    result.wall_seconds = time.time() - t_start
+    if result.exit_code == 0 and result.losses:
+        logger.info("Done: %d steps, loss %.4f -> %.4f, waited %.2fs for data, %.1fs in all",
+                    step - start_step, result.losses[0][1], result.losses[-1][1], result.data_wait_seconds,
+                    result.wall_seconds)
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None):
+    """Entry point of `python -m scripts.base_train`; returns the exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("rustbpe").setLevel(logging.WARNING)     # its per-merge progress lines
+    try:
+        args = parse_args(argv)
+        return train(args).exit_code
+    except (ShardStreamError, ConfigError) as e:
+        logger.error("error: %s", e)
+        return 2 if isinstance(e, (ConfigError, StateMismatchError)) else 1
