@@ -7,7 +7,9 @@
 Both clients fetch the same Hub-style URL of an uncapped ShardServer on 127.0.0.1 and write into the
 same temporary directory. curl runs as `curl -s -o FILE URL`. fetch_shard does everything it always
 does: HEAD, stream into a partial file, sha256 while streaming, parquet footer check, fsync, atomic
-rename. Prints best and median MB/s of each and the ratio fetch/curl (target >= 0.9).
+rename. Prints best and median MB/s of each, the CPU each client spent per GB (a figure that a busy
+machine disturbs less than MB/s), and the ratio fetch/curl (target >= 0.9). The server runs in its own
+process, as a remote one would.
 
 fsync makes fetch_shard wait for the disk and curl does not, so two more pairs separate the costs:
 curl + an fsync of its file (the same durability) and fetch_shard with FetchPolicy(fsync=False) (the
@@ -16,7 +18,9 @@ disk, not the code.
 """
 import argparse
 import os
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +33,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's shardstream
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))     # the checkout's shardstream
 
 from shardstream.download import download_shards  # noqa: E402
 from shardstream.fetch import FetchPolicy, fetch_shard  # noqa: E402
-from shardstream.server import ShardServer  # noqa: E402
+from shardstream.server import DEFAULT_HUB_REPO  # noqa: E402
 from shardstream.shards import shard_name  # noqa: E402
 from shardstream.source import Source  # noqa: E402
 
 DOC_BYTES = 4096
+
+
+class ServerProcess:
+    """`shardstream serve DIR` in its own process, as a remote server would be: its threads do not
+    share a GIL (or the bench's CPU accounting) with the client being measured."""
+
+    def __init__(self, directory):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.hub_url = f"{self.url}/datasets/{DEFAULT_HUB_REPO}/resolve/main"
+        self.proc = subprocess.Popen([sys.executable, "-m", "shardstream", "serve", str(directory),
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the shard server did not start")
+                time.sleep(0.1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def write_big_shard(path, size_bytes, seed):
@@ -53,6 +89,12 @@ def write_big_shard(path, size_bytes, seed):
     text = pa.StringArray.from_buffers(n_docs, offsets, data)
     pq.write_table(pa.table({"text": text}), path, compression="none", use_dictionary=False,
                    write_statistics=False, row_group_size=1024)
+
+
+def cpu_seconds():
+    """User + system CPU of this process (fetch_shard and its threads) and its waited-for children (curl)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def mbps(nbytes, seconds):
@@ -106,16 +148,22 @@ def compare(label, srv, source, ids, nbytes, out_dir, repeats, workers):
         "fetch_shard, fsync=False": lambda: time_fetch(source, ids, out_dir, workers, fsync=False),
     }
     runs = {k: [] for k in clients}
-    for _ in range(repeats):                        # interleaved, so drift hits all alike
-        for k, run in clients.items():
+    cpu = {k: 0.0 for k in clients}
+    names = list(clients)
+    for rep in range(repeats):                      # interleaved, order rotated: drift hits all alike
+        for k in names[rep % len(names):] + names[:rep % len(names)]:
+            run = clients[k]
             clear(out_dir)
+            c0 = cpu_seconds()
             runs[k].append(mbps(nbytes, run()))
+            cpu[k] += cpu_seconds() - c0
     clear(out_dir)
     best = {k: max(v) for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{label}")
     for k, v in runs.items():
-        print(f"  {k:<26} MB/s  best {best[k]:7.1f}  median {med[k]:7.1f}   runs {' '.join(f'{x:.0f}' for x in v)}")
+        print(f"  {k:<26} MB/s  best {best[k]:7.1f}  median {med[k]:7.1f}   "
+              f"CPU {cpu[k] / (repeats * nbytes / 1e9):5.2f} s/GB   runs {' '.join(f'{x:.0f}' for x in v)}")
 
     def ratio(a, b, what):
         print(f"  {what:<50} best {best[a] / best[b]:.2f}  median {med[a] / med[b]:.2f}")
@@ -151,7 +199,7 @@ def main(argv=None):
         par_bytes = sum((remote / shard_name(i)).stat().st_size for i in range(1, n_par + 1))
         print(f"made {1 + n_par} shards in {time.perf_counter() - t0:.1f}s under {work} "
               f"(cpus: {os.cpu_count()}, curl: {subprocess.run(['curl', '--version'], capture_output=True, text=True).stdout.split()[1]})")
-        with ShardServer(remote) as srv:
+        with ServerProcess(remote) as srv:
             source = Source(srv.hub_url, n_par + 2)
             for i in range(n_par + 1):              # warm the server's sha256 cache and the page cache
                 subprocess.run(["curl", "-s", "-I", f"{srv.hub_url}/{shard_name(i)}"], capture_output=True)
