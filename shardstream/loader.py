@@ -17,9 +17,11 @@ buffered doc that fits the rest of the row, the oldest among equals; when none f
 among equals, cropped to fill the row). The rows are exactly those of nanochat's algorithm.
 
 What it does better:
-- Speed. Reading and tokenizing run in a background thread (in order, so the stream is deterministic)
-  while the packer works; the packer keeps documents in buckets by length (bisect over the distinct
-  lengths instead of a scan of the buffer) and assembles rows with numpy slice copies.
+- Speed. Reading and tokenizing run in the background while the packer works, with two
+  tokenizer.encode calls in flight so the tokenizer's threads do not idle between calls (results are
+  handed over in stream order, so the stream is deterministic); the packer keeps documents in buckets by
+  length (bisect over the distinct lengths instead of a scan of the buffer) and assembles rows with numpy
+  slice copies. Each buffered document is its own array, so memory is the buffer's, no more.
 - Exact resume. The state yielded with batch k describes the position at the START of batch k, so
   resuming from it yields batch k again, then k+1, ... bitwise identical (nanochat's training loop saves
   the state of the batch it holds but has not trained on). The packer's behaviour depends only on the
@@ -42,13 +44,14 @@ import os
 import queue
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .errors import ConfigError, StateMismatchError
+from .errors import ConfigError, ShardSkipped, StateMismatchError
 from .shards import default_data_dir, list_shards, shard_name
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 STATE_EVERY = 16        # batches between anchors: resuming replays at most STATE_EVERY - 1 batches
 PREFETCH_CHUNKS = 16    # tokenized document batches the background thread may run ahead
+ENCODE_CALLS_IN_FLIGHT = 2  # tokenizer.encode calls overlapped (results still handed over in order)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -158,15 +162,24 @@ def tokenize_chunk(tokenizer, texts, bos, threads, pos=None, next_pos=None):
     return Chunk(pos, next_pos, [np.array(row, dtype=np.int64) for row in rows])
 
 
-def iter_chunks(plan, cursor, rank, world, batch_size, tokenize, stop=None):
-    """Chunks from cursor (epoch, pq_idx, rg_idx, row) onwards, forever (epochs wrap to shard 0)."""
+def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
+    """(texts, pos, next_pos) from cursor (epoch, pq_idx, rg_idx, row) on, forever (epochs wrap to shard 0).
+
+    Each item is up to batch_size documents of one row group; pos is its first document's position and
+    next_pos where the stream continues after it. A shard is acquired before its first row group is read
+    and released after its last (of this rank's stride)."""
     epoch, pq_idx, rg_idx, row = cursor
     n = len(plan)
     fresh_epoch = pq_idx == 0 and rg_idx == rank and row == 0
     while True:
         produced = False
         while pq_idx < n:
-            path = plan.acquire(pq_idx)
+            try:
+                path = plan.acquire(pq_idx)
+            except ShardSkipped as e:       # the downloader's failure policy is "skip"
+                logger.warning("skipping %s: %s", shard_name(plan.shard_ids[pq_idx]), e)
+                pq_idx, rg_idx, row = pq_idx + 1, rank, 0
+                continue
             try:
                 pf = pq.ParquetFile(path)
                 num_rg = pf.num_row_groups
@@ -185,15 +198,14 @@ def iter_chunks(plan, cursor, rank, world, batch_size, tokenize, stop=None):
                             nxt = (epoch, pq_idx + 1, rank, 0)
                         else:
                             nxt = (epoch + 1, 0, rank, 0)
-                        yield tokenize(batch, (epoch, pq_idx, rg_idx, row), nxt)
+                        yield batch, (epoch, pq_idx, rg_idx, row), nxt
                         produced = True
                         row = end
                     row = 0
                     rg_idx += world
             finally:
                 plan.release(pq_idx)
-            pq_idx += 1
-            rg_idx = rank
+            pq_idx, rg_idx, row = pq_idx + 1, rank, 0
         if fresh_epoch and not produced:
             raise ConfigError(f"rank {rank} of {world} gets no documents from the {plan.split!r} split: its "
                               f"{n} shard(s) have too few row groups (or rows) for this world size")
@@ -202,11 +214,18 @@ def iter_chunks(plan, cursor, rank, world, batch_size, tokenize, stop=None):
 
 
 class Prefetcher:
-    """Runs a chunk iterator in a background thread, handing chunks over in order through a bounded queue."""
+    """Reads document batches and tokenizes them in the background, handing chunks over in stream order.
 
-    def __init__(self, make_iter, depth=PREFETCH_CHUNKS):
+    One thread walks the document stream; up to `in_flight` tokenizer.encode calls run at once (so the
+    tokenizer's threads never idle while one call waits for its slowest document or its results are
+    converted), and their results are queued strictly in order: the chunk stream is deterministic.
+    """
+
+    def __init__(self, make_iter, tokenize, depth=PREFETCH_CHUNKS, in_flight=ENCODE_CALLS_IN_FLIGHT):
         self.stop = threading.Event()
         self.queue = queue.Queue(maxsize=depth)
+        self.tokenize = tokenize
+        self.in_flight = in_flight
         self.thread = threading.Thread(target=self._run, args=(make_iter,), name="shardstream-loader",
                                        daemon=True)
         self.thread.start()
@@ -222,13 +241,22 @@ class Prefetcher:
 
     def _run(self, make_iter):
         it = make_iter(self.stop)
+        pending = deque()
+        pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="shardstream-tokenize")
         try:
-            for chunk in it:
-                if not self._put(chunk):
+            for texts, pos, next_pos in it:
+                pending.append(pool.submit(self.tokenize, texts, pos, next_pos))
+                if len(pending) >= self.in_flight and not self._put(pending.popleft().result()):
+                    return
+            while pending:      # iter_doc_batches is infinite; this only runs when it stopped
+                if not self._put(pending.popleft().result()):
                     return
         except BaseException as e:      # hand the error to the consumer
             self._put(e)
         finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=False)
             it.close()
 
     def get(self):
@@ -238,8 +266,10 @@ class Prefetcher:
         return item
 
     def close(self):
+        """Stop the thread. It may be blocked waiting for a shard: then it ends (releasing what it
+        holds) as soon as that wait returns; close() does not wait for it beyond a second."""
         self.stop.set()
-        self.thread.join(timeout=5.0)
+        self.thread.join(timeout=1.0)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -494,8 +524,8 @@ def _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, devic
     if anchor is not None:
         rebuild_buffer(packer, anchor["docs"], plan, tokenize)
     emitter = BatchEmitter(B, T, device)
-    feed = Prefetcher(lambda stop, at=cursor: iter_chunks(plan, at, rank, world, batch_size, tokenize, stop),
-                      prefetch)
+    feed = Prefetcher(lambda stop, at=cursor: iter_doc_batches(plan, at, rank, world, batch_size, stop),
+                      tokenize, prefetch)
     since_anchor = 0
     try:
         while True:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shardstream.errors import ConfigError, StateMismatchError
-from shardstream.loader import (ShardPlan, get_dist_info, iter_chunks, tokenizing_distributed_data_loader_bos_bestfit,
+from shardstream.loader import (ShardPlan, get_dist_info, iter_doc_batches, tokenizing_distributed_data_loader_bos_bestfit,
                                 tokenizing_distributed_data_loader_with_state,
                                 tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_fn)
 from shardstream.tokenizer import train_tokenizer, train_tokenizer_from_shards
@@ -166,9 +166,8 @@ def _positions(data_dir, rank, world, epochs=2):
     """(epoch, pq_idx, rg_idx, row) of every document rank reads, over `epochs` epochs."""
     plan = ShardPlan("train", data_dir=data_dir)
     out = []
-    for chunk in iter_chunks(plan, (1, 0, rank, 0), rank, world, 10,
-                             lambda texts, pos, nxt: (pos, len(texts))):
-        (epoch, pq_idx, rg_idx, row), n = chunk
+    for texts, pos, _ in iter_doc_batches(plan, (1, 0, rank, 0), rank, world, 10):
+        (epoch, pq_idx, rg_idx, row), n = pos, len(texts)
         if epoch > epochs:
             break
         out += [(epoch, pq_idx, rg_idx, row + i) for i in range(n)]
