@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -287,13 +288,30 @@ def test_resume_in_a_fresh_process(tok, data_dir, run_w1, tmp_path):
     assert out.stdout.split() == [h for h, _ in run_w1[k:k + 50]]
 
 
-def test_state_is_small_at_default_buffer(tok, data_dir):
-    kw = dict(KW, buffer_size=1000, tokenizer_batch_size=128)
-    for i, (_, _, state) in enumerate(_iter(tok, data_dir, 40, **kw)):
-        pass
-    size = len(json.dumps(state))
-    assert size < 64 * 1024, size
-    assert len(state["anchor"]["docs"]) > 0
+def test_default_buffer_spanning_epochs_resumes_exactly_and_state_is_small(tok, data_dir):
+    # buffer 1000 > the ~440 docs of an epoch: the buffer holds the same documents from several epochs
+    kw = dict(buffer_size=1000, tokenizer_batch_size=128)
+    run = take(loader_fn(tok, split="train", data_dir=data_dir, **dict(KW, **kw)), 60)
+    state = json.loads(run[37][1])
+    assert len({d[0] for d in state["anchor"]["docs"]}) >= 2         # docs of two epochs buffered
+    assert len(run[37][1]) < 64 * 1024
+    assert _resume(tok, data_dir, run[37][1], n=23, **kw) == run[37:]
+
+
+def test_close_stops_the_background_thread(tok, data_dir):
+    import threading
+    gen = loader_fn(tok, split="train", data_dir=data_dir, **KW)
+    next(gen)
+    assert any(t.name == "shardstream-loader" for t in threading.enumerate())
+    gen.close()
+
+    def ours():     # the reader and its tokenize calls (the tokenizer's own encode pool is the tokenizer's)
+        return [t.name for t in threading.enumerate()
+                if t.name == "shardstream-loader" or t.name.startswith("shardstream-tokenize")]
+    deadline = time.monotonic() + 3
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours() == []
 
 
 def test_state_mismatch_names_the_field(tok, data_dir, run_w1):

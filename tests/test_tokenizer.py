@@ -43,6 +43,14 @@ def test_round_trip_and_bos(tok):
     assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
 
 
+def test_threads_do_not_change_tokens(tok):
+    texts = [t * (i % 7 + 1) for i, t in enumerate(TEXTS)]
+    one_by_one = [tok.encode(t) for t in texts]
+    for threads in (1, 2, 3, 8):
+        assert tok.encode(texts, num_threads=threads) == one_by_one
+    assert tok.encode([], num_threads=4) == []
+
+
 def test_training_is_deterministic(tok):
     again = train_tokenizer(TEXTS, vocab_size=400)
     assert again.identity() == tok.identity()
