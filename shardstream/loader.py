@@ -501,6 +501,12 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
                         ("state_every", state_every, 1), ("prefetch", prefetch, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device (use 'cuda', 'cpu', 'mps', ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu'")
     rank, world = get_dist_info(ddp_rank, ddp_world_size)
     plan = ShardPlan(split, streaming_downloader, data_dir)
     bos = tokenizer.get_bos_token_id()

@@ -357,6 +357,11 @@ def test_nanochat_state_resumes_like_nanochat(tok, data_dir):
 def test_bad_arguments(tok, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="B must be"):
         loader_fn(tok, split="train", data_dir=data_dir, **dict(KW, B=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            loader_fn(tok, split="train", data_dir=data_dir, **dict(KW, device="cuda"))
+    with pytest.raises(ConfigError, match="not a torch device"):
+        loader_fn(tok, split="train", data_dir=data_dir, **dict(KW, device="gpu0"))
     with pytest.raises(ConfigError, match="does not exist"):
         loader_fn(tok, split="train", data_dir=tmp_path / "nowhere", **KW)
     (tmp_path / "one").mkdir()
