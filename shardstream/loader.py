@@ -562,9 +562,16 @@ def _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, devic
 
 
 def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
-    """nanochat's loader without the state: yields (inputs, targets)."""
-    for inputs, targets, _ in tokenizing_distributed_data_loader_with_state_bos_bestfit(*args, **kwargs):
-        yield inputs, targets
+    """nanochat's loader without the state: yields (inputs, targets). Same arguments."""
+    return _without_state(tokenizing_distributed_data_loader_with_state_bos_bestfit(*args, **kwargs))
+
+
+def _without_state(batches):
+    try:
+        for inputs, targets, _ in batches:
+            yield inputs, targets
+    finally:
+        batches.close()
 
 
 # the seed's name for the same loader
