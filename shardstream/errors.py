@@ -63,3 +63,7 @@ class DownloaderStopped(ShardStreamError):
 
 class FetchCancelled(FetchError):
     """A fetch was stopped (its stop event was set); the partial file is left to resume later."""
+
+
+class RankLost(ShardStreamError):
+    """Another process of a distributed job (the node leader, a local rank) died, hangs, or never showed up."""
