@@ -101,7 +101,10 @@ class ShardPlan:
             total = getattr(downloader, "total_shards", None)
             if total is None:
                 total = downloader.source.num_train_shards
-            ids = list(range(total)) if split == "train" else [downloader.val_shard]
+            order = getattr(getattr(downloader, "plan", None), "order", None)     # a node's shards (distributed.py)
+            ids = list(order if order is not None else range(total)) if split == "train" else [downloader.val_shard]
+            stride = getattr(downloader, "row_group_stride", None)
+            self.stride = stride(split) if callable(stride) else None   # (rank, world) the downloader asks for
             src = getattr(downloader, "source", None)
             self.source = src.identity()["source"] if src is not None else "downloader"
             self.data_dir = None
@@ -116,9 +119,11 @@ class ShardPlan:
                                   f"(train shards + the val shard, which is the last)")
             ids = found[:-1] if split == "train" else found[-1:]
             self.source = "local"
+            self.stride = None
         if not ids:
             raise ConfigError(f"split {split!r} has no shards")
         self.shard_ids = ids
+        self.rows_read = None       # distributed.py, after an elastic resume: (epoch, pq_idx, rg_idx) -> rows read
 
     def __len__(self):
         return len(self.shard_ids)
@@ -184,7 +189,12 @@ def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
                 pf = pq.ParquetFile(path)
                 num_rg = pf.num_row_groups
                 while rg_idx < num_rg:
+                    done = 0 if plan.rows_read is None else plan.rows_read(epoch, pq_idx, rg_idx)
+                    if done is None:        # read in full before the world size changed (elastic resume)
+                        rg_idx, row = rg_idx + world, 0
+                        continue
                     texts = _read_texts(pf, rg_idx)
+                    row = max(row, done)
                     while row < len(texts):
                         if stop is not None and stop.is_set():
                             return
@@ -507,15 +517,22 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         raise ConfigError(f"device {device!r} is not a torch device (use 'cuda', 'cpu', 'mps', ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu'")
-    rank, world = get_dist_info(ddp_rank, ddp_world_size)
     plan = ShardPlan(split, streaming_downloader, data_dir)
+    if getattr(plan, "stride", None) is not None and ddp_rank is None and ddp_world_size is None:
+        ddp_rank, ddp_world_size = plan.stride          # partition="node": row groups over the local ranks
+    rank, world = get_dist_info(ddp_rank, ddp_world_size)
     bos = tokenizer.get_bos_token_id()
     fingerprint = {"split": split, "source": plan.source, "shards": len(plan), "B": B, "T": T,
                    "world_size": world, "tokenizer": tokenizer_identity(tokenizer),
                    "buffer_size": buffer_size, "tokenizer_batch_size": tokenizer_batch_size}
+    from .distributed import LoaderSync      # DDP: rank 0's state carries every rank's (exact resume)
+    sync = LoaderSync.for_loader(split, rank, world, fingerprint, resume_state_dict)
+    if sync is not None:
+        resume_state_dict, plan.rows_read = sync.resume_state, sync.rows_read
     start = parse_resume_state(resume_state_dict, fingerprint, rank, world, len(plan))
-    return _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, device,
-                     tokenizer_threads, tokenizer_batch_size, buffer_size, state_every, prefetch)
+    gen = _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, device,
+                    tokenizer_threads, tokenizer_batch_size, buffer_size, state_every, prefetch)
+    return gen if sync is None else sync.wrap(gen)
 
 
 def _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, device, threads, batch_size,
@@ -539,7 +556,8 @@ def _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, devic
                 anchor = {"cursor": list(cursor), "last": list(last), "docs": packer.snapshot()}
                 since_anchor = 0
             state = {"version": STATE_VERSION, "pq_idx": last[1], "rg_idx": last[2], "epoch": last[0],
-                     "rank": rank, "fingerprint": fingerprint, "anchor": anchor, "replay": since_anchor}
+                     "rank": rank, "fingerprint": fingerprint, "anchor": anchor, "replay": since_anchor,
+                     "cursor": list(cursor)}
             rows = np.empty((B, row_capacity), dtype=np.int64)
             for r in range(B):
                 row = rows[r]
