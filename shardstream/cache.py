@@ -1,11 +1,18 @@
-"""The on-disk window: what the data dir holds, what it may hold, and what to delete.
+"""The on-disk window: the read plan, what the data dir holds, what it may hold, and what to delete.
 
-Two pure functions decide, so they can be tested on hand-made plans and replaced by smarter ones
-(several readers, Belady over a multi-epoch plan) without touching the threads:
+The read order is known in advance, so it is an object: `ReadPlan(order, epochs)` says which shard is
+read at every plan position (epoch after epoch), and how far away a shard's next read is. The default
+plan of a StreamingDownloader is train shards 0..N-1 in order (`ReadPlan.sequential(N)`); a node of a
+multi-node run reads every nodes-th shard (`ReadPlan.sequential(N, node=n, nodes=k)`).
+
+Two pure functions decide, so they can be tested on hand-made plans and replaced without touching the
+threads:
 
 - `ahead_window(plan, cursor, size)`: the shards to keep ready after the reader's position.
-- `choose_evictions(entries, ...)`: which cached shards to delete, routinely (consumed beyond `retain`)
-  and under budget pressure (the one read furthest in the future first, never a protected one).
+- `choose_evictions(entries, ...)`: which cached shards to delete, routinely (consumed beyond `retain`,
+  unless a later epoch reads them again and there is a budget to keep them in) and under budget
+  pressure (Belady's rule: the shard read furthest in the future first, never a protected one, never
+  one read sooner than the shard that needs the room).
 
 `ShardCache` holds the bookkeeping and does the deleting: verified files, partial files, reservations
 for in-flight downloads, leases by reader, the consumed order. Budget accounting counts final files +
@@ -20,8 +27,10 @@ import os
 import re
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
 from .shards import SHARD_RE, shard_name
 
 logger = logging.getLogger(__name__)
@@ -29,10 +38,114 @@ logger = logging.getLogger(__name__)
 PARTIAL_RE = re.compile(r"^shard_(\d{5,})\.parquet\..+\.partial$")
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """The order the readers read shards in: `order` (each shard once) per epoch, for `epochs` epochs
+    (None: forever). A plan position is global: position p is shard order[p % len(order)] of epoch
+    p // len(order) (counting from 0)."""
+    order: tuple
+    epochs: int | None = 1
+
+    def __post_init__(self):
+        order = tuple(self.order)
+        if not order:
+            raise ConfigError("a read plan needs at least one shard")
+        for s in order:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ConfigError(f"read plan entries must be shard ids (ints >= 0), got {s!r}")
+        if len(set(order)) != len(order):
+            raise ConfigError("a read plan reads each shard once per epoch: its order has duplicates")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 1):
+            raise ConfigError(f"epochs must be an int >= 1 or None (forever), got {self.epochs!r}")
+        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "_index", {s: k for k, s in enumerate(order)})
+
+    @classmethod
+    def sequential(cls, total_shards, epochs=1, node=0, nodes=1):
+        """Shards 0..total_shards-1 in order (node n of `nodes` reads n, n+nodes, n+2*nodes, ...)."""
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 \
+                or isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < nodes:
+            raise ConfigError(f"node must be an int in 0..nodes-1 and nodes an int >= 1, got node={node!r}, "
+                              f"nodes={nodes!r}")
+        order = tuple(range(node, total_shards, nodes))
+        if not order:
+            raise ConfigError(f"node {node} of {nodes} gets no shard out of {total_shards}: use fewer nodes")
+        return cls(order, epochs)
+
+    @property
+    def epoch_length(self):
+        return len(self.order)
+
+    @property
+    def length(self):
+        """Plan positions in all (None: forever)."""
+        return None if self.epochs is None else self.epochs * len(self.order)
+
+    def __contains__(self, shard):
+        return shard in self._index
+
+    def index(self, shard):
+        """shard's position within an epoch (None: not in the plan)."""
+        return self._index.get(shard)
+
+    def at(self, pos):
+        """The shard read at plan position pos (None past the end)."""
+        if pos < 0 or (self.length is not None and pos >= self.length):
+            return None
+        return self.order[pos % len(self.order)]
+
+    def locate(self, shard, near=-1):
+        """The plan position of a read of shard nearest to position `near` (ties: the later one), or None.
+        A reader moving on asks for the next position; a reader re-reading (a resume) for an earlier one."""
+        k = self._index.get(shard)
+        if k is None:
+            return None
+        n = len(self.order)
+        before = k + n * ((near - k) // n) if near >= k else None       # largest position <= near
+        after = k if near < k else before + n                            # smallest position > near
+        if self.length is not None:
+            if before is not None and before >= self.length:
+                before = k + n * (self.epochs - 1)
+            if after >= self.length:
+                after = None
+        if before is not None and before == near:
+            return near
+        if before is None:
+            return after
+        if after is None:
+            return before
+        return after if after - near <= near - before else before
+
+    def next_read(self, shard, cursor):
+        """Plan positions from `cursor` to the next read of shard after it (None: never again)."""
+        k = self._index.get(shard)
+        if k is None:
+            return None
+        n = len(self.order)
+        pos = k if cursor < k else k + n * ((cursor - k) // n + 1)
+        if self.length is not None and pos >= self.length:
+            return None
+        return pos - cursor
+
+    def ahead(self, cursor, size):
+        """The shards at positions cursor+1 .. cursor+size (fewer at the end; never a shard twice)."""
+        out = []
+        for p in range(cursor + 1, cursor + 1 + min(size, len(self.order))):
+            s = self.at(p)
+            if s is None:
+                break
+            out.append(s)
+        return out
+
+
 def ahead_window(plan, cursor, size, cycle=False):
     """The `size` plan entries after plan position `cursor` (-1: the reader has not started).
 
-    With cycle=True the plan repeats (the next epoch follows the last shard)."""
+    plan is a ReadPlan (its epochs decide what follows the last shard) or a list of shard ids read once
+    (with cycle=True the list repeats: the next epoch follows the last shard)."""
+    if isinstance(plan, ReadPlan):
+        return plan.ahead(cursor, size) if size > 0 else []
     plan = list(plan)
     if not plan or size <= 0:
         return []
@@ -42,23 +155,28 @@ def ahead_window(plan, cursor, size, cycle=False):
     return [plan[(start + k) % len(plan)] for k in range(min(size, len(plan)))]
 
 
-def choose_evictions(entries, *, protected=(), consumed=(), retain=0, next_read=None, need_bytes=0):
+def choose_evictions(entries, *, protected=(), consumed=(), retain=0, next_read=None, need_bytes=0,
+                     keep_rereads=False, horizon=None):
     """Decide which cached shards to delete. Returns (shards to delete, in order; whether need_bytes fit).
 
-    entries:    {shard: bytes} of what could be deleted (verified files, orphan partial files)
-    protected:  never deleted (leased, pinned, in the ahead window, waited for)
-    consumed:   shards the readers released, oldest first; all but the `retain` most recent that are
-                still cached go routinely
-    next_read:  shard -> how far in the future it is read next (None: never again). Under pressure the
-                shard read furthest away goes first (never-again before everything else)
-    need_bytes: bytes that must be freed beyond the routine deletions; when even deleting every
-                unprotected shard cannot free them, only the routine deletions are returned
+    entries:      {shard: bytes} of what could be deleted (verified files, orphan partial files)
+    protected:    never deleted (leased, pinned, in the ahead window, waited for)
+    consumed:     shards the readers released, oldest first; all but the `retain` most recent that are
+                  still cached go routinely...
+    keep_rereads: ...except, when True (there is a budget to keep them in), those the plan reads again:
+                  they stay until the budget needs their room (a later epoch finds them on disk)
+    next_read:    shard -> how far in the future it is read next (None: never again). Under pressure the
+                  shard read furthest away goes first (never-again before everything else): Belady's rule
+    horizon:      under pressure, never delete a shard read at or before this distance (the shard that
+                  needs the room is read then: deleting one read sooner would only cost a download)
+    need_bytes:   bytes that must be freed beyond the routine deletions; when even deleting every
+                  allowed shard cannot free them, only the routine deletions are returned
     """
     protected = set(protected)
     next_read = next_read or (lambda s: None)
     cands = [s for s in consumed if s in entries and s not in protected]
     keep = set(cands[max(0, len(cands) - retain):]) if retain > 0 else set()
-    routine = [s for s in cands if s not in keep]
+    routine = [s for s in cands if s not in keep and not (keep_rereads and next_read(s) is not None)]
     freed = sum(entries[s] for s in routine)
     if freed >= need_bytes:
         return routine, True
@@ -67,7 +185,11 @@ def choose_evictions(entries, *, protected=(), consumed=(), retain=0, next_read=
         nr = next_read(s)
         return (0, -s) if nr is None else (1, -nr)
 
-    rest = sorted((s for s in entries if s not in protected and s not in routine), key=urgency)
+    def allowed(s):
+        nr = next_read(s)
+        return horizon is None or nr is None or nr > horizon
+
+    rest = sorted((s for s in entries if s not in protected and s not in routine and allowed(s)), key=urgency)
     extra = []
     for s in rest:
         if freed >= need_bytes:

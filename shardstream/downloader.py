@@ -6,17 +6,31 @@
             ...read path...
             dl.release(i)                    # consumed: deleted once beyond `retain`
 
-Background workers fetch the nearest needed shard first: shards a reader is waiting for, then the next
-shard of the window, the val shard, the rest of the window (`buffer_size` shards after the slowest
-reader's position). Before a download starts, its remote size is reserved in the budget (cache.py);
-when it does not fit, consumed/unneeded shards are evicted, and if that is not enough the download waits
-for room rather than overshoot. A shard a reader waits for outranks the window: to make room for it,
-even prefetched window shards may be evicted (never leased ones, never the val shard). Free disk space is
-checked against a floor before every download.
+The read plan (cache.ReadPlan; default train shards 0..total_shards-1, one epoch, or forever with
+WindowPolicy(cycle=True); `plan=` for another order, several epochs, or one node's share) says which
+shard is read when. Each reader's cursor is a plan position; the window is the next shards of the plan
+after the slowest reader's position.
+
+The window's size is `buffer_size` shards, or, with `prefetch="auto"` (or a PrefetchPolicy), what the
+measured rates ask for (prefetch.py): enough that the next shard is verified before the reader needs it,
+with a margin for the slow tail of recent downloads, growing after any wait, within min/max and what the
+budget holds. Adaptive transfers run one at a time (the next shard gets the whole link) unless behind.
+
+start() fetches the first `initial_buffer` train shards alone and returns as soon as they are verified
+(time to first batch = one shard's download by default); then background workers fetch the nearest
+needed shard first: shards a reader is waiting for, then the next shard of the window, the val shard
+(adaptive: after the shards the rates say the reader needs), the rest of the window. Before a download
+starts, its remote size is reserved in the budget (cache.py); when it does not fit, shards are evicted
+by the plan (Belady: the one read furthest in the future first, never a leased one, the val shard, one
+inside the window, or one read before the shard that needs the room), and if that is not enough the
+download waits for room rather than overshoot. A shard a reader waits for outranks the window: to make
+room for it, even prefetched window shards may be evicted (never leased ones, never the val shard).
+With a budget, consumed shards that a later epoch reads again stay until their room is needed, so a
+second epoch of a small dataset does not download everything again. Free disk space is checked against
+a floor before every download.
 
 Readers are named (`reader=`, default 0): leases are counted per reader and the window follows the
-slowest one, which leaves room for several ranks per node. The window and eviction choices are the pure
-functions of cache.py, over the plan `range(total_shards)`.
+slowest one, which leaves room for several ranks per node.
 
 Faults: fetch.py retries transient errors within one call; when a call gives up, the shard is retried
 after a backoff while other shards go on. Once the reader has waited longer than `FailurePolicy.deadline`
@@ -24,7 +38,8 @@ for a failing shard (at once for a permanent failure such as a 404), the policy 
 the fetch error, "wait" keeps waiting (warning every `warn_every` s), "skip" records the shard as skipped
 and raises ShardSkipped so the reader moves on. A crashed worker makes the reader's next call raise.
 
-Every shard event goes to <data_dir>/events.jsonl and refreshes <data_dir>/status.json (see status.py).
+Every shard event goes to <data_dir>/events.jsonl (each with the window's size) and refreshes
+<data_dir>/status.json (see status.py; its buffer_size is the window's current size).
 """
 import errno
 import logging
@@ -37,11 +52,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .cache import ShardCache, ahead_window, choose_evictions
+from .cache import ReadPlan, ShardCache, choose_evictions
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
                      TransientFetchError)
 from .fetch import FetchPolicy, fetch_shard, remote_info
+from .prefetch import PrefetchController, PrefetchPolicy
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
 from .source import Source, make_source, redact_url
 from .status import DownloaderStatus, EventLog, human_bytes, write_status
@@ -140,7 +156,7 @@ class StreamingDownloader:
                  max_cache_bytes=None, workers=2, initial_buffer=1, failure_policy="fail", *,
                  window=None, disk_policy=None, fetch_policy=None, deadline=None,
                  warn_free_bytes=None, min_free_bytes=None, dataset=DEFAULT_DATASET, dataset_shards=None,
-                 verify_existing="auto", progress=True, status_interval=0.5):
+                 verify_existing="auto", progress=True, status_interval=0.5, plan=None, prefetch=None):
         # --- policies: dataclasses, or the seed's loose keyword arguments
         if window is None:
             window = WindowPolicy(buffer_size, retain, max_cache_bytes, initial_buffer)
@@ -166,6 +182,11 @@ class StreamingDownloader:
             raise ConfigError("give either disk_policy=DiskPolicy(...) or warn_free_bytes/min_free_bytes, not both")
         if fetch_policy is None:
             fetch_policy = FetchPolicy()
+        if prefetch == "auto":
+            prefetch = PrefetchPolicy()
+        elif prefetch is not None and not isinstance(prefetch, PrefetchPolicy):
+            raise ConfigError(f"prefetch must be None (a fixed window of buffer_size), 'auto' or a PrefetchPolicy, "
+                              f"got {prefetch!r}")
         _check_int("workers", workers, 1, "parallel downloads")
         if verify_existing not in ("auto", "size", "sha256"):
             raise ConfigError(f"verify_existing must be 'auto', 'size' or 'sha256', got {verify_existing!r}")
@@ -177,6 +198,7 @@ class StreamingDownloader:
         self.verify_existing = verify_existing
         self.progress = progress
         self.status_interval = status_interval
+        self.prefetch = prefetch
 
         # --- source and plan
         if source is None or isinstance(source, str):
@@ -188,18 +210,31 @@ class StreamingDownloader:
                               f"dataset_shards={source.dataset_shards}")
         self._source = source
         n_train = source.num_train_shards
-        if total_shards is None or total_shards == -1:
-            total_shards = n_train
-        _check_int("total_shards", total_shards, 1, "-1 or None streams every train shard")
-        if total_shards > n_train:
-            raise ConfigError(f"total_shards={total_shards} but the dataset at {redact_url(source.base_url)} has "
-                              f"only {n_train} train shards (0..{n_train - 1}; shard {source.val_shard} is val): "
-                              f"ask for at most {n_train}, or -1 for all")
+        if plan is None:
+            if total_shards is None or total_shards == -1:
+                total_shards = n_train
+            _check_int("total_shards", total_shards, 1, "-1 or None streams every train shard")
+            if total_shards > n_train:
+                raise ConfigError(f"total_shards={total_shards} but the dataset at {redact_url(source.base_url)} has "
+                                  f"only {n_train} train shards (0..{n_train - 1}; shard {source.val_shard} is val): "
+                                  f"ask for at most {n_train}, or -1 for all")
+            plan = ReadPlan.sequential(total_shards, epochs=None if window.cycle else 1)
+        elif not isinstance(plan, ReadPlan):
+            raise ConfigError(f"plan must be a ReadPlan (shardstream.cache), got {type(plan).__name__}")
+        else:
+            bad = [s for s in plan.order if s >= n_train]
+            if bad:
+                raise ConfigError(f"the read plan names shard {bad[0]}, but the dataset at "
+                                  f"{redact_url(source.base_url)} has train shards 0..{n_train - 1} only "
+                                  f"(shard {source.val_shard} is val)")
+            if total_shards not in (None, -1, plan.epoch_length):
+                raise ConfigError(f"total_shards={total_shards} disagrees with the plan's {plan.epoch_length} "
+                                  f"shards: leave total_shards out (-1) when passing plan=")
+            total_shards = plan.epoch_length
         if window.initial_buffer > total_shards:
             raise ConfigError(f"initial_buffer={window.initial_buffer} is more than total_shards={total_shards}")
         self.total_shards = total_shards
-        self._plan = list(range(total_shards))
-        self._pos = {s: k for k, s in enumerate(self._plan)}
+        self.plan = plan
 
         # --- data dir: created and writable, or a clear error now
         self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
@@ -237,7 +272,16 @@ class StreamingDownloader:
         self._downloaded_bytes = 0
         self._rate = deque()             # (monotonic time, bytes)
         self._last_status_write = 0.0
+        self._begun = {}                 # shard -> monotonic time its transfer began
+        self._initial = ()               # while start() fills the initial buffer: only these are fetched
+        self._last_read = {}             # reader -> (plan position, monotonic time it got the shard, bytes)
+        self._ctl = None if prefetch is None else PrefetchController(prefetch, start_ahead=window.buffer_size)
+        self._win = window.buffer_size   # the window's current size (fixed, or the controller's decision)
+        self._win_reason = "fixed" if prefetch is None else "not measured yet"
+        self._win_base = None            # what the measured rates alone ask for (adaptive)
+        self._max_shard_bytes = 0        # the largest known size of a planned shard (the window's unit)
         logger.info(f"{P} Initialized StreamingDownloader: {total_shards} shards, buffer_size={window.buffer_size}"
+                    f"{' (adaptive)' if prefetch is not None else ''}"
                     f", retain={window.retain}, budget="
                     f"{'none' if window.max_cache_bytes is None else human_bytes(window.max_cache_bytes)}"
                     f", workers={workers}, failure policy={failure_policy.mode}")
@@ -258,7 +302,14 @@ class StreamingDownloader:
 
     @property
     def buffer_size(self):
+        """The configured window (with prefetch=, where the adaptive window starts)."""
         return self.window.buffer_size
+
+    @property
+    def window_size(self):
+        """The window's current size: buffer_size, or what the adaptive rule decided last."""
+        with self._cond:
+            return self._win
 
     def __enter__(self):
         self.start()
@@ -293,6 +344,9 @@ class StreamingDownloader:
                             retain=self.window.retain, val_shard=self.val_shard)
             self._scan_existing()
             self._check_budget()
+            with self._cond:
+                self._initial = tuple(self.plan.order[:self.window.initial_buffer])
+                self._update_window()
             for k in range(self.workers):
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
             self._spawn(self._status_loop, "shardstream-dl-status")
@@ -313,17 +367,22 @@ class StreamingDownloader:
         n = self.window.initial_buffer
         if n == 0:
             return
-        targets = self._plan[:n]
+        targets = list(self.plan.order[:n])
         which = f"shard {targets[0]}" if n == 1 else f"shards {targets[0]}-{targets[-1]}"
         logger.info(f"{P} Downloading initial buffer: {which}")
         from tqdm import tqdm
-        with tqdm(total=n, unit="shard", desc="initial buffer", disable=not self.progress, leave=False) as bar:
-            for s in targets:
-                try:
-                    self._wait(s, None, reader=None, lease=False)
-                except ShardSkipped:
-                    pass
-                bar.update(1)
+        try:                                    # (self._initial: nothing else competes for the link meanwhile)
+            with tqdm(total=n, unit="shard", desc="initial buffer", disable=not self.progress, leave=False) as bar:
+                for s in targets:
+                    try:
+                        self._wait(s, None, reader=None, lease=False)
+                    except ShardSkipped:
+                        pass
+                    bar.update(1)
+        finally:
+            with self._cond:
+                self._initial = ()
+                self._cond.notify_all()
         logger.info(f"{P} Initial buffer ready, training can start")
 
     def stop(self):
@@ -410,9 +469,12 @@ class StreamingDownloader:
             if self._stop.is_set():
                 raise DownloaderStopped(f"wait_for_shard({shard}): the downloader was stopped")
             if reader is not None:
-                self._move_reader(reader, shard)
+                self._move_reader(reader, shard, t0)
             if shard in self.cache.files:
                 return self._hand_over(shard, reader, lease)
+            if reader is not None and shard in self.plan and self._ctl is not None:
+                self._ctl.on_wait()
+                self._update_window()
             self._demand[shard] += 1
             self._demand_order.setdefault(shard, t0)
             self._waits += reader is not None
@@ -426,7 +488,7 @@ class StreamingDownloader:
                     if self._stop.is_set():
                         raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
                     if shard in self.cache.files:
-                        return self._hand_over(shard, reader, lease)
+                        return self._hand_over(shard, reader, lease, waited=True)
                     now = time.monotonic()
                     waited = now - t0
                     self._check_failure(shard, waited)
@@ -450,17 +512,31 @@ class StreamingDownloader:
                 self._event("wait_end", shard, reader=reader, seconds=round(waited, 4),
                             ok=shard in self.cache.files)
 
-    def _hand_over(self, shard, reader, lease):
+    def _hand_over(self, shard, reader, lease, waited=False):
         if lease:
             self.cache.lease(shard, reader)
+        if reader is not None and shard in self.plan:
+            pos = self._cursor.get(reader)
+            self._last_read[reader] = (pos, time.monotonic(), self.cache.files.get(shard, 0))
+            if self._ctl is not None:
+                self._ctl.on_read(waited)
+                self._update_window()
         return self.cache.path(shard)
 
-    def _move_reader(self, reader, shard):
-        if shard in self._pos:
-            self._cursor[reader] = self._pos[shard]
-            self._current[reader] = shard
-            self._evict_routine()
-            self._cond.notify_all()
+    def _move_reader(self, reader, shard, now):
+        """The reader asks for shard: move its cursor to that read in the plan (the nearest one to where it
+        was: the next epoch's read for a reader moving on, an earlier one for a reader going back), and
+        measure how long it took to read the shard before."""
+        pos = self.plan.locate(shard, near=self._cursor.get(reader, -1))
+        if pos is None:
+            return
+        last = self._last_read.get(reader)
+        if self._ctl is not None and last is not None and last[0] is not None and pos == last[0] + 1:
+            self._ctl.meter.read_done(last[2], now - last[1])
+        self._cursor[reader] = pos
+        self._current[reader] = shard
+        self._evict_routine()
+        self._cond.notify_all()
 
     def _check_failure(self, shard, waited):
         """Apply the failure policy to a shard the reader is waiting for (lock held)."""
@@ -479,7 +555,7 @@ class StreamingDownloader:
         if mode == "skip":
             reason = f"{type(f.error).__name__} after {f.attempts} attempts: {f.error}"
             self._skipped[shard] = reason
-            self._n_failures += 1
+            self._n_failures += not f.permanent     # a permanent failure was counted when recorded
             logger.error(f"{P} SKIPPING {shard_name(shard)} ({redact_url(self._source.url(shard))}): {reason}. "
                          f"Training goes on without it (failure policy 'skip').")
             self._event("skipped", shard, error=reason)
@@ -519,16 +595,48 @@ class StreamingDownloader:
     def _reader_shard(self):
         if not self._cursor:
             return None
-        return self._plan[self._reader_pos()]
+        return self.plan.at(self._reader_pos())
 
     def _ahead(self):
-        return ahead_window(self._plan, self._reader_pos(), self.buffer_size, self.window.cycle)
+        return self.plan.ahead(self._reader_pos(), self._win)
+
+    def _update_window(self):
+        """Adaptive prefetch: ask the controller for the window's size, within what the budget holds beside
+        the val shard and the leased shards (lock held)."""
+        if self._ctl is None:
+            return
+        room = None
+        if self.cache.budget is not None and self._max_shard_bytes:
+            val = self._info.get(self.val_shard)
+            pinned = (val.size or 0) if val is not None else self._max_shard_bytes
+            pinned += sum(self.cache.files.get(s, self._max_shard_bytes) for s in self.cache.leased()
+                          if s != self.val_shard)
+            room = int((self.cache.budget - pinned) // self._max_shard_bytes)
+        w = self._ctl.window(room)
+        self._win_base = w.base
+        if w.size != self._win:
+            logger.info(f"{P} Window {self._win} -> {w.size} shards ahead ({w.reason})")
+            self._win, self._win_reason = w.size, w.reason
+            self._event("window", size=w.size, base=w.base, bump=w.bump, room=w.room, reason=w.reason)
+            self._cond.notify_all()
+
+    def _parallel_limit(self):
+        """Transfers allowed at once: every worker with a fixed window; adaptive: see prefetch.py."""
+        if self._ctl is None:
+            return self.workers
+        return self._ctl.parallel(bool(self._demand), self.workers)
 
     def _priority(self):
-        """Shards to have on disk, most urgent first: waited for, next in window, val, rest of window."""
+        """Shards to have on disk, most urgent first: waited for, next in window, val, rest of window.
+        While start() fills the initial buffer, only its shards. Adaptive: the val shard comes after the
+        shards the measured rates say the reader needs (before the margin), so it never starves them."""
         order = sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))
-        win = self._ahead()
-        order += win[:1] + [self.val_shard] + win[1:]
+        if self._initial:
+            order += list(self._initial)
+        else:
+            win = self._ahead()
+            k = 1 if self._ctl is None else max(1, self._win_base or self._win)
+            order += win[:k] + [self.val_shard] + win[k:]
         seen, out = set(), []
         for s in order:
             if s not in seen:
@@ -543,18 +651,20 @@ class StreamingDownloader:
         return prot
 
     def _next_read(self, shard):
-        """How many plan positions until shard is read again (None: never, as far as the plan says)."""
-        if shard not in self._pos:
-            return None
-        d = self._pos[shard] - self._reader_pos()
-        if d > 0:
-            return d
-        return d + len(self._plan) if self.window.cycle else None
+        """How many plan positions until any reader reads shard again (None: never, as the plan says)."""
+        best = None
+        for c in (self._cursor.values() or (-1,)):
+            d = self.plan.next_read(shard, c)
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
 
     def _evict_routine(self):
+        """Delete consumed shards beyond `retain`; with a budget, keep those a later epoch reads again
+        (Belady evicts them when the room is needed)."""
         evict, _ = choose_evictions(self.cache.entries(), protected=self._protected(),
                                     consumed=list(self.cache.consumed), retain=self.window.retain,
-                                    next_read=self._next_read)
+                                    next_read=self._next_read, keep_rereads=self.cache.budget is not None)
         for s in evict:
             self._delete(s, "consumed" if s in self.cache.consumed else "unneeded")
 
@@ -566,9 +676,11 @@ class StreamingDownloader:
         need = self.cache.used_bytes() + extra - self.cache.budget
         entries = self.cache.entries()
         entries.pop(shard, None)
-        evict, ok = choose_evictions(entries, protected=self._protected(for_demand=shard in self._demand),
+        demand = shard in self._demand
+        evict, ok = choose_evictions(entries, protected=self._protected(for_demand=demand),
                                      consumed=list(self.cache.consumed), retain=self.window.retain,
-                                     next_read=self._next_read, need_bytes=max(0, need))
+                                     next_read=self._next_read, need_bytes=max(0, need),
+                                     keep_rereads=True, horizon=None if demand else self._next_read(shard))
         if not ok:
             if shard not in self._blocked:
                 logger.info(f"{P} {shard_name(shard)} waits for room: the budget "
@@ -620,26 +732,32 @@ class StreamingDownloader:
         with self._cond:
             while not self._stop.is_set() and self._crash is None:
                 now = time.monotonic()
-                shard = self._pick(now)
-                if shard is None:
+                job = self._pick(now)
+                if job is None:
                     self._cond.wait(0.25)
                     continue
-                info = self._info.get(shard)
-                if info is None:
+                kind, shard = job
+                if kind == "info":
                     self._info_pending.add(shard)
-                    return "info", shard
-                size = self._size_of(info)
+                    return job
+                size = self._size_of(self._info[shard])
                 if not self._disk_ok(shard, size, now) or not self._make_room(shard, size):
                     self._cond.wait(0.25)
                     continue
                 self.cache.begin(shard, size)
+                self._begun[shard] = now
+                if self._ctl is not None:
+                    self._ctl.meter.transfer_started(now)
                 self._event("download_start", shard, size=size)
-                return "fetch", shard
+                return job
         return None
 
     def _pick(self, now):
+        """The most urgent shard to work on: ("info", shard) to ask its size first, or ("fetch", shard)
+        while fewer than the allowed transfers run (at the limit, only size questions go out)."""
         if now < self._disk_retry_at:
             return None
+        room = len(self.cache.inflight) < self._parallel_limit()
         for s in self._priority():
             if (s in self.cache.files or s in self.cache.inflight or s in self._skipped
                     or s in self._info_pending):
@@ -647,7 +765,10 @@ class StreamingDownloader:
             f = self._failures.get(s)
             if f is not None and f.retry_at > now:
                 continue
-            return s
+            if s not in self._info:
+                return "info", s
+            if room:
+                return "fetch", s
         return None
 
     def _size_of(self, info):
@@ -696,8 +817,24 @@ class StreamingDownloader:
             return
         with self._cond:
             self._info_pending.discard(shard)
-            self._info[shard] = info
+            self._note_info(shard, info)
             self._cond.notify_all()
+
+    def _note_info(self, shard, info):
+        self._info[shard] = info
+        if shard in self.plan and info.size and info.size > self._max_shard_bytes:
+            self._max_shard_bytes = info.size
+            self._update_window()
+
+    def _transfer_over(self, shard, nbytes=0):
+        """A transfer ended (lock held): measure it when it brought bytes, for the adaptive window."""
+        now = time.monotonic()
+        began = self._begun.pop(shard, None)
+        if self._ctl is not None:
+            self._ctl.meter.transfer_ended(now)
+            if nbytes and began is not None:
+                self._ctl.meter.download_done(nbytes, now - began, now)
+                self._update_window()
 
     def _download(self, shard, session):
         name = shard_name(shard)
@@ -709,20 +846,24 @@ class StreamingDownloader:
         except FetchCancelled:
             with self._cond:
                 self.cache.abandon(shard)
+                self._transfer_over(shard)
                 self._event("cancelled", shard)
             return
         except (FetchError, CorruptShardError) as e:
             with self._cond:
                 self.cache.abandon(shard)
+                self._transfer_over(shard)
                 self._record_failure(shard, e)
             return
         except (DiskSpaceError, OSError) as e:
             if not isinstance(e, DiskSpaceError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 with self._cond:
                     self.cache.abandon(shard)
+                    self._transfer_over(shard)
                 raise
             with self._cond:
                 self.cache.abandon(shard)
+                self._transfer_over(shard)
                 self._disk_error = DiskSpaceError(f"the disk of {self._data_dir} is full (while downloading "
                                                   f"{name}: {e}): free some space or lower max_cache_bytes")
                 self._disk_retry_at = time.monotonic() + self.disk_policy.recheck_seconds
@@ -732,10 +873,11 @@ class StreamingDownloader:
             return
         with self._cond:
             self.cache.finish(shard, res.size)
+            self._transfer_over(shard, 0 if res.already_present else res.bytes_downloaded)
             self._failures.pop(shard, None)
-            if shard in self._pos:
+            if shard in self.plan:
                 self._verified.add(shard)
-            where = f"[{len(self._verified)}/{self.total_shards}]" if shard in self._pos else "[val]" \
+            where = f"[{len(self._verified)}/{self.total_shards}]" if shard in self.plan else "[val]" \
                 if shard == self.val_shard else "[on demand]"
             logger.info(f"{P} Downloaded {name} ({human_bytes(res.size)}) {where}")
             self._event("downloaded", shard, size=res.size, seconds=round(res.seconds, 4),
@@ -747,6 +889,8 @@ class StreamingDownloader:
         with self._cond:
             self.cache.progress(shard, n)
             self._downloaded_bytes += n
+            if self._ctl is not None:
+                self._ctl.meter.add_bytes(n)
             now = time.monotonic()
             self._rate.append((now, n))
             while self._rate and self._rate[0][0] < now - RATE_WINDOW:
@@ -779,7 +923,7 @@ class StreamingDownloader:
 
     def _scan_existing(self):
         finals, partials = self.cache.scan()
-        wanted = set(self._plan) | {self.val_shard}
+        wanted = set(self.plan.order) | {self.val_shard}
         do_sha = self.verify_existing == "sha256" or (
             self.verify_existing == "auto" and sum(finals.values()) <= SHA_AUTO_LIMIT)
 
@@ -812,7 +956,7 @@ class StreamingDownloader:
         with self._cond:
             for shard, info, err in results:
                 if info is not None:
-                    self._info[shard] = info
+                    self._note_info(shard, info)
                 if err is not None:
                     logger.warning(f"{P} Removing corrupt {shard_name(shard)}: {err}")
                     try:
@@ -822,7 +966,7 @@ class StreamingDownloader:
                     self._event("corrupt_removed", shard, error=str(err))
                     continue
                 self.cache.files[shard] = finals[shard]
-                if shard in self._pos:
+                if shard in self.plan:
                     self._verified.add(shard)
             self.cache.partials = dict(partials)
             found = sorted(self.cache.files)
@@ -845,18 +989,19 @@ class StreamingDownloader:
         if budget is None:
             return
         sizes = {}
-        for s in (self._plan[0], self.val_shard):
+        first = self.plan.order[0]
+        for s in (first, self.val_shard):
             info = self._info.get(s)
             if info is None:
                 info = remote_info(self._source, s, self.fetch_policy, stop=self._stop)
                 with self._cond:
-                    self._info[s] = info
+                    self._note_info(s, info)
             sizes[s] = info.size or 0
-        need = sizes[self.val_shard] + 2 * sizes[self._plan[0]]
+        need = sizes[self.val_shard] + 2 * sizes[first]
         if budget < need:
             raise ConfigError(f"max_cache_bytes={budget} ({human_bytes(budget)}) cannot hold the val shard "
                               f"({human_bytes(sizes[self.val_shard])}) plus two train shards "
-                              f"(~{human_bytes(sizes[self._plan[0]])} each): give at least {need} bytes, or None")
+                              f"(~{human_bytes(sizes[first])} each): give at least {need} bytes, or None")
 
     # -------------------------------------------------------------------------
     # status and events
@@ -876,7 +1021,7 @@ class StreamingDownloader:
         err = self._crash or self._disk_error
         return DownloaderStatus(
             state=self._state, shards_verified=len(self._verified), total_shards=self.total_shards,
-            ahead=sum(1 for s in win if s in self.cache.files), buffer_size=self.buffer_size,
+            ahead=sum(1 for s in win if s in self.cache.files), buffer_size=self._win,
             current_shard=self._reader_shard(), bytes_on_disk=self.cache.disk_bytes(),
             reserved_bytes=self.cache.reserved_bytes(), budget=self.cache.budget, free_disk_bytes=free,
             download_mbps=round(mbps, 3), downloaded_bytes=self._downloaded_bytes,
@@ -894,7 +1039,7 @@ class StreamingDownloader:
         win = self._ahead()
         self._events.write(event, shard=shard, bytes_on_disk=self.cache.disk_bytes(), budget=self.cache.budget,
                            ahead=sum(1 for s in win if s in self.cache.files), reader_shard=self._reader_shard(),
-                           **extra)
+                           **{"window": self._win, **extra})
         self._write_status()
 
     def _write_status(self):

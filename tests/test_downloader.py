@@ -194,6 +194,7 @@ def test_status_json_and_event_log(srv, tmp_path):
         for i in range(3):
             dl.wait_for_shard(i)
             dl.release(i)
+        until(lambda: VAL in dl.get_status().cached, what="val shard")
         st = dl.get_status()
         assert st.state == "running" and st.total_shards == 6 and st.buffer_size == 2
         assert st.current_shard == 2 and st.shards_verified >= 3 and st.failures == 0
@@ -261,6 +262,7 @@ def test_a_leased_shard_is_never_deleted(srv, shards_dir, tmp_path):
     budget = s[VAL] + s[0] + s[1] + s[2] // 2            # room for two train shards, not three
     with make(srv, tmp_path, buffer_size=3, max_cache_bytes=budget) as dl:
         p0 = dl.wait_for_shard(0)
+        until(lambda: VAL in dl.get_status().cached, what="val shard")   # start() fetched shard 0 alone
         p1 = dl.wait_for_shard(1, timeout=10)            # the reader holds 0 and 1
         with pytest.raises(ShardWaitTimeout, match="waiting for room"):
             dl.wait_for_shard(2, timeout=1.0)            # 2 needs room that only leased shards hold

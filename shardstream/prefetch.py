@@ -1,0 +1,209 @@
+"""Adaptive prefetch: how many shards to keep ahead of the reader, sized from measured rates.
+
+A fixed window of 5 is too small when the link is slow or the model fast, and too big for the disk when
+the link is fast. The read order is known and both rates can be measured, so the window sizes itself:
+
+    shard p+n enters the window when the reader moves to shard p, and is needed n reads later, so
+        n >= (time to download one shard) / (time to read one shard)
+    planned for the slow tail of recent downloads (the `tail` quantile, times 1 + `margin`):
+
+        base = ceil(tail_quantile(download seconds/byte) * (1 + margin) / median(read seconds/byte))
+
+    then: + `grow_on_wait` shards after every reader wait (given back one at a time after `calm_reads`
+    reads without a wait), clamped to [min_ahead, max_ahead], and to what the disk budget can hold (the
+    `room` the downloader passes in: shards that fit beside the pinned and leased ones).
+
+Shard sizes cancel out (both rates are per byte), so the window is in shards. Until a download and a
+read have been measured, the window is `start_ahead`.
+
+Parallel transfers: one connection at a time gets the next shard fastest when it fills the link (a
+second one would halve the urgent shard's speed); so transfers run in parallel only when behind: a
+reader is waiting, or the link measured while busy (`aggregate_bps`) is slower than the reader.
+
+`PrefetchController` holds the measurements (`RateMeter`) and the wait bump; the rule itself is the pure
+function `window_size(policy, rates, bump, room)`. Neither is thread-safe: the downloader calls them with
+its lock held.
+"""
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PrefetchPolicy:
+    """How the window sizes itself (see the module docstring for the rule)."""
+    min_ahead: int = 2              # never fewer shards ahead (when the budget allows)
+    max_ahead: int = 64             # never more
+    start_ahead: int | None = None  # before anything is measured (None: the downloader's buffer_size)
+    tail: float = 0.9               # quantile of recent download times planned for (1.0 = the slowest)
+    margin: float = 0.5             # extra fraction on top of that
+    history: int = 8                # recent downloads / reads the estimates use
+    grow_on_wait: int = 1           # shards added after every reader wait
+    calm_reads: int = 16            # reads without a wait before one added shard is given back
+
+    def __post_init__(self):
+        for name, lo in (("min_ahead", 1), ("max_ahead", 1), ("history", 1), ("grow_on_wait", 0),
+                         ("calm_reads", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"PrefetchPolicy.{name} must be an int >= {lo}, got {v!r}")
+        if self.max_ahead < self.min_ahead:
+            raise ConfigError(f"PrefetchPolicy.max_ahead={self.max_ahead} is below min_ahead={self.min_ahead}")
+        if self.start_ahead is not None and (isinstance(self.start_ahead, bool) or not isinstance(self.start_ahead, int)
+                                             or self.start_ahead < 1):
+            raise ConfigError(f"PrefetchPolicy.start_ahead must be an int >= 1 or None, got {self.start_ahead!r}")
+        if isinstance(self.tail, bool) or not isinstance(self.tail, (int, float)) or not 0 < self.tail <= 1:
+            raise ConfigError(f"PrefetchPolicy.tail must be a quantile in (0, 1], got {self.tail!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or self.margin < 0:
+            raise ConfigError(f"PrefetchPolicy.margin must be a number >= 0, got {self.margin!r}")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What has been measured recently (None: not yet)."""
+    download_spb: float | None = None       # one shard's download, seconds per byte: the `tail` quantile
+    download_bps: float | None = None       # one shard's download, bytes/s: the median
+    aggregate_bps: float | None = None      # all transfers together, while any runs
+    consume_spb: float | None = None        # the reader, seconds per byte: the median
+    downloads: int = 0                      # samples behind the estimates
+    reads: int = 0
+
+    @property
+    def consume_bps(self):
+        return None if not self.consume_spb else 1.0 / self.consume_spb
+
+
+@dataclass(frozen=True)
+class Window:
+    """One decision: the window's size, and why."""
+    size: int
+    base: int | None            # what the rates alone ask for (None: not measured yet)
+    bump: int                   # added after waits
+    room: int | None            # what the budget holds (None: no budget)
+    reason: str
+
+
+def quantile(values, q):
+    """The q-quantile of values (nearest rank, q in (0, 1]); None for no values."""
+    vals = sorted(values)
+    if not vals:
+        return None
+    return vals[min(len(vals) - 1, max(0, math.ceil(q * len(vals)) - 1))]
+
+
+def window_size(policy, rates, bump=0, room=None, start_ahead=5):
+    """The rule: shards to keep ahead of the reader (a Window). `room`: shards the budget holds beyond
+    the pinned and leased ones (None: no budget); `start_ahead`: the size before any measurement when
+    the policy does not set one."""
+    start = policy.start_ahead or start_ahead
+    if rates.download_spb and rates.consume_spb:
+        base = max(1, math.ceil(rates.download_spb * (1 + policy.margin) / rates.consume_spb - 1e-9))
+        size, why = base + bump, (f"download {1 / rates.download_spb / 1e6:.2f} MB/s (slow tail), reader "
+                                  f"{rates.consume_bps / 1e6:.2f} MB/s")
+    else:
+        base = None
+        size, why = start + bump, "not measured yet"
+    if bump:
+        why += f", +{bump} after waits"
+    size = min(max(size, policy.min_ahead), policy.max_ahead)
+    if room is not None and size > max(1, room):
+        size = max(1, room)
+        why += f", cut to {size} by the budget"
+    return Window(size, base, bump, room, why)
+
+
+def parallel_transfers(rates, waiting, workers):
+    """How many transfers may run at once: all `workers` when behind (a reader waits, or the busy link is
+    slower than the reader), else one (the next shard gets the whole link)."""
+    if waiting:
+        return workers
+    if rates.aggregate_bps and rates.consume_bps and rates.aggregate_bps < rates.consume_bps:
+        return workers
+    return 1
+
+
+class RateMeter:
+    """Recent per-shard downloads, the link while busy, and the reader's pace."""
+
+    def __init__(self, history=8):
+        self.history = history
+        self.downloads = deque(maxlen=history)      # seconds per byte of each completed download
+        self.reads = deque(maxlen=history)          # seconds per byte of each shard read
+        self.marks = deque(maxlen=history + 1)      # (busy seconds, bytes) at each completed download
+        self.active = 0
+        self.busy = 0.0
+        self.busy_since = None
+        self.bytes = 0
+
+    def transfer_started(self, now):
+        if self.active == 0:
+            self.busy_since = now
+        self.active += 1
+
+    def transfer_ended(self, now):
+        self.active = max(0, self.active - 1)
+        if self.active == 0 and self.busy_since is not None:
+            self.busy += now - self.busy_since
+            self.busy_since = None
+
+    def add_bytes(self, n):
+        self.bytes += n
+
+    def busy_seconds(self, now):
+        return self.busy + (now - self.busy_since if self.busy_since is not None else 0.0)
+
+    def download_done(self, nbytes, seconds, now):
+        if nbytes > 0 and seconds > 0:
+            self.downloads.append(seconds / nbytes)
+        self.marks.append((self.busy_seconds(now), self.bytes))
+
+    def read_done(self, nbytes, seconds):
+        if nbytes > 0 and seconds > 0:
+            self.reads.append(seconds / nbytes)
+
+    def rates(self, tail=0.9):
+        agg = None
+        if len(self.marks) >= 2:
+            (b0, n0), (b1, n1) = self.marks[0], self.marks[-1]
+            if b1 - b0 > 0:
+                agg = (n1 - n0) / (b1 - b0)
+        spb = quantile(self.downloads, tail)
+        med = quantile(self.downloads, 0.5)
+        return Rates(download_spb=spb, download_bps=1.0 / med if med else None, aggregate_bps=agg,
+                     consume_spb=quantile(self.reads, 0.5), downloads=len(self.downloads), reads=len(self.reads))
+
+
+class PrefetchController:
+    """The adaptive window of one downloader: measurements, the wait bump, and the current decision."""
+
+    def __init__(self, policy, start_ahead=5):
+        self.policy = policy
+        self.start_ahead = start_ahead
+        self.meter = RateMeter(policy.history)
+        self.bump = 0
+        self.calm = 0
+
+    def on_wait(self):
+        """A reader had to wait for a planned shard: grow."""
+        self.bump = min(self.bump + self.policy.grow_on_wait, self.policy.max_ahead)
+        self.calm = 0
+
+    def on_read(self, waited):
+        """A reader got a planned shard; after calm_reads reads without a wait, give one shard back."""
+        if waited:
+            return
+        self.calm += 1
+        if self.calm >= self.policy.calm_reads and self.bump > 0:
+            self.bump -= 1
+            self.calm = 0
+
+    def rates(self):
+        return self.meter.rates(self.policy.tail)
+
+    def window(self, room=None):
+        return window_size(self.policy, self.rates(), self.bump, room, self.start_ahead)
+
+    def parallel(self, waiting, workers):
+        return parallel_transfers(self.rates(), waiting, workers)
