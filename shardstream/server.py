@@ -16,6 +16,10 @@ ranges are ignored and the whole file is sent, as RFC 9110 allows); `If-Range` w
 carry `X-Linked-Size` and `X-Linked-Etag: "<sha256 hex>"` on HEAD and GET, as the Hub does on its resolve
 URLs. A path outside the directory is refused with 403; another repo under /datasets/ gets 404.
 With token="..." every file request must carry `Authorization: Bearer <token>` (else 401).
+The Hub's API for sources (`hf://` URLs): `/api/datasets/<org>/<name>/revision/<rev>` (the commit sha) and
+`/api/datasets/<org>/<name>/tree/<rev>[/<dir>]` (path, size, LFS sha256; paged with a Link header).
+`srv.revision` is the one commit served: `main` and that sha resolve, any other revision gets 404; assign
+a new sha (and change the files) to play a new commit of the data.
 
 Counters: `stats(name)` -> FileStats(requests, get_requests, head_requests, bytes_sent, ranges, faults)
 per file (name relative to the directory, the same for both URL forms); `ranges` are the spans sent,
@@ -226,7 +230,7 @@ class ShardServer:
     """Serve `directory` like the Hub. Context manager, or start()/stop()."""
 
     def __init__(self, directory, host="127.0.0.1", port=0, rate=None, faults=None,
-                 hub_repo=DEFAULT_HUB_REPO, token=None):
+                 hub_repo=DEFAULT_HUB_REPO, token=None, revision=None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ConfigError(f"cannot serve {str(self.directory)!r}: not a directory (make one with "
@@ -236,6 +240,10 @@ class ShardServer:
             raise ConfigError(f"hub_repo must look like ORG/NAME, got {hub_repo!r}")
         self.host, self.port, self.hub_repo = host, port, hub_repo
         self.token = token              # when set, requests must carry "Authorization: Bearer <token>"
+        # The commit the Hub paths serve: resolve/<rev> and the API answer for "main" and this sha only
+        # (the directory holds one commit's files). Assign a new sha to play a new commit of the data.
+        self.revision = revision or hashlib.sha1(hub_repo.encode()).hexdigest()
+        self.tree_page_size = 1000      # entries per page of the tree API (the rest via a Link header)
         self._lock = threading.Lock()
         self._bucket = TokenBucket()
         self.set_rate(rate)
@@ -498,6 +506,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = json.dumps(owner.stats_json(), indent=1).encode()
             return self._reply(200, body if method == "GET" else b"", {"Content-Type": "application/json"},
                                length=len(body))
+        if url_path.startswith("/api/datasets/"):
+            return self._api(method, unquote(url_path), urlsplit(self.path).query)
         name, hub, err = self._file_name(unquote(url_path))
         self._respond(method, name, hub, err)
 
@@ -506,14 +516,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = path.split("/")
         if len(parts) >= 7 and parts[1] == "datasets" and parts[4] == "resolve":
             if f"{parts[2]}/{parts[3]}" != self.owner.hub_repo:
-                return "/".join(parts[6:]), True, 404
+                return "/".join(parts[6:]), True, (404, f"repository not found (this server serves "
+                                                       f"{self.owner.hub_repo})")
+            if parts[5] not in ("main", self.owner.revision):
+                return "/".join(parts[6:]), True, (404, f"revision {parts[5]} not found (this server holds "
+                                                       f"{self.owner.revision} only)")
             return "/".join(parts[6:]), True, None
         return path.lstrip("/"), False, None
 
     def _respond(self, method, name, hub, err):
         owner = self.owner
         if err:
-            return self._error(err, f"repository not found (this server serves {owner.hub_repo})")
+            return self._error(*err)
         if owner.token is not None and self.headers.get("Authorization") != f"Bearer {owner.token}":
             return self._error(401, "missing or wrong bearer token")
         path = owner.resolve(name) if name else None
@@ -566,6 +580,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return status
         self._send_body(path, name, start, stop, fault)
         return status
+
+    def _api(self, method, path, query):
+        """The two Hub API calls sources make: GET /api/datasets/<org>/<name>/revision/<rev> -> {"sha": ...}
+        (the commit a revision names) and GET /api/datasets/<org>/<name>/tree/<rev>[/<dir>] -> a JSON list
+        of {"type", "oid", "size", "path", "lfs": {"oid": sha256, "size", "pointerSize"}} (lfs on .parquet
+        files), tree_page_size entries a page, the next page named in a `Link: <...>; rel="next"` header."""
+        owner = self.owner
+        parts = path.split("/")                 # '', 'api', 'datasets', org, name, op, rev, dir...
+        if len(parts) < 7 or parts[5] not in ("revision", "tree"):
+            return self._error(404, "unknown API path")
+        if f"{parts[3]}/{parts[4]}" != owner.hub_repo:
+            return self._error(404, f"repository not found (this server serves {owner.hub_repo})")
+        if owner.token is not None and self.headers.get("Authorization") != f"Bearer {owner.token}":
+            return self._error(401, "missing or wrong bearer token")
+        if parts[6] not in ("main", owner.revision):
+            return self._error(404, f"Invalid rev id: {parts[6]}")
+        if parts[5] == "revision":
+            return self._json(method, {"id": owner.hub_repo, "sha": owner.revision})
+        sub = "/".join(p for p in parts[7:] if p)
+        folder = owner.resolve(sub) if sub else owner.root
+        if folder is None or not folder.is_dir():
+            return self._error(404, f"{sub} is not a folder of this repository")
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        cursor = int(dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("cursor") or 0)
+        page, items = entries[cursor:cursor + owner.tree_page_size], []
+        for e in page:
+            rel = f"{sub}/{e.name}" if sub else e.name
+            if e.is_dir():
+                items.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": rel})
+                continue
+            st = e.stat()
+            sha = owner._sha256(Path(e.path), st)
+            item = {"type": "file", "oid": sha[:40], "size": st.st_size, "path": rel}
+            if e.name.endswith(".parquet"):
+                item["lfs"] = {"oid": sha, "size": st.st_size, "pointerSize": 134}
+            items.append(item)
+        extra = {}
+        if cursor + len(page) < len(entries):
+            extra["Link"] = f'<{owner.url}{urlsplit(self.path).path}?cursor={cursor + len(page)}>; rel="next"'
+        return self._json(method, items, extra)
+
+    def _json(self, method, obj, extra=None):
+        body = json.dumps(obj).encode()
+        self._reply(200, body if method == "GET" else b"", {"Content-Type": "application/json", **(extra or {})},
+                    length=len(body))
+        return 200
 
     def _error(self, status, message, extra=None):
         body = (message + "\n").encode()
