@@ -1,0 +1,159 @@
+"""Shared parts of the reliability tests (test_fault_matrix, test_kill9, test_diskfull, test_shared_cache,
+test_soak, test_security): small real shards, a ShardServer that also faults at random, a loader-style
+reader that checks every shard it reads against the source's sha256, and a tally of what was proven.
+
+    shas = make_shards(d, 12)                           # {shard id: sha256 hex} of real parquet shards
+    with RandomFaultServer(d, rate=0.1, seed=7) as srv:  # ~10 % of requests get a random fault
+        ...
+    got = read_shard(path)                              # (sha256 of the bytes, rows read row group by row group)
+    tally("fault_matrix/reset", faults=srv.injected(), bytes_verified=n, lost=0)
+
+The tally: when REL_TALLY names a file, every case appends one JSON line to it (case, faults injected,
+bytes verified, shards lost), so one run of the suite gives the counts docs/RELIABILITY.md quotes:
+    REL_TALLY=/tmp/tally.jsonl .venv/bin/python -m pytest tests/test_fault_matrix.py ... -q
+    .venv/bin/python tests/rel_tally.py /tmp/tally.jsonl
+"""
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+
+import pyarrow.parquet as pq
+
+from shardstream.sample import make_sample
+from shardstream.server import Fault, ShardServer
+from shardstream.shards import shard_name
+
+# Every kind a flaky network or CDN produces that the run must ride out (404 is a missing file, not noise).
+NOISE_KINDS = ("reset", "status500", "status502", "status503", "429", "stall", "truncate", "flip", "wrong_length")
+HEAD_NOISE_KINDS = ("status500", "status502", "status503", "429")      # the kinds a HEAD can get
+
+
+def make_shards(directory, n, chars=60_000, seed=1):
+    """n real nanochat-layout shards (2 row groups of 16 docs, ~20 KB each); returns {id: sha256 hex}."""
+    make_sample(directory, n, chars, seed=seed, docs_per_row_group=16, row_groups=2)
+    return {i: sha256_of(directory / shard_name(i)) for i in range(n)}
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_shard(path):
+    """Read a shard the way the loader does (row group by row group, the `text` column) and hash its bytes.
+    Returns (sha256 hex, rows read)."""
+    digest = sha256_of(path)
+    pf = pq.ParquetFile(path)
+    rows = 0
+    for rg in range(pf.num_row_groups):
+        rows += len(pf.read_row_group(rg, columns=["text"]).column("text"))
+    return digest, rows
+
+
+def make_fault(kind, rng, *, stall_seconds=2.0):
+    """A one-shot Fault of a NOISE_KINDS kind, striking at a random point of the body."""
+    at = round(rng.uniform(0.05, 0.95), 3)
+    if kind.startswith("status"):
+        return Fault("status", status=int(kind[len("status"):]), method="*")
+    if kind == "429":
+        return Fault("429", retry_after=0, method="*")
+    if kind == "stall":
+        return Fault("stall", at=at, seconds=stall_seconds)
+    return Fault(kind, at=at)
+
+
+class RandomFaultServer(ShardServer):
+    """A ShardServer where, besides the scripted faults, each request gets a random NOISE_KINDS fault with
+    probability `fault_rate` (seeded). `injected()` counts them by kind. Everything else is the real server."""
+
+    def __init__(self, directory, *, fault_rate=0.1, seed=0, kinds=NOISE_KINDS, stall_seconds=2.0, **kw):
+        super().__init__(directory, **kw)
+        self.fault_rate = fault_rate
+        self.kinds = tuple(kinds)
+        self.stall_seconds = stall_seconds
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._injected = Counter()
+
+    def _take_fault(self, method, name):
+        scripted = super()._take_fault(method, name)
+        if scripted is not None:
+            return scripted
+        with self._rng_lock:
+            if self._rng.random() >= self.fault_rate:
+                return None
+            kinds = self.kinds if method == "GET" else [k for k in self.kinds if k in HEAD_NOISE_KINDS]
+            if not kinds:
+                return None
+            kind = self._rng.choice(kinds)
+            fault = make_fault(kind, self._rng, stall_seconds=self.stall_seconds)
+            self._injected[kind] += 1
+            return fault
+
+    def injected(self):
+        with self._rng_lock:
+            return Counter(self._injected)
+
+
+def faults_struck(srv):
+    """Requests a fault struck, over every file the server counted (scripted and random)."""
+    return sum(s.faults for s in srv.all_stats().values())
+
+
+def shard_files(d):
+    """{shard id: path} of final-named shard files in d."""
+    out = {}
+    for e in os.scandir(d):
+        if e.name.startswith("shard_") and e.name.endswith(".parquet"):
+            out[int(e.name[6:-8])] = e.path
+    return out
+
+
+def partial_files(d):
+    return sorted(e.name for e in os.scandir(d) if e.name.endswith(".partial"))
+
+
+def shard_bytes_on_disk(d):
+    """Bytes of shard files and partial files in d (what a budget must bound)."""
+    total = 0
+    for e in os.scandir(d):
+        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
+            try:
+                total += e.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def check_final_files(d, shas):
+    """Every final-named shard file in d is byte-identical to the source. Returns bytes checked."""
+    n = 0
+    for i, path in shard_files(d).items():
+        got = sha256_of(path)
+        assert got == shas[i], f"{path} under its final name is not the source's file (sha256 {got[:12]}...)"
+        n += os.path.getsize(path)
+    return n
+
+
+def until(cond, timeout=20.0, what="condition", every=0.01):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def tally(case, *, faults=0, bytes_verified=0, lost=0, shards_read=0):
+    """Record one proven case (see the module docstring). A no-op unless REL_TALLY is set."""
+    path = os.environ.get("REL_TALLY")
+    if not path:
+        return
+    line = json.dumps({"case": case, "faults": int(faults), "bytes_verified": int(bytes_verified),
+                       "shards_read": int(shards_read), "lost": int(lost)})
+    with open(path, "a") as f:
+        f.write(line + "\n")
