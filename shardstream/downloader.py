@@ -535,7 +535,7 @@ class StreamingDownloader:
             self._ctl.meter.read_done(last[2], now - last[1])
         self._cursor[reader] = pos
         self._current[reader] = shard
-        self._evict_routine()
+        self._evict_routine(keep=shard)         # it is read now: not consumed, whatever the plan says next
         self._cond.notify_all()
 
     def _check_failure(self, shard, waited):
@@ -659,10 +659,10 @@ class StreamingDownloader:
                 best = d
         return best
 
-    def _evict_routine(self):
+    def _evict_routine(self, keep=None):
         """Delete consumed shards beyond `retain`; with a budget, keep those a later epoch reads again
-        (Belady evicts them when the room is needed)."""
-        evict, _ = choose_evictions(self.cache.entries(), protected=self._protected(),
+        (Belady evicts them when the room is needed). `keep`: a shard a reader is asking for right now."""
+        evict, _ = choose_evictions(self.cache.entries(), protected=self._protected() | {keep},
                                     consumed=list(self.cache.consumed), retain=self.window.retain,
                                     next_read=self._next_read, keep_rereads=self.cache.budget is not None)
         for s in evict:

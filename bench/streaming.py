@@ -1,0 +1,240 @@
+"""Streaming: a simulated trainer reading at R MB/s from a server capped at W MB/s, W/R in {0.8, 1.25, 4}.
+
+    python bench/streaming.py            # 24 train shards of ~0.3 MB, R = 1.2 MB/s (a read takes ~0.25 s)
+    python bench/streaming.py --smoke    # 6 shards, W/R = 1.25 only (CI)
+    shardstream bench streaming
+
+Offline: sample shards (shardstream.sample.make_sample) served by a local ShardServer whose token bucket
+caps all connections together at W MB/s (set_rate). The trainer calls wait_for_shard(i) /
+release(i) for every train shard in order and "trains" on each for bytes/R seconds (a sleep).
+
+Three ways to get the data, measured in the same run on the same shards:
+- adaptive:  StreamingDownloader(prefetch="auto", initial_buffer=1) under a budget (this issue);
+- fixed-5:   StreamingDownloader(buffer_size=5, initial_buffer=5), the seed's Step 1, same budget;
+- all-first: download every shard first (4 workers, like `python -m nanochat.dataset -n N -w 4`), then
+             train from the local dir: nanochat today.
+
+Figures per case: time to first batch (and / one shard's download time at W), data-wait as % of the wall
+time after the first batch, achieved MB/s (train bytes the trainer read / wall time), link MB/s (bytes
+downloaded / time from start to the last download: the share of W the downloader used), peak bytes on
+disk (sampled every 20 ms from the directory, partial files included) against the budget, waits.
+Targets (issue 7): W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
+first batch <= 1.2x one shard's download; peak disk <= budget. One PNG per streaming case (disk, shards
+ahead, waits over time: shardstream.timeline) goes to bench/out/. --json writes the figures.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's shardstream
+
+from shardstream.download import download_shards  # noqa: E402
+from shardstream.downloader import DiskPolicy, StreamingDownloader  # noqa: E402
+from shardstream.fetch import FetchPolicy  # noqa: E402
+from shardstream.sample import make_sample  # noqa: E402
+from shardstream.server import ShardServer  # noqa: E402
+from shardstream.shards import shard_name  # noqa: E402
+from shardstream.source import Source  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+POLICY = FetchPolicy(fsync=False, connect_timeout=5, stall_timeout=10, backoff_initial=0.05, backoff_max=0.5)
+NO_FLOOR = DiskPolicy(warn_free_bytes=0, min_free_bytes=0)
+
+
+def dir_bytes(d):
+    """Bytes of shard files and partial files in d, as the budget counts them."""
+    total = 0
+    try:
+        entries = list(os.scandir(d))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
+            try:
+                total += e.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class DiskSampler:
+    """Peak bytes on disk in a directory, sampled every `every` seconds in a thread."""
+
+    def __init__(self, d, every=0.02):
+        self.d, self.every, self.peak = d, every, 0
+        self._done = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, dir_bytes(self.d))
+            self._done.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._t.join()
+        self.peak = max(self.peak, dir_bytes(self.d))
+
+
+def train(get, release, ids, sizes, rate_bps, t_start):
+    """The simulated trainer: for each shard get it, 'train' bytes/R seconds, release it.
+    Returns (time of the first batch, seconds waited after it, waits after it, time done)."""
+    first, waited, waits = None, 0.0, 0
+    for i in ids:
+        t0 = time.monotonic()
+        get(i)
+        t1 = time.monotonic()
+        if first is None:
+            first = t1
+        else:
+            waited += t1 - t0
+            waits += (t1 - t0) > 0.005
+        time.sleep(sizes[i] / rate_bps)
+        release(i)
+    return first - t_start, waited, waits, time.monotonic()
+
+
+def run_streaming(mode, srv, n, sizes, rate_bps, budget, work):
+    data = work / f"data-{mode}-{time.monotonic_ns()}"
+    kw = dict(prefetch="auto", initial_buffer=1) if mode == "adaptive" else dict(buffer_size=5, initial_buffer=5)
+    dl = StreamingDownloader(n, data_dir=data, source=Source(srv.url, n + 1), max_cache_bytes=budget, workers=2,
+                             fetch_policy=POLICY, disk_policy=NO_FLOOR, progress=False, verify_existing="size",
+                             **kw)
+    with DiskSampler(data) as disk:
+        t_start = time.monotonic()
+        dl.start()
+        try:
+            ttfb, waited, waits, t_end = train(dl.wait_for_shard, dl.release, range(n), sizes, rate_bps, t_start)
+            windows = [e.get("window") for e in _events(data) if e.get("window") is not None]
+            st = dl.get_status()
+        finally:
+            dl.stop()
+    ev = _events(data)
+    done = [e["t"] for e in ev if e["event"] == "downloaded"]
+    t0_wall = next(e["t"] for e in ev if e["event"] == "start")
+    link = st.downloaded_bytes / (max(done) - t0_wall) if done else 0.0
+    return dict(ttfb=ttfb, waited=waited, waits=waits, wall=t_end - t_start, after=t_end - t_start - ttfb,
+                link_bps=link, downloaded=st.downloaded_bytes, peak=disk.peak, budget=budget,
+                window_max=max(windows, default=None), window_last=windows[-1] if windows else None,
+                events=data / "events.jsonl")
+
+
+def run_all_first(srv, n, sizes, rate_bps, work):
+    data = work / f"data-all-first-{time.monotonic_ns()}"
+    data.mkdir()
+    source = Source(srv.url, n + 1)
+    with DiskSampler(data) as disk:
+        t_start = time.monotonic()
+        res = download_shards(source, list(range(n + 1)), data, workers=4, policy=POLICY)
+        t_dl = time.monotonic()
+        bad = [r for r in res if isinstance(r, Exception)]
+        if bad:
+            raise SystemExit(f"download-everything-first failed: {bad[0]}")
+        ttfb, waited, waits, t_end = train(lambda i: None, lambda i: None, range(n), sizes, rate_bps, t_start)
+    got = sum(r.size for r in res)
+    return dict(ttfb=ttfb, waited=waited, waits=waits, wall=t_end - t_start, after=t_end - t_start - ttfb,
+                link_bps=got / (t_dl - t_start), downloaded=got, peak=disk.peak, budget=None,
+                window_max=None, window_last=None, events=None)
+
+
+def _events(data):
+    from shardstream.status import read_events
+    try:
+        return read_events(data)
+    except Exception:
+        return []
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", "--quick", action="store_true", dest="smoke", help="a ~10 s smoke run (CI)")
+    p.add_argument("--shards", type=int, default=None, help="train shards (default 24, --smoke 6)")
+    p.add_argument("--chars", type=int, default=1_000_000, help="characters per shard (default 1,000,000: ~0.3 MB)")
+    p.add_argument("--read-seconds", type=float, default=0.25, help="seconds the trainer spends on a shard")
+    p.add_argument("--ratios", default=None, help="W/R values, comma-separated (default 0.8,1.25,4)")
+    p.add_argument("--budget-shards", type=float, default=8, help="budget in shards, val shard included")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    n = args.shards or (6 if args.smoke else 24)
+    ratios = [float(x) for x in (args.ratios or ("1.25" if args.smoke else "0.8,1.25,4")).split(",")]
+    modes = ["adaptive", "fixed-5", "all-first"]
+
+    work = Path(tempfile.mkdtemp(prefix="shardstream-bench-streaming-"))
+    rows = []
+    try:
+        remote = work / "remote"
+        t0 = time.perf_counter()
+        make_sample(remote, n + 1, args.chars, seed=7)
+        sizes = {i: (remote / shard_name(i)).stat().st_size for i in range(n + 1)}
+        shard = max(sizes.values())
+        rate_bps = sum(sizes[i] for i in range(n)) / n / args.read_seconds      # R
+        budget = int(args.budget_shards * shard)
+        print(f"bench/streaming: {n} train shards + val of ~{shard / 1e6:.2f} MB (made in {time.perf_counter() - t0:.1f}s), "
+              f"R = {rate_bps / 1e6:.2f} MB/s ({args.read_seconds:g} s a shard), budget {budget / 1e6:.1f} MB "
+              f"({args.budget_shards:g} shards), {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
+        with ShardServer(remote) as srv:
+            for ratio in ratios:
+                w_bps = ratio * rate_bps
+                srv.set_rate(w_bps / 1e6)
+                one = shard / w_bps                                     # one shard's download at W
+                for mode in modes:
+                    srv.reset_stats()
+                    if mode == "all-first":
+                        r = run_all_first(srv, n, sizes, rate_bps, work)
+                    else:
+                        r = run_streaming(mode, srv, n, sizes, rate_bps, budget, work)
+                    r.update(mode=mode, ratio=ratio, w_bps=w_bps, r_bps=rate_bps, one_shard=one,
+                             achieved_bps=sum(sizes[i] for i in range(n)) / r["wall"])
+                    if r["events"] is not None and not args.no_plots:
+                        from shardstream.timeline import plot_timeline
+                        png = OUT / f"streaming_{mode}_wr{ratio:g}.png"
+                        plot_timeline(r["events"], png, title=f"{mode}, W/R = {ratio:g} (W {w_bps / 1e6:.2f} MB/s, "
+                                                              f"R {rate_bps / 1e6:.2f} MB/s)")
+                        r["png"] = str(png.relative_to(OUT.parent.parent))
+                    r["events"] = None
+                    rows.append(r)
+                    print(fmt_row(r), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+HEADER = (f"{'W/R':>5} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
+          f"{'achieved MB/s':>13} {'link MB/s':>9} {'link/W':>6} {'peak MB':>8} {'budget MB':>9} {'window':>6}")
+
+
+def fmt_row(r):
+    wait_pct = 100 * r["waited"] / r["after"] if r["after"] > 0 else 0.0
+    budget = f"{r['budget'] / 1e6:9.1f}" if r["budget"] else f"{'none':>9}"
+    win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
+    return (f"{r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>11.2f} {r['ttfb'] / r['one_shard']:>8.2f} {wait_pct:>7.2f} "
+            f"{r['waits']:>5} {r['achieved_bps'] / 1e6:>13.2f} {r['link_bps'] / 1e6:>9.2f} "
+            f"{r['link_bps'] / r['w_bps']:>6.2f} {r['peak'] / 1e6:>8.1f} {budget} {win}")
+
+
+def table(rows):
+    lines = ["streaming (W = server cap, R = trainer; wait % = data-wait after the first batch / wall after it;"
+             " window = largest)", HEADER] + [fmt_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
