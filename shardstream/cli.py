@@ -8,6 +8,7 @@ from .errors import ConfigError, ShardStreamError
 
 COMMANDS = {
     "download": ("shardstream.download", "fetch train shards 0..N-1 and the val shard (nanochat's dataset -n N -w W)"),
+    "ls": ("shardstream.listing", "list a source's shards, sizes and total (hf://, s3://, gs://, a local dir)"),
     "serve": ("shardstream.server", "serve a directory of shards like the HuggingFace Hub (Range, ETag, faults)"),
     "status": ("shardstream.status", "show a running downloader's status (--watch to follow)"),
     "make-sample": ("shardstream.sample", "write offline sample shards in nanochat's layout"),

@@ -20,6 +20,11 @@ How a fetch goes:
 6. fsync the file, rename it to its final name, fsync the directory.
 
 Errors name the shard, the URL without secrets, attempts and cause, and never the token.
+
+Sources of kind s3/gs/file (source.py) take the same path with objectstore.ObjectTransfer: a stat through
+fsspec instead of the HEAD, ranged reads instead of the GET; partial files, retries, verify and commit are
+the ones here. For every kind, what the source says is held against the listing the Source was pinned to
+(Source.check_pinned): a shard that changed since the run started is a PermanentFetchError.
 """
 import ctypes
 import errno
@@ -47,7 +52,7 @@ import urllib3
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
                      TransientFetchError)
 from .shards import shard_name
-from .source import RemoteInfo, _is_loopback, redact_url
+from .source import OBJECT_STORE_KINDS, RemoteInfo, _is_loopback, redact_url
 from .verify import check_parquet, sha256_file, verify_shard
 
 logger = logging.getLogger(__name__)
@@ -244,6 +249,21 @@ def _head(source, url, policy, session):
             r.close()
 
 
+def _probe(source, shard_id, url, policy, session):
+    """What the source says about one shard now: a HEAD for http(s) and the Hub, a stat through fsspec
+    for s3/gs/local (objectstore.py). Held against the listing the source was pinned to: a shard that
+    changed since is a _Fatal naming what changed."""
+    if source.kind in OBJECT_STORE_KINDS:
+        from .objectstore import stat_shard
+        info = stat_shard(source, shard_id)
+    else:
+        info = _head(source, url, policy, session)
+    info, changed = source.check_pinned(shard_id, info)
+    if changed:
+        raise _Fatal(changed)
+    return info
+
+
 def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None):
     """Size, sha256 and ETag of shard_id at source (a HEAD, retried like a fetch)."""
     url = source.url(shard_id)
@@ -257,7 +277,7 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
                                      shard_id=shard_id, url=redact_url(url), attempts=attempts)
             attempts += 1
             try:
-                return _head(source, url, policy, session)
+                return _probe(source, shard_id, url, policy, session)
             except _Fatal as e:
                 raise _permanent(source, shard_id, url, attempts, str(e)) from None
             except (_Retry, *NETWORK_ERRORS) as e:
@@ -488,6 +508,7 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
     name = shard_name(shard_id)
     url = source.url(shard_id)
     data_dir = ensure_data_dir(data_dir)
+    source.check_data_dir(data_dir)
     final = data_dir / name
     if final.is_file():
         return _present(shard_id, final, t0)
@@ -507,7 +528,10 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
         try:
             if final.is_file():         # another process fetched it while we waited
                 return _present(shard_id, final, t0)
-            return _Transfer(source, shard_id, url, final, policy, session, stop, on_bytes, info, t0).run()
+            transfer = _Transfer
+            if source.kind in OBJECT_STORE_KINDS:       # s3/gs/local: ranged reads through fsspec
+                from .objectstore import ObjectTransfer as transfer
+            return transfer(source, shard_id, url, final, policy, session, stop, on_bytes, info, t0).run()
         finally:
             lock.release()
     finally:
@@ -575,7 +599,7 @@ class _Transfer:
         if self.info is None:
             self.attempts += 1
             try:
-                self.info = _head(self.source, self.url, self.policy, self.session)
+                self.info = _probe(self.source, self.shard_id, self.url, self.policy, self.session)
             except NETWORK_ERRORS as e:
                 raise _Retry(f"HEAD failed: {_describe(e, self.source.token)}") from None
         size = self.info.size

@@ -1,0 +1,148 @@
+"""Discovery and pinning: list a source's shards when a Source is made, and `shardstream ls SOURCE`.
+
+    source = make_source("s3://bucket/corpus")      # -> open_listed_source("s3", ...)
+    source.dataset_shards                           # the listed count: no --dataset-shards to type
+    source.listing[7]                               # RemoteInfo(size, sha256, etag, md5) as listed
+    source.identity()                               # {"source": "s3://bucket/corpus@etags-1f0c...", ...}
+
+hf://datasets/ORG/NAME[@REV][/DIR]: the revision (default main) is resolved to its commit sha once, and
+every URL names that sha, so the data cannot change under a run; the tree API gives sizes and sha256.
+s3://, gs://, local dirs: the folder is listed through fsspec (objectstore.py); the revision is a digest
+of the listed names, sizes and ETags. Either way the revision goes into Source.identity(), which resume
+fingerprints hold, and every fetch holds the shard against the listing (Source.check_pinned).
+
+The shards must be shard_00000.parquet .. shard_{T-1}.parquet with no gap (the last one is val); other
+files are ignored. dataset_shards=T given by hand uses the first T (it may not exceed the listing).
+Plain http(s) base URLs cannot be listed: their count is the known dataset's (make_source).
+"""
+import argparse
+import hashlib
+import logging
+import os
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .shards import SHARD_RE, shard_name
+from .source import Source, _is_loopback, hf_endpoint, hub_resolve_url, make_source, redact_url, source_kind
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_GAPS = 5             # missing shard ids named in the error
+
+
+def open_listed_source(kind, url, dataset_shards=None, *, token=None, allow_insecure=False, storage_options=None):
+    """A Source of kind hf/s3/gs/file, listed and pinned now (see the module docstring)."""
+    if kind == "hf":
+        from .hub import list_tree, parse_hf_url, resolve_revision
+        repo, revision, folder = parse_hf_url(url)
+        endpoint = hf_endpoint()
+        _check_endpoint(endpoint, allow_insecure)
+        token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
+        sha = resolve_revision(repo, revision, token)
+        files = list_tree(repo, sha, folder, token)
+        base = hub_resolve_url(repo, sha, endpoint) + (f"/{folder}" if folder else "")
+        listing = shards_from_listing(files, url, dataset_shards)
+        if revision != sha:
+            logger.info("%s: revision %s is commit %s; every shard is read at that commit", url, revision, sha)
+        return Source(base, len(listing), token=token, token_host=urlsplit(endpoint).hostname if token else None,
+                      allow_insecure=allow_insecure, kind="hf", revision=sha, listing=listing)
+    from .objectstore import list_folder
+    if kind == "file":
+        url = _file_url(url)
+    url = url.rstrip("/")
+    files = list_folder(kind, url, storage_options)
+    listing = shards_from_listing(files, url, dataset_shards)
+    return Source(url, len(listing), kind=kind, revision=listing_revision(listing), listing=listing,
+                  storage_options=dict(storage_options or {}))
+
+
+def _file_url(url):
+    """A local path or file:// URL -> file:///absolute/dir (ConfigError when it is not a directory)."""
+    path = urlsplit(url).path if url.startswith("file://") else url
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise ConfigError(f"source {url!r}: no such directory (a local source is a folder of shard_XXXXX.parquet)")
+    return "file://" + path
+
+
+def shards_from_listing(files, where, dataset_shards=None):
+    """The listing's shards 0..T-1 as a tuple of RemoteInfo (T = dataset_shards, else as many as listed).
+    ConfigError when there are none, when one is missing, or when dataset_shards asks for more."""
+    found = {}
+    for name, info in files.items():
+        m = SHARD_RE.match(name)
+        if m:
+            found[int(m.group(1))] = info
+    where = redact_url(where)
+    if not found:
+        raise ConfigError(f"source {where!r} holds no shard_XXXXX.parquet files (listed {len(files)} other "
+                          f"file(s)): check the bucket/prefix/folder")
+    listed = max(found) + 1
+    if dataset_shards is not None:
+        if not isinstance(dataset_shards, int) or dataset_shards < 2:
+            raise ConfigError(f"dataset_shards must be an int >= 2 (train shards + 1 val shard), got {dataset_shards!r}")
+        if dataset_shards > listed:
+            raise ConfigError(f"dataset_shards={dataset_shards} but {where!r} lists shards up to "
+                              f"{shard_name(listed - 1)} ({listed}): leave dataset_shards out to use what is listed")
+    count = dataset_shards or listed
+    missing = [i for i in range(count) if i not in found]
+    if missing:
+        named = ", ".join(shard_name(i) for i in missing[:MAX_LISTED_GAPS])
+        more = f" and {len(missing) - MAX_LISTED_GAPS} more" if len(missing) > MAX_LISTED_GAPS else ""
+        raise ConfigError(f"source {where!r} lacks {named}{more} of shards 0..{count - 1}: upload them, or give "
+                          f"dataset_shards={missing[0]} to use the shards before the gap")
+    return tuple(found[i] for i in range(count))
+
+
+def listing_revision(listing):
+    """A short digest of the listed sizes and ETags: changes when any shard is replaced, added or removed."""
+    h = hashlib.sha256()
+    for i, info in enumerate(listing):
+        h.update(f"{i} {info.size} {info.etag} {info.sha256}\n".encode())
+    return "etags-" + h.hexdigest()[:16]
+
+
+def _check_endpoint(endpoint, allow_insecure):
+    """The Hub's endpoint must be https (plain http only to loopback, or with allow_insecure): the token
+    goes there."""
+    p = urlsplit(endpoint)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise ConfigError(f"HF_ENDPOINT={endpoint!r} is not an http(s) URL (default {'https://huggingface.co'})")
+    if p.scheme == "http" and not allow_insecure and not _is_loopback(p.hostname):
+        raise ConfigError(f"HF_ENDPOINT={redact_url(endpoint)!r} uses plain http to a non-loopback host: use "
+                          f"https, or opt out with allow_insecure=True (--allow-insecure)")
+
+
+# -----------------------------------------------------------------------------
+# shardstream ls
+
+def cli(argv):
+    p = argparse.ArgumentParser(
+        prog="shardstream ls",
+        description="List a source's shards with their sizes and the total (what a run would stream).",
+        epilog="SOURCE: hf://datasets/ORG/NAME[@REV][/DIR], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a local dir")
+    p.add_argument("source", nargs="?", default=None,
+                   help="where the shards are (default: $SHARDSTREAM_SOURCE, else the dataset on the Hub)")
+    p.add_argument("--dataset", default=None, help="known dataset to list from the Hub when SOURCE is left out "
+                                                   "(climbmix, fineweb-edu)")
+    p.add_argument("-s", "--summary", action="store_true", help="print the total only, not one line per shard")
+    p.add_argument("--allow-insecure", action="store_true", help="permit plain http to a non-loopback host")
+    args = p.parse_args(argv)
+
+    url = args.source or os.environ.get("SHARDSTREAM_SOURCE")
+    if url is None:
+        from .shards import DEFAULT_DATASET, get_dataset
+        url = f"hf://datasets/{get_dataset(args.dataset or DEFAULT_DATASET).repo}"
+    if source_kind(url) == "http":
+        raise ConfigError(f"{redact_url(url)} is a plain http(s) base URL, which cannot be listed: for the Hub "
+                          f"give hf://datasets/ORG/NAME (its tree API lists the shards)")
+    source = make_source(url, allow_insecure=args.allow_insecure)
+    total = sum(info.size or 0 for info in source.listing)
+    print(f"{source.identity()['source']}: {source.dataset_shards} shards "
+          f"({source.num_train_shards} train + val {shard_name(source.val_shard)})")
+    if not args.summary:
+        for i, info in enumerate(source.listing):
+            check = f"sha256 {info.sha256[:16]}" if info.sha256 else f"etag {info.etag}" if info.etag else ""
+            print(f"{shard_name(i)}  {info.size:>15,}  {check}".rstrip())
+    print(f"total {total:,} bytes ({total / 1e9:.3f} GB) in {source.dataset_shards} shards")
+    return 0

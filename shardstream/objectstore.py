@@ -1,0 +1,278 @@
+"""S3, Google Cloud Storage and local folders as shard sources, through fsspec: list a folder, stat a
+shard, and read byte ranges into fetch's partial files, with the same resume, verify and budget as HTTP.
+
+    infos = list_folder("s3", "s3://bucket/corpus", storage_options)   # {file name: RemoteInfo}
+    info = stat_shard(source, 7)                                       # what the store says now
+
+s3:// needs s3fs (`pip install 'shardstream[s3]'`), gs:// needs gcsfs (`pip install 'shardstream[gcs]'`);
+credentials and endpoints come the usual way (AWS_* / AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)
+or from the Source's storage_options, which go to fsspec as they are.
+
+What each store's metadata becomes (RemoteInfo):
+    size    always (from the listing and from the stat)
+    etag    S3's ETag, GCS's generation, a local file's mtime and size: matches partial files to the
+            object they belong to, and shows a changed object (Source.check_pinned)
+    md5     S3's ETag when it is the MD5 of the bytes (single-part upload, not SSE-KMS / SSE-C, asked
+            of HeadObject), GCS's md5Hash: checked after the download, like the Hub's sha256
+A transfer (ObjectTransfer, a fetch._Transfer) reads the object in blocks of BLOCK_CHUNKS x chunk_bytes
+with cat_file(start=, end=) on a helper thread, one block ahead of the writer. A block that does not come
+within stall_timeout is a stall: the try is retried from the bytes on disk with half the block size.
+Setting `stop` returns within ~0.1 s; the helper thread is left to finish its call and its bytes dropped.
+"""
+import asyncio
+import base64
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import queue
+import re
+import threading
+
+from .errors import ConfigError, TransientFetchError
+from .fetch import WATCH_POLL, _Corrupt, _DiskError, _Fatal, _Retry, _Transfer, _write_all
+from .source import RemoteInfo, redact_url
+
+logger = logging.getLogger(__name__)
+
+BLOCK_CHUNKS = 8                # a ranged read is this many FetchPolicy.chunk_bytes (8 MiB by default)
+EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}      # kind -> (module, pip extra)
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _transient_errors():
+    """What a dropped, refused or timed-out connection raises from fsspec and the store's client."""
+    errors = [OSError, TimeoutError, asyncio.TimeoutError]
+    for module, names in (("fsspec.exceptions", ("FSTimeoutError",)), ("botocore.exceptions", ("BotoCoreError",)),
+                          ("aiohttp", ("ClientError",)), ("google.auth.exceptions", ("TransportError",))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+
+
+# -----------------------------------------------------------------------------
+# The filesystem of a source, and what it says about a file
+
+def filesystem(url, storage_options=None):
+    """(fsspec filesystem, path within it) for an s3://, gs:// or file:// URL. ConfigError naming the
+    extra to install when the store's fsspec package is missing."""
+    scheme = url.split("://", 1)[0]
+    if scheme in EXTRAS and importlib.util.find_spec(EXTRAS[scheme][0]) is None:
+        module, extra = EXTRAS[scheme]
+        raise ConfigError(f"source {redact_url(url)!r} needs {module}: pip install 'shardstream[{extra}]' "
+                          f"(or pip install {module})")
+    try:
+        import fsspec
+    except ImportError:
+        raise ConfigError(f"source {redact_url(url)!r} needs fsspec: pip install fsspec") from None
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"source {redact_url(url)!r}: bad storage options ({e})") from None
+
+
+def remote_info_of(kind, entry):
+    """RemoteInfo from one fsspec listing/info entry (a dict) of a store of `kind` (see the docstring).
+    For S3 the md5 comes from HeadObject only (stat_shard), since a listing does not say whether the
+    ETag is an MD5."""
+    size = entry.get("size")
+    size = int(size) if size is not None else None
+    if kind == "s3":
+        etag = entry.get("ETag") or entry.get("etag") or None
+        return RemoteInfo(size=size, sha256=None, etag=etag)
+    if kind == "gs":
+        md5 = entry.get("md5Hash")
+        md5 = base64.b64decode(md5).hex() if md5 else None
+        etag = entry.get("generation") or entry.get("etag")
+        return RemoteInfo(size=size, sha256=None, etag=str(etag) if etag is not None else None, md5=md5)
+    mtime = entry.get("mtime")
+    return RemoteInfo(size=size, sha256=None, etag=f"{mtime!r}-{size}" if mtime is not None else None)
+
+
+def _s3_md5(head):
+    """The MD5 in a HeadObject answer's ETag, or None when the ETag is not one (multipart, KMS, SSE-C)."""
+    etag = (head.get("ETag") or "").strip('"').lower()
+    if head.get("ServerSideEncryption", "").startswith("aws:kms") or head.get("SSECustomerAlgorithm"):
+        return None
+    return etag if MD5_RE.match(etag) else None
+
+
+def list_folder(kind, url, storage_options=None):
+    """{file name: RemoteInfo} of the files directly in the folder at url (not recursive).
+    ConfigError when the folder is not there or not readable; TransientFetchError when the store fails."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise ConfigError(f"source {redact_url(url)!r}: no such folder (check the bucket and prefix)") from None
+    except PermissionError as e:
+        raise ConfigError(f"source {redact_url(url)!r}: not allowed to list it ({e}): check the credentials "
+                          f"(AWS_* variables, GOOGLE_APPLICATION_CREDENTIALS) or storage_options") from None
+    except NotADirectoryError:
+        raise ConfigError(f"source {redact_url(url)!r} is a file, not a folder of shards") from None
+    except TRANSIENT_ERRORS as e:
+        raise TransientFetchError(f"source {redact_url(url)!r}: listing failed ({type(e).__name__}: {e})",
+                                  url=redact_url(url), cause=str(e)) from None
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: remote_info_of(kind, e)
+            for e in entries if e.get("type") == "file"}
+
+
+def stat_shard(source, shard_id):
+    """What the store says about shard_id now (fetch._probe calls this instead of a HEAD). Raises
+    _Fatal for a missing or forbidden object, _Retry for a failure worth retrying."""
+    url = source.url(shard_id)
+    fs, path = filesystem(url, source.storage_options)
+    try:
+        if source.kind == "s3":         # HeadObject itself: it says whether the ETag is an MD5
+            bucket, key, _ = fs.split_path(path)
+            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+            return RemoteInfo(size=int(head["ContentLength"]), sha256=None, etag=head.get("ETag"),
+                              md5=_s3_md5(head))
+        fs.invalidate_cache(path)
+        return remote_info_of(source.kind, fs.info(path))
+    except Exception as e:
+        raise _classify(e, "stat") from None
+
+
+def _classify(e, what):
+    """A store's exception as fetch's outcome of one try: _Fatal, _Retry, or e itself (a bug)."""
+    if isinstance(e, FileNotFoundError):
+        return _Fatal(f"{what}: the object does not exist at this source")
+    if isinstance(e, PermissionError):
+        return _Fatal(f"{what}: not authorized ({e}): check the store's credentials (AWS_* variables, "
+                      f"GOOGLE_APPLICATION_CREDENTIALS) or storage_options")
+    if isinstance(e, TRANSIENT_ERRORS):
+        return _Retry(f"{what} failed: {type(e).__name__}: {e}")
+    return e
+
+
+# -----------------------------------------------------------------------------
+# The transfer: fetch._Transfer with ranged reads instead of a GET
+
+class _Stalled(Exception):
+    pass
+
+
+class _BlockReader:
+    """Reads [start, end) of one object in blocks on a helper thread, one block ahead of the caller."""
+
+    def __init__(self, fs, path, start, end, block):
+        self.blocks = queue.Queue(maxsize=1)
+        self.cancelled = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fs, path, start, end, block),
+                                       name="objectstore-read", daemon=True)
+        self.thread.start()
+
+    def _run(self, fs, path, pos, end, block):
+        while pos < end and not self.cancelled.is_set():
+            try:
+                data = fs.cat_file(path, start=pos, end=min(end, pos + block))
+            except BaseException as e:      # handed to the caller, who decides
+                self._put(e)
+                return
+            self._put(data)
+            if not data:
+                return
+            pos += len(data)
+
+    def _put(self, item):
+        while not self.cancelled.is_set():
+            try:
+                self.blocks.put(item, timeout=WATCH_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, timeout, stop):
+        """The next block (b"" at the object's end), None when stop is set; raises what the read raised,
+        or _Stalled when nothing came within timeout seconds."""
+        waited = 0.0
+        while True:
+            if stop is not None and stop.is_set():
+                return None
+            try:
+                item = self.blocks.get(timeout=WATCH_POLL)
+            except queue.Empty:
+                waited += WATCH_POLL
+                if waited >= timeout:
+                    raise _Stalled() from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def close(self):
+        self.cancelled.set()        # not joined: a read in flight finishes (or times out) on its own
+
+
+class ObjectTransfer(_Transfer):
+    """fetch._Transfer for s3/gs/local sources: the stat is fetch._probe's, the GET is ranged reads."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.block = self.policy.chunk_bytes * BLOCK_CHUNKS
+
+    def _download(self, watch):
+        size = self.info.size
+        if size is None:
+            raise _Fatal("the store gave no size for the object")
+        start = self.pos
+        self.attempts += 1
+        fs, path = filesystem(self.url, self.source.storage_options)
+        try:
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _DiskError(e) from None
+        reader = _BlockReader(fs, path, start, size, self.block)
+        try:
+            os.lseek(fd, start, os.SEEK_SET)
+            while self.pos < size:
+                try:
+                    data = reader.next(self.policy.stall_timeout, self.stop)
+                except _Stalled:
+                    self.block = max(self.policy.chunk_bytes, self.block // 2)
+                    raise _Retry(f"no data for {self.policy.stall_timeout:g}s (next reads: "
+                                 f"{self.block} bytes)", progressed=self.pos > start) from None
+                except Exception as e:
+                    err = _classify(e, "read")
+                    if isinstance(err, _Retry):
+                        err.progressed = self.pos > start
+                    raise err from None
+                if data is None:
+                    self._check_stop()
+                if not data:
+                    self.info = None    # shorter than it said: ask again (a change is then named)
+                    raise _Retry(f"the object ended at byte {self.pos}, not {size}", progressed=self.pos > start)
+                data = data[:size - self.pos]
+                _write_all(fd, data)
+                self.hasher.update(data)
+                self.pos += len(data)
+                self.bytes_downloaded += len(data)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data))
+            self._check_stop()
+        finally:
+            reader.close()
+            os.close(fd)
+
+    def _finish(self):
+        md5 = self.info.md5
+        if md5 is not None and self.pos == self.info.size:
+            h = hashlib.md5(usedforsecurity=False)
+            try:
+                with open(self.partial, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as e:
+                raise _DiskError(e) from None
+            if h.hexdigest() != md5.lower():
+                raise _Corrupt(f"{self.partial}: md5 {h.hexdigest()} does not match the store's {md5}")
+        return super()._finish()
