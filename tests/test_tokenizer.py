@@ -49,6 +49,8 @@ def test_threads_do_not_change_tokens(tok):
     for threads in (1, 2, 3, 8):
         assert tok.encode(texts, num_threads=threads) == one_by_one
     assert tok.encode([], num_threads=4) == []
+    clone = pickle.loads(pickle.dumps(tok))         # the thread pool is not pickled; a new one starts
+    assert clone.encode(texts, num_threads=2) == one_by_one
 
 
 def test_training_is_deterministic(tok):
