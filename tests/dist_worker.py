@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py CONFIG.json
 
 CONFIG (JSON): url, data_dir (a "{node}" in it becomes this node's rank), out (dir for rank<R>.json),
-total_shards, dataset_shards, buffer_size, budget, partition, scope, B, T, batches (or "until_repeat"),
+total_shards, dataset_shards, buffer_size, budget, partition, scope, B, T, batches (a count, "until_repeat":
+every rank read a document twice, or "until_epoch_2": the next chunk is epoch 2's; that one runs alone),
 slow_rank/slow_seconds (that rank sleeps between getting a shard and opening it), save_at (rank 0 writes
 the state yielded with that batch to out/state.json), resume (a state file to resume from), die_rank/
 die_at (that rank SIGKILLs itself at that batch), timeout.
@@ -108,7 +109,10 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             k += 1
             # lockstep like DDP training: one collective per batch
-            if cfg["batches"] == "until_repeat":
+            if cfg["batches"] == "until_epoch_2":
+                if state["cursor"][0] >= 2:
+                    break
+            elif cfg["batches"] == "until_repeat":
                 done = torch.tensor([int(len(set(tok.seen)) < len(tok.seen))])
                 dist.all_reduce(done, op=dist.ReduceOp.MIN)
                 if done.item():
