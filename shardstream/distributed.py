@@ -118,6 +118,21 @@ def node_info(env=None):
     return NodeInfo(rank, world, local_rank, local_world, node, world // local_world)
 
 
+def setup_ddp(device_type=None):
+    """Under torchrun: init the default process group (nccl on CUDA, gloo otherwise) and, on CUDA, pick
+    this local rank's GPU. Returns (NodeInfo, device). One process: no process group, ("cuda"|"cpu")."""
+    import torch
+    import torch.distributed as dist
+    info = node_info()
+    cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if info.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return info, device
+
+
 def node_shards(total_shards, node_rank, num_nodes):
     """partition="node": the train shards node `node_rank` of `num_nodes` reads, in order."""
     shards = list(range(node_rank, total_shards, num_nodes))
