@@ -20,8 +20,16 @@ partial files + reservations (an in-flight shard counts as max(its remote size, 
 bytes really on disk never exceed what is accounted. Small metadata files (status.json, events.jsonl,
 locks, .partial.json sidecars) are not counted.
 
+Several processes may share one data dir (two training runs, `shardstream download` beside a trainer).
+A lease is then also a shared flock on `shard_XXXXX.parquet.lease`, held while any reader of this
+process holds the shard: `delete` takes the exclusive lock without blocking and keeps a shard another
+process's reader holds (returns None); `lease` returns False for a file another process deleted (the
+caller fetches it again). `delete` also keeps partial files whose fetch lock another fetch holds.
+Lock files are never deleted (deleting a lock file others may have open breaks the lock).
+
 ShardCache is not thread-safe on its own: the downloader calls it with its lock held.
 """
+import fcntl
 import logging
 import os
 import re
@@ -212,6 +220,7 @@ class ShardCache:
         self.inflight = {}       # shard -> [reserved bytes, bytes on disk so far]
         self.leases = {}         # shard -> Counter(reader -> count)
         self.consumed = {}       # shard -> None, in the order readers released them (oldest first)
+        self._lease_fds = {}     # shard -> fd holding a shared flock on its .lease file while leased here
 
     # --- paths and the directory
     def path(self, shard):
@@ -293,20 +302,28 @@ class ShardCache:
         return out
 
     def delete(self, shard):
-        """Delete shard's file and its orphan partials. Returns bytes freed. Never touches a leased or
-        in-flight shard (raises, since that would be a bug in the caller)."""
+        """Delete shard's file and its orphan partials. Returns bytes freed, or None (nothing deleted) when a
+        reader in another process holds the shard. Never touches a leased or in-flight shard (raises, since
+        that would be a bug in the caller)."""
         if self.leases.get(shard):
             raise RuntimeError(f"refusing to delete {shard_name(shard)}: a reader holds it")
         if shard in self.inflight:
             raise RuntimeError(f"refusing to delete {shard_name(shard)}: it is being downloaded")
         freed = 0
         if shard in self.files:
+            fd = _try_lock(self.lease_path(shard))
+            if fd is False:
+                return None
             try:
                 os.remove(self.path(shard))
             except FileNotFoundError:
                 pass
+            finally:
+                if fd is not None:
+                    os.close(fd)
             freed += self.files.pop(shard)
-        if shard in self.partials:
+        if shard in self.partials and _try_lock(self.path(shard).with_name(shard_name(shard) + ".lock"),
+                                                close=True) is not False:    # no fetch of it running
             for p in self.partial_files(shard):
                 try:
                     os.remove(p)
@@ -317,9 +334,22 @@ class ShardCache:
         return freed
 
     # --- readers
+    def lease_path(self, shard):
+        return self.data_dir / (shard_name(shard) + ".lease")
+
     def lease(self, shard, reader):
+        """Lease shard to reader. Returns False, leasing nothing, when its file is gone (another process
+        sharing the data dir deleted it while no reader held it): the caller must fetch it again."""
+        if shard not in self._lease_fds:
+            fd = os.open(self.lease_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)      # waits out another process's delete in progress
+            if shard in self.files and not self.path(shard).is_file():
+                os.close(fd)
+                return False
+            self._lease_fds[shard] = fd
         self.leases.setdefault(shard, Counter())[reader] += 1
         self.consumed.pop(shard, None)
+        return True
 
     def release(self, shard, reader):
         """End one lease. Returns True when no reader holds the shard any more (it is consumed)."""
@@ -332,8 +362,29 @@ class ShardCache:
         if c:
             return False
         del self.leases[shard]
+        fd = self._lease_fds.pop(shard, None)
+        if fd is not None:
+            os.close(fd)                        # the shared lock goes with it
         self.consumed[shard] = None
         return True
 
     def leased(self):
         return {s for s, c in self.leases.items() if c}
+
+
+def _try_lock(path, close=False):
+    """Take the exclusive flock on path without waiting. False: another holder has it. None: path does
+    not exist (nobody ever locked it). Else the fd holding the lock (closed at once with close=True)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    if close:
+        os.close(fd)
+        return None
+    return fd

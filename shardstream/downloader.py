@@ -471,7 +471,9 @@ class StreamingDownloader:
             if reader is not None:
                 self._move_reader(reader, shard, t0)
             if shard in self.cache.files:
-                return self._hand_over(shard, reader, lease)
+                path = self._hand_over(shard, reader, lease)
+                if path is not None:
+                    return path
             if reader is not None and shard in self.plan and self._ctl is not None:
                 self._ctl.on_wait()
                 self._update_window()
@@ -488,7 +490,9 @@ class StreamingDownloader:
                     if self._stop.is_set():
                         raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
                     if shard in self.cache.files:
-                        return self._hand_over(shard, reader, lease, waited=True)
+                        path = self._hand_over(shard, reader, lease, waited=True)
+                        if path is not None:
+                            return path
                     now = time.monotonic()
                     waited = now - t0
                     self._check_failure(shard, waited)
@@ -513,8 +517,16 @@ class StreamingDownloader:
                             ok=shard in self.cache.files)
 
     def _hand_over(self, shard, reader, lease, waited=False):
-        if lease:
-            self.cache.lease(shard, reader)
+        """Lease shard and return its path; None when another process sharing the data dir deleted it
+        while no reader held it (it is then fetched again)."""
+        if lease and not self.cache.lease(shard, reader):
+            logger.info(f"{P} {shard_name(shard)} was deleted by another process sharing {self._data_dir}; "
+                        f"fetching it again")
+            self.cache.files.pop(shard, None)
+            self.cache.consumed.pop(shard, None)
+            self._event("vanished", shard)
+            self._cond.notify_all()
+            return None
         if reader is not None and shard in self.plan:
             pos = self._cursor.get(reader)
             self._last_read[reader] = (pos, time.monotonic(), self.cache.files.get(shard, 0))
@@ -692,11 +704,18 @@ class StreamingDownloader:
             return False
         for s in evict:
             self._delete(s, "consumed" if s in self.cache.consumed else "budget")
+        if not self.cache.fits(extra):      # a reader in another process holds what was chosen
+            self._blocked[shard] = (f"the room {shard_name(shard)} needs is held by readers in another process "
+                                    f"sharing {self._data_dir}")
+            return False
         self._blocked.pop(shard, None)
         return True
 
     def _delete(self, shard, reason):
         freed = self.cache.delete(shard)
+        if freed is None:
+            logger.debug(f"{P} Kept {shard_name(shard)}: a reader in another process holds it")
+            return
         logger.info(f"{P} Deleted {shard_name(shard)} ({reason}, {human_bytes(freed)} freed)")
         self._event("evicted", shard, reason=reason, freed=freed)
 

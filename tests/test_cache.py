@@ -137,7 +137,7 @@ def test_delete_removes_file_and_partials_but_refuses_leased_or_inflight(tmp_pat
     assert (tmp_path / shard_name(1)).exists()
     c.release(1, 0)
     assert c.delete(1) == 14
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(1) + ".lease"]     # lock files stay
     c.begin(2, 10)
     with pytest.raises(RuntimeError, match="being downloaded"):
         c.delete(2)
