@@ -140,6 +140,7 @@ def build_parser():
     add("device", default="", help="cpu or cuda (default: cuda when available)")
     add("seed", type=int, default=42, help="model init seed")
     add("status_every", type=int, default=100, help="steps between [Streaming] status lines")
+    add("log_every", type=int, default=1, help="steps between step lines (the first and last always log)")
     add("tokenizer_threads", type=int, default=4, help="threads for tokenizing documents")
     add("batch_hash_log", default=None, help="append one 'step micro sha256' line per trained batch to FILE")
     return p
@@ -148,7 +149,7 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     positive = ["depth", "max_seq_len", "device_batch_size", "streaming_buffer_size", "vocab_size",
-                "tokenizer_threads", "status_every"]
+                "tokenizer_threads", "status_every", "log_every"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -281,6 +282,13 @@ def shards_needed(tokens_needed, shard_yield, dataset_shards=None, read_ahead_do
     docs = tokens_needed * shard_yield.docs / shard_yield.trained_tokens + read_ahead_docs
     n = math.ceil(docs / shard_yield.docs) + 1
     return max(2, min(n, dataset_shards)) if dataset_shards else max(2, n)
+
+
+def loader_read_ahead_docs():
+    """Documents the loader reads beyond the rows it has handed out: its packing buffer, its prefetch
+    queue of tokenized batches, and one batch in flight on each side of the queue."""
+    from .loader import PREFETCH_CHUNKS
+    return LOADER_BUFFER_DOCS + (PREFETCH_CHUNKS + 2) * LOADER_BATCH_DOCS
 
 
 def _read_tokenizer_meta(directory):
@@ -514,7 +522,7 @@ def train(args):
 def _train(args, result, t_start, device, device_type):
     import torch
     from .gpt import GPT, config_for_depth
-    from .loader import (PREFETCH_CHUNKS, tokenizing_distributed_data_loader_bos_bestfit,
+    from .loader import (tokenizing_distributed_data_loader_bos_bestfit,
                          tokenizing_distributed_data_loader_with_state_bos_bestfit)
     if args.core_metric_every > 0:
         logger.info("--core_metric_every %d: the CORE metric is not part of this trainer; ignored",
@@ -596,7 +604,7 @@ def _train(args, result, t_start, device, device_type):
         elif total_shards == -1:
             tokens_needed = num_iterations * tokens_per_step
             total_shards = shards_needed(tokens_needed, shard_yield, dataset_shards,
-                                         read_ahead_docs=LOADER_BUFFER_DOCS + PREFETCH_CHUNKS * LOADER_BATCH_DOCS)
+                                         read_ahead_docs=loader_read_ahead_docs())
             logger.info("Streaming mode: calculated %d shards needed for %s tokens (%d train + the val shard, "
                         "~%s tokens each)", total_shards, f"{tokens_needed:,}", total_shards - 1,
                         f"{shard_yield.trained_tokens:,}")
@@ -668,6 +676,8 @@ def _train(args, result, t_start, device, device_type):
                 (x, y, loader_state), waited = next_batch()
                 result.data_wait_seconds += waited
                 result.seconds_to_first_batch = time.time() - t_start
+                logger.info("First batch ready %.1fs after start (waited %.1fs for it)",
+                            result.seconds_to_first_batch, waited)
                 while True:
                     last_step = step >= num_iterations
                     if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
@@ -714,11 +724,12 @@ def _train(args, result, t_start, device, device_type):
                     result.data_wait_seconds += step_wait
                     if step == start_step + 1:
                         result.seconds_to_first_step = time.time() - t_start
-                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
-                                "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
-                                100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
-                                f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
-                                (time.time() - t_start) / 60)
+                    if step % args.log_every == 0 or step in (start_step + 1, num_iterations):
+                        logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
+                                    "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
+                                    100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
+                                    f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
+                                    (time.time() - t_start) / 60)
                     if downloader is not None and step % args.status_every == 0:
                         logger.info("[Streaming] %s", downloader.get_status().line())
             except StopRun:
