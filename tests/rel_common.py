@@ -99,6 +99,33 @@ class RandomFaultServer(ShardServer):
             return Counter(self._injected)
 
 
+class OverlapServer(ShardServer):
+    """A ShardServer that also measures how many GET bodies of one file are being sent at the same time
+    (`max_overlap()`: the most, over all files): 1 means no shard was ever downloaded twice at once."""
+
+    def __init__(self, directory, **kw):
+        super().__init__(directory, **kw)
+        self._live = Counter()
+        self._most = Counter()
+
+    def _count_body(self, name, start, n):
+        ticket = super()._count_body(name, start, n)
+        with self._lock:
+            self._live[name] += 1
+            self._most[name] = max(self._most[name], self._live[name])
+        return name, ticket
+
+    def _recount_body(self, ticket, sent):
+        name, inner = ticket
+        with self._lock:
+            self._live[name] -= 1
+        super()._recount_body(inner, sent)
+
+    def max_overlap(self):
+        with self._lock:
+            return max(self._most.values(), default=0)
+
+
 def faults_struck(srv):
     """Requests a fault struck, over every file the server counted (scripted and random)."""
     return sum(s.faults for s in srv.all_stats().values())
