@@ -118,6 +118,8 @@ def list_folder(kind, url, storage_options=None):
                           f"(AWS_* variables, GOOGLE_APPLICATION_CREDENTIALS) or storage_options") from None
     except NotADirectoryError:
         raise ConfigError(f"source {redact_url(url)!r} is a file, not a folder of shards") from None
+    except TypeError as e:              # s3fs/gcsfs make their client on first use
+        raise ConfigError(f"source {redact_url(url)!r}: bad storage options ({e})") from None
     except TRANSIENT_ERRORS as e:
         raise TransientFetchError(f"source {redact_url(url)!r}: listing failed ({type(e).__name__}: {e})",
                                   url=redact_url(url), cause=str(e)) from None
