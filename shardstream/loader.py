@@ -30,12 +30,14 @@ What it does better:
   bitmask of rows) entries; batch states in between say how many batches to replay from the anchor.
   Resuming re-reads the anchor's documents (the downloader fetches evicted shards again), re-tokenizes
   them, and replays at most state_every - 1 batches. The state is small JSON (a few KB at buffer 1000),
-  carries a version and a fingerprint (source, shard count, split, B, T, world size, tokenizer identity,
-  buffer_size, tokenizer_batch_size, rank); a mismatch raises StateMismatchError naming the field. It also
+  carries a version, the rank, and a fingerprint (split, source, shard count, B, T, world size, tokenizer
+  identity, buffer_size, tokenizer_batch_size); a mismatch raises StateMismatchError naming the field. It also
   keeps nanochat's keys pq_idx, rg_idx, epoch (the row group last read), and a plain nanochat state
   {pq_idx, rg_idx, epoch} resumes the way nanochat does (next row-group stride, empty buffer: approximate).
 - A state made by another rank (nanochat hands rank 0's state to every rank) cannot restore this rank's
-  buffer: it resumes approximately from the nanochat keys, with a warning.
+  buffer by itself: under torch.distributed, distributed.LoaderSync makes rank 0's state carry every
+  rank's, so each rank resumes exactly; without it, the rank resumes approximately from the nanochat keys,
+  with a warning.
 """
 import bisect
 import hashlib
@@ -48,10 +50,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .errors import ConfigError, ShardSkipped, StateMismatchError
+from .errors import ConfigError, CorruptShardError, ShardSkipped, StateMismatchError
 from .shards import default_data_dir, list_shards, shard_name
 
 logger = logging.getLogger(__name__)
@@ -142,8 +145,27 @@ class ShardPlan:
             self.downloader.release(self.shard_ids[pq_idx])
 
 
-def _read_texts(pf, rg_idx):
-    return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)
+
+
+def _open_parquet(path):
+    try:
+        return pq.ParquetFile(path)
+    except PARQUET_ERRORS as e:
+        raise _corrupt(path, "cannot be opened", e) from None
+
+
+def _read_texts(pf, rg_idx, path=None):
+    try:
+        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except PARQUET_ERRORS as e:
+        raise _corrupt(path, f"row group {rg_idx} cannot be read", e) from None
+
+
+def _corrupt(path, what, e):
+    """A shard pyarrow cannot read (its footer passed verification, a data page did not): a clear error."""
+    return CorruptShardError(f"{path}: {what} ({type(e).__name__}: {e}): the shard is corrupt; delete it to have "
+                             f"it fetched again, and if that does not help the source's file is broken")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -186,14 +208,14 @@ def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
                 pq_idx, rg_idx, row = pq_idx + 1, rank, 0
                 continue
             try:
-                pf = pq.ParquetFile(path)
+                pf = _open_parquet(path)
                 num_rg = pf.num_row_groups
                 while rg_idx < num_rg:
                     done = 0 if plan.rows_read is None else plan.rows_read(epoch, pq_idx, rg_idx)
                     if done is None:        # read in full before the world size changed (elastic resume)
                         rg_idx, row = rg_idx + world, 0
                         continue
-                    texts = _read_texts(pf, rg_idx)
+                    texts = _read_texts(pf, rg_idx, path)
                     row = max(row, done)
                     while row < len(texts):
                         if stop is not None and stop.is_set():
@@ -434,9 +456,9 @@ def rebuild_buffer(packer, docs, plan, tokenize):
             raise StateMismatchError(f"resume state names shard index {pq_idx}, the split has {len(plan)}")
         path = plan.acquire(pq_idx, quiet=True)
         try:
-            pf = pq.ParquetFile(path)
+            pf = _open_parquet(path)
             for rg_idx in sorted(by_shard[pq_idx]):
-                texts[pq_idx, rg_idx] = _read_texts(pf, rg_idx)
+                texts[pq_idx, rg_idx] = _read_texts(pf, rg_idx, path)
         finally:
             plan.release(pq_idx)
     for epoch, pq_idx, rg_idx, row, mask in docs:   # sorted by stream position when saved
