@@ -4,6 +4,7 @@ The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
 
     shardstream download -n 8 -w 4                        # climbmix from the Hub into nanochat's data dir
     shardstream download -n 4 --dataset-shards 10 --source http://127.0.0.1:8000 --data-dir /tmp/d
+    shardstream download -n 4 --source s3://bucket/corpus --data-dir /tmp/d    # count from the listing
 
 Every shard goes through fetch_shard (resume, retries, verify, atomic rename), so the exit status is 0 only
 when every asked-for shard is verified on disk; otherwise it is 1 and each failed shard gets one line
@@ -89,14 +90,16 @@ def cli(argv):
                    help="number of train shards to fetch, 0..N-1 (default -1: all of them)")
     p.add_argument("-w", "--num-workers", type=int, default=4, help="parallel transfers (default 4)")
     p.add_argument("--source", default=None,
-                   help="base URL holding shard_XXXXX.parquet (default: $SHARDSTREAM_SOURCE, else the "
-                        "dataset on the HuggingFace Hub)")
+                   help="where the shards are: hf://datasets/ORG/NAME[@REV], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+                        "a local dir, or an http(s) base URL (default: $SHARDSTREAM_SOURCE, else the dataset on "
+                        "the HuggingFace Hub)")
     p.add_argument("--data-dir", default=None,
                    help="where shards go (default: $SHARDSTREAM_DATA_DIR, else nanochat's data dir)")
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
                    help=f"known dataset (default {DEFAULT_DATASET})")
     p.add_argument("--dataset-shards", type=int, default=None,
-                   help="total shards at a custom --source, the last being val (default: the dataset's)")
+                   help="total shards at the source, the last being val (default: the listed count for "
+                        "hf/s3/gs/local sources, the dataset's for an http(s) URL)")
     p.add_argument("--allow-insecure", action="store_true", help="permit plain http to a non-loopback host")
     args = p.parse_args(argv)
 

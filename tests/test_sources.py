@@ -190,6 +190,20 @@ def test_ls_lists_local_and_hub_sources(remote_dir, hub, capsys):
     assert "cannot be listed" in capsys.readouterr().err
 
 
+def test_store_metadata_becomes_remote_info():
+    """What gcsfs / s3fs / the local filesystem say about a file (their info dicts) -> RemoteInfo."""
+    from shardstream.objectstore import _s3_md5, remote_info_of
+    md5 = hashlib.md5(b"x").hexdigest()
+    gs = remote_info_of("gs", {"size": "10", "generation": "1700000000123", "etag": "CNv...",
+                               "md5Hash": "nS7ROXJ4HCKmb1cKAq6MRA=="})
+    assert gs.size == 10 and gs.etag == "1700000000123" and gs.md5 == "9d2ed13972781c22a66f570a02ae8c44"
+    assert remote_info_of("s3", {"size": 10, "ETag": f'"{md5}"'}).md5 is None     # a listing cannot tell
+    assert _s3_md5({"ETag": f'"{md5}"'}) == md5
+    assert _s3_md5({"ETag": f'"{md5}-3"'}) is None                                # multipart
+    assert _s3_md5({"ETag": f'"{md5}"', "ServerSideEncryption": "aws:kms"}) is None
+    assert remote_info_of("file", {"size": 5, "mtime": 1.5}).etag == "1.5-5"
+
+
 def stop_after_first_block():
     import threading
     stop = threading.Event()
