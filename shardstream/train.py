@@ -632,7 +632,7 @@ def _train(args, result, t_start, device, device_type):
         try:
             with torch.no_grad(), autocast:
                 for _ in range(eval_batches):
-                    x, y = next(loader)
+                    x, y = waiting(next, loader)
                     total += model(x, y).item()
         finally:
             loader.close()
@@ -649,30 +649,35 @@ def _train(args, result, t_start, device, device_type):
         logger.info("Saved checkpoint %s", path)
 
     stopper = SignalStop()
+
+    def waiting(fn, *a):
+        """Call fn while a signal may interrupt it at once (it only waits for data)."""
+        stopper.waiting_for_data = True
+        try:
+            if stopper.requested:
+                raise StopRun
+            return fn(*a)
+        finally:
+            stopper.waiting_for_data = False
     step = start_step
     try:
         with stopper:
-            if downloader is not None:
-                downloader.start()
-            train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-                tokenizer, args.device_batch_size, args.max_seq_len, "train",
-                tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
-                buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
-                streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+            train_loader = None
 
             def next_batch():
                 t0 = time.time()
-                stopper.waiting_for_data = True
-                try:
-                    if stopper.requested:
-                        raise StopRun
-                    batch = next(train_loader)
-                finally:
-                    stopper.waiting_for_data = False
+                batch = waiting(next, train_loader)
                 return batch, time.time() - t0
 
             step_state = None
             try:
+                if downloader is not None:
+                    waiting(downloader.start)       # blocks until the first shard is verified
+                train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+                    tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                    tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
+                    buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
+                    streaming_downloader=downloader, data_dir=None if downloader else data_dir)
                 (x, y, loader_state), waited = next_batch()
                 result.data_wait_seconds += waited
                 result.seconds_to_first_batch = time.time() - t_start
@@ -744,7 +749,8 @@ def _train(args, result, t_start, device, device_type):
                 logger.warning("Stopped by %s at step %d%s", result.signal, step,
                                "" if args.save_every > 0 else " (no checkpoint: --save_every is not set)")
             finally:
-                train_loader.close()
+                if train_loader is not None:
+                    train_loader.close()
     except KeyboardInterrupt:
         result.exit_code = 130
         result.signal = "SIGINT"

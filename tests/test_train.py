@@ -179,6 +179,30 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes(server, tmp_path, si
     assert set(before) <= set(hashes(tmp_path / "h.txt"))
 
 
+def test_sigterm_while_waiting_for_the_first_shard_stops_at_once(server, tmp_path):
+    assert main(tiny_args(server, tmp_path, num_iterations=1)) == 0     # tokenizer + shard yield, cached
+    shutil.rmtree(tmp_path / "data")
+    shutil.rmtree(tmp_path / "ckpt")
+    server.set_rate(0.02)                # shard 0 would now take half a minute
+    p = start(tiny_args(server, tmp_path, num_iterations=5, save_every=5))
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "Downloading initial buffer" in line:
+            break
+    time.sleep(0.5)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    rest, _ = p.communicate(timeout=30)
+    assert p.returncode == 143, "".join(seen) + rest
+    assert time.time() - t0 < 15
+    assert "Stopped by SIGTERM at step 0" in rest and "Download thread stopped" in rest
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step_*.pt"))
+    server.set_rate(None)
+    rc, out = run(tiny_args(server, tmp_path, num_iterations=3))
+    assert rc == 0, out[-3000:]
+
+
 def test_seed_minimal_test_command_line(server, tmp_path):
     """The seed's 'Minimal Test' flags verbatim (fewer iterations, shorter rows, a local source)."""
     seed = ["--depth=4", "--max_seq_len=512", "--device_batch_size=1", "--total_batch_size=512",
