@@ -17,6 +17,7 @@ All but "http" are listed when the Source is made (listing.py): the shard count 
 size/sha256/etag come from the listing and are pinned in `listing`; `revision` (the Hub's commit sha, or
 a digest of the listed ETags) goes into identity(), so a resume against changed data fails.
 """
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,7 +169,14 @@ class Source:
 
 
 def _is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """localhost or a loopback IP literal; a name like 127.0.0.1.example.com is not (DNS sends it anywhere)."""
+    host = (host or "").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def source_kind(url):
