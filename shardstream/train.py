@@ -529,7 +529,6 @@ def _train(args, result, t_start, device, device_type):
                     args.core_metric_every)
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
-    data_dir.mkdir(parents=True, exist_ok=True)
     base = nanochat_base_dir() / "shardstream"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "base_checkpoints" / f"d{args.depth}"
 
@@ -544,6 +543,7 @@ def _train(args, result, t_start, device, device_type):
         from .fetch import fetch_shard
         from .source import make_source
         source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)
+        data_dir.mkdir(parents=True, exist_ok=True)
         data_id = source.identity()["source"]
         dataset_shards = source.dataset_shards
 
@@ -551,7 +551,7 @@ def _train(args, result, t_start, device, device_type):
             logger.info("Fetching %s to train the tokenizer and measure tokens per shard", shard_name(0))
             return fetch_shard(source, 0, data_dir).path
     else:
-        on_disk = list_shards(data_dir)
+        on_disk = list_shards(data_dir) if data_dir.is_dir() else []
         if len(on_disk) < 2:
             raise ConfigError(f"{data_dir} holds {len(on_disk)} shard(s); the trainer needs at least 2 (train + "
                               f"val). Download some (`shardstream download -n 4 --data-dir {data_dir}`) or "
@@ -608,6 +608,10 @@ def _train(args, result, t_start, device, device_type):
             logger.info("Streaming mode: calculated %d shards needed for %s tokens (%d train + the val shard, "
                         "~%s tokens each)", total_shards, f"{tokens_needed:,}", total_shards - 1,
                         f"{shard_yield.trained_tokens:,}")
+        if resume is not None and resume.get("total_shards") not in (None, total_shards):
+            raise StateMismatchError(f"cannot resume from step {resume['step']}: the checkpoint streamed "
+                                     f"{resume['total_shards']} shards, this run --streaming_total_shards "
+                                     f"{total_shards} (leave it at -1 to take the checkpoint's)")
         if not 2 <= total_shards <= dataset_shards:
             raise ConfigError(f"--streaming_total_shards must count at least 2 shards (train + val) and at most the "
                               f"dataset's {dataset_shards}, got {total_shards}")

@@ -143,6 +143,8 @@ def test_resume_against_other_geometry_or_dataset_fails_clearly(server, tmp_path
     assert "cannot resume from step 2" in caplog.text
     assert "--device_batch_size: checkpoint has 4, this run has 2" in caplog.text
     assert not (tmp_path / "ckpt" / "step_000004.pt").exists()
+    assert main(tiny_args(server, tmp_path, num_iterations=4, streaming_total_shards=5, resume_from_step=2)) == 2
+    assert "--streaming_total_shards 5" in caplog.text
     # another server holding a 5-shard copy of the data: a different source and dataset size
     caplog.clear()
     other = tmp_path / "other"
