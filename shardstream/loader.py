@@ -8,6 +8,8 @@ A drop-in for nanochat's dataloader (shared/DESIGN.md §1): same names, signatur
 
 plus a `streaming_downloader=` keyword (wait for each shard, hold it while reading, release it after) and
 `data_dir=` for a plain local directory of shards (nanochat's layout; default shards.default_data_dir()).
+Called with neither and SHARDSTREAM_STREAMING=1, it streams with a downloader configured by the
+environment that the generator owns (streaming_env.py; docs/NANOCHAT.md: nanochat changes one import).
 
 What it keeps from nanochat: split "train" = every shard but the last, "val" = the last; infinite epochs
 (`epoch` counts from 1); rank r of W reads row groups r, r+W, ... of every shard; documents tokenized in
@@ -539,6 +541,14 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         raise ConfigError(f"device {device!r} is not a torch device (use 'cuda', 'cpu', 'mps', ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu'")
+    if streaming_downloader is None and data_dir is None:
+        from .streaming_env import env_downloader    # SHARDSTREAM_STREAMING=1: an unmodified nanochat streams
+        lease = env_downloader(split)                # (docs/NANOCHAT.md); the generator owns its downloader
+        if lease is not None:
+            return lease.run(lambda dl: tokenizing_distributed_data_loader_with_state_bos_bestfit(
+                tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device, resume_state_dict,
+                buffer_size, streaming_downloader=dl, ddp_rank=ddp_rank, ddp_world_size=ddp_world_size,
+                state_every=state_every, prefetch=prefetch))
     plan = ShardPlan(split, streaming_downloader, data_dir)
     if getattr(plan, "stride", None) is not None and ddp_rank is None and ddp_world_size is None:
         ddp_rank, ddp_world_size = plan.stride          # partition="node": row groups over the local ranks

@@ -1,0 +1,471 @@
+"""Streaming configured by environment variables, for an unmodified nanochat (docs/NANOCHAT.md).
+
+nanochat's training script calls the loader without a downloader. With SHARDSTREAM_STREAMING=1 the
+loader (shardstream/loader.py) asks this module for one instead of reading a local directory:
+
+    lease = env_downloader("train")          # None when SHARDSTREAM_STREAMING is off
+    gen = lease.run(lambda dl: make_the_loader(streaming_downloader=dl))
+
+- Settings: `StreamingSettings.from_env()` reads the SHARDSTREAM_* variables (VARIABLES below); a bad
+  value raises ConfigError naming the variable, what it holds, and what to write instead.
+- One downloader per data dir and process, shared by reference count: the train generator and the val
+  generators nanochat builds for every evaluation use the same one, so a val loader never starts a
+  second downloader on the same cache dir. Train shards stream for as long as the run reads (the window
+  wraps to shard 0 after the last one: nanochat's loader is infinite); the val split reads the val shard.
+- Under torchrun it is `make_node_downloader(...)`: one downloader per node, the other local ranks read
+  through it. It then stays up until the process exits, because the other ranks' readers depend on it.
+- Clean stop: when the last generator using it is closed or garbage-collected (a weakref.finalize on
+  each generator), and at interpreter exit (atexit), the downloader is stopped, its threads joined, and
+  the partial files of downloads it had in flight are removed (a killed process leaves them instead, and
+  the next run resumes them).
+- Visible: a `[Streaming] ...` status line is logged when the train reader moves to a new shard (at most
+  every SHARDSTREAM_STATUS_EVERY seconds), beside the downloader's own status.json / events.jsonl that
+  `shardstream status` reads from a second terminal.
+"""
+import atexit
+import difflib
+import fcntl
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
+
+logger = logging.getLogger(__name__)
+P = "[Streaming]"
+
+# every variable this module reads, with its default and meaning (docs/NANOCHAT.md shows this table)
+VARIABLES = {
+    "SHARDSTREAM_STREAMING": ("0", "1 turns streaming on for loaders called without streaming_downloader="),
+    "SHARDSTREAM_SOURCE": ("the Hub URL of the dataset", "where shards live: https://..., hf://datasets/ORG/NAME, "
+                                                         "s3://BUCKET/PREFIX, gs://..., a local dir"),
+    "SHARDSTREAM_DATASET": (DEFAULT_DATASET, f"a known dataset ({', '.join(DATASETS)}): default source, shard "
+                                             f"count and data dir name"),
+    "SHARDSTREAM_DATASET_SHARDS": ("the dataset's count", "shards in the dataset, val shard included (an http "
+                                                          "source of another dataset needs it)"),
+    "SHARDSTREAM_DATA_DIR": ("$NANOCHAT_BASE_DIR/base_data_climbmix", "the cache dir (nanochat's data dir)"),
+    "SHARDSTREAM_MAX_CACHE_BYTES": ("none", "disk budget for the cache: 20GB, 500MB, 1.5GiB or a byte count"),
+    "SHARDSTREAM_BUFFER_SIZE": ("5", "train shards kept ready ahead of the reader, or 'auto' (adaptive)"),
+    "SHARDSTREAM_TOTAL_SHARDS": ("-1", "train shards to stream before wrapping to shard 0 (-1: all)"),
+    "SHARDSTREAM_RETAIN": ("0", "consumed shards kept behind the reader"),
+    "SHARDSTREAM_WORKERS": ("2", "parallel downloads"),
+    "SHARDSTREAM_FAILURE_POLICY": ("fail", "a shard that cannot be fetched: fail, wait or skip"),
+    "SHARDSTREAM_MIN_FREE_BYTES": ("1GB", "free-disk floor: no download goes below it"),
+    "SHARDSTREAM_PARTITION": ("global", "under torchrun: global (nanochat's order) or node (1/N of the shards "
+                                        "per node)"),
+    "SHARDSTREAM_SCOPE": ("node", "under torchrun: node (one downloader per node) or cluster (one per job, "
+                                  "shared cache dir)"),
+    "SHARDSTREAM_STATUS_EVERY": ("0", "seconds between [Streaming] status lines (0: every new shard; off: "
+                                      "none)"),
+}
+OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE")    # read by distributed.py
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# -----------------------------------------------------------------------------------------------------
+# Settings from the environment
+
+def streaming_enabled(env=None):
+    """SHARDSTREAM_STREAMING as a bool (unset: off)."""
+    env = os.environ if env is None else env
+    value = env.get("SHARDSTREAM_STREAMING", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"SHARDSTREAM_STREAMING={env['SHARDSTREAM_STREAMING']!r}: write 1 to stream shards "
+                      f"(or 0 / leave it unset to read a local data dir)")
+
+
+def parse_bytes(text):
+    """'20GB', '500MB', '1.5GiB', '2000000' -> bytes; ValueError otherwise."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "").replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    value = float(num) * _SIZE_UNITS[s[len(num):]] if num else float("nan")
+    if not value > 0:
+        raise ValueError(text)
+    return int(value)
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    """What the SHARDSTREAM_* variables ask for (VARIABLES says which variable sets which field)."""
+    source: str | None = None           # None: the Hub URL of `dataset`
+    dataset: str = DEFAULT_DATASET
+    dataset_shards: int | None = None   # None: the dataset's (or the listed) count
+    data_dir: str = ""                  # resolved: SHARDSTREAM_DATA_DIR, else nanochat's dir for `dataset`
+    max_cache_bytes: int | None = None
+    buffer_size: int = 5
+    adaptive: bool = False              # SHARDSTREAM_BUFFER_SIZE=auto
+    total_shards: int = -1
+    retain: int = 0
+    workers: int = 2
+    failure_policy: str = "fail"
+    min_free_bytes: int | None = None   # None: the downloader's default floor
+    partition: str = "global"
+    scope: str = "node"
+    status_every: float | None = 0.0    # None: no status lines
+
+    @classmethod
+    def from_env(cls, env=None):
+        """The settings, or one ConfigError listing every bad variable."""
+        env = os.environ if env is None else env
+        problems = []
+
+        def get(name, parse, default, hint):
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return default
+            try:
+                return parse(raw.strip())
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"{name}={raw!r}: {hint}")
+                return default
+
+        def int_at_least(lo, extra=()):
+            def parse(s):
+                if s.lower() in extra:
+                    return extra[s.lower()]
+                v = int(s)
+                if v < lo:
+                    raise ValueError(s)
+                return v
+            return parse
+
+        def one_of(choices):
+            def parse(s):
+                if s.lower() not in choices:
+                    raise ValueError(s)
+                return s.lower()
+            return parse
+
+        def seconds(s):
+            if s.lower() in ("off", "none", "-1"):
+                return None
+            v = float(s)
+            if not v >= 0:
+                raise ValueError(s)
+            return v
+
+        kw = {
+            "source": env.get("SHARDSTREAM_SOURCE") or None,
+            "dataset": get("SHARDSTREAM_DATASET", one_of(DATASETS), DEFAULT_DATASET,
+                           f"choose one of {', '.join(DATASETS)} (or set SHARDSTREAM_SOURCE and "
+                           f"SHARDSTREAM_DATASET_SHARDS for another dataset)"),
+            "dataset_shards": get("SHARDSTREAM_DATASET_SHARDS", int_at_least(2), None,
+                                  "write the number of shards in the dataset, val shard included (an int >= 2)"),
+            "max_cache_bytes": get("SHARDSTREAM_MAX_CACHE_BYTES",
+                                   lambda s: None if s.lower() in ("none", "0", "-1") else parse_bytes(s), None,
+                                   "write a disk budget like 20GB, 500MB, 1.5GiB or 20000000000 "
+                                   "(none or unset: no budget)"),
+            "retain": get("SHARDSTREAM_RETAIN", int_at_least(0), 0, "write an int >= 0"),
+            "workers": get("SHARDSTREAM_WORKERS", int_at_least(1), 2, "write an int >= 1 (parallel downloads)"),
+            "failure_policy": get("SHARDSTREAM_FAILURE_POLICY", one_of(("fail", "wait", "skip")), "fail",
+                                  "write fail, wait or skip"),
+            "min_free_bytes": get("SHARDSTREAM_MIN_FREE_BYTES",
+                                  lambda s: 0 if s == "0" else parse_bytes(s), None,
+                                  "write a byte count like 1GB or 500MB (0: no floor)"),
+            "partition": get("SHARDSTREAM_PARTITION", one_of(("global", "node")), "global",
+                             "write global (every node reads every shard) or node (1/N of the shards per node)"),
+            "scope": get("SHARDSTREAM_SCOPE", one_of(("node", "cluster")), "node",
+                         "write node (one downloader per node) or cluster (one per job, shared cache dir)"),
+            "status_every": get("SHARDSTREAM_STATUS_EVERY", seconds, 0.0,
+                                "write seconds >= 0 between [Streaming] lines (0: every new shard), or off"),
+        }
+        buffer = get("SHARDSTREAM_BUFFER_SIZE", int_at_least(1, {"auto": "auto"}), 5,
+                     "write the number of shards to keep ready ahead of the reader (an int >= 1), or auto")
+        kw["adaptive"] = buffer == "auto"
+        kw["buffer_size"] = 5 if buffer == "auto" else buffer
+        kw["total_shards"] = get("SHARDSTREAM_TOTAL_SHARDS", int_at_least(1, {"-1": -1, "all": -1}), -1,
+                                 "write the number of train shards to stream (an int >= 1), or -1 for all")
+        if problems:
+            raise ConfigError("bad streaming settings in the environment (docs/NANOCHAT.md lists them):\n  "
+                              + "\n  ".join(problems))
+        data_dir = env.get("SHARDSTREAM_DATA_DIR") or os.fspath(default_data_dir(kw["dataset"]))
+        _warn_unknown(env)
+        return cls(data_dir=data_dir, **kw)
+
+    def describe(self):
+        budget = "none" if self.max_cache_bytes is None else f"{self.max_cache_bytes / 1e9:.3g} GB"
+        shards = "all" if self.total_shards == -1 else str(self.total_shards)
+        window = "auto" if self.adaptive else str(self.buffer_size)
+        from .source import redact_url
+        return (f"source {redact_url(self.source) if self.source else self.dataset + ' (the Hub)'}, data dir "
+                f"{self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards}")
+
+    def make_source(self):
+        """The Source, with errors naming the variables they come from."""
+        from .source import make_source
+        try:
+            src = make_source(self.source, dataset=self.dataset, dataset_shards=self.dataset_shards)
+        except ConfigError as e:
+            names = "SHARDSTREAM_SOURCE" if self.source else "SHARDSTREAM_DATASET"
+            raise ConfigError(f"{names}={self.source or self.dataset!r}"
+                              + (f", SHARDSTREAM_DATASET_SHARDS={self.dataset_shards}" if self.dataset_shards else "")
+                              + f": {e}") from None
+        if self.total_shards > src.num_train_shards:
+            raise ConfigError(f"SHARDSTREAM_TOTAL_SHARDS={self.total_shards}, but {src.name} has "
+                              f"{src.num_train_shards} train shards: ask for at most {src.num_train_shards}, or -1 "
+                              f"for all")
+        return src
+
+    def downloader_kwargs(self, split):
+        """make_node_downloader's / StreamingDownloader's arguments for a downloader first made by `split`."""
+        from .downloader import WindowPolicy
+        kw = dict(source=self.source, dataset=self.dataset, dataset_shards=self.dataset_shards,
+                  data_dir=self.data_dir, total_shards=self.total_shards, workers=self.workers,
+                  failure_policy=self.failure_policy, progress=sys.stderr.isatty(),
+                  window=WindowPolicy(self.buffer_size, self.retain, self.max_cache_bytes,
+                                      initial_buffer=1 if split == "train" else 0, cycle=True),
+                  prefetch="auto" if self.adaptive else None)
+        if self.min_free_bytes is not None:
+            kw["min_free_bytes"] = self.min_free_bytes
+            kw["warn_free_bytes"] = max(self.min_free_bytes, min(5 * self.min_free_bytes, 5_000_000_000))
+        return kw
+
+
+def _warn_unknown(env):
+    known = set(VARIABLES) | set(OTHER_VARIABLES)
+    for name in sorted(k for k in env if k.startswith("SHARDSTREAM_") and k not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        logger.warning(f"{P} {name} is not a shardstream variable and is ignored"
+                       + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+# -----------------------------------------------------------------------------------------------------
+# One shared downloader per data dir, reference-counted by the generators using it
+
+_lock = threading.RLock()       # re-entrant: a generator's finalizer may run in a GC pass inside our code
+_live = {}                      # realpath of the data dir -> _Shared
+
+
+class _Shared:
+    """A started downloader (StreamingDownloader, or a NodeLeader/NodeReader under torchrun) and its users."""
+
+    def __init__(self, settings, downloader, distributed):
+        self.settings = settings
+        self.downloader = downloader
+        self.distributed = distributed
+        self.users = 0
+        self.alive = True
+        self.last_shard = None
+        self.last_report = float("-inf")
+        self.talk = distributed is False or os.environ.get("RANK", "0") == "0"   # one rank prints
+
+    @classmethod
+    def open(cls, settings, split):
+        from .distributed import make_node_downloader, node_info
+        info = node_info()
+        _make_visible()
+        kw = settings.downloader_kwargs(split)
+        kw["source"] = settings.make_source()
+        dl = make_node_downloader(partition=settings.partition, scope=settings.scope, **kw)
+        shared = cls(settings, dl, info.distributed)
+        if shared.talk:
+            logger.info(f"{P} streaming on (SHARDSTREAM_STREAMING=1): {settings.describe()}"
+                        + (f", {settings.partition} partition, one downloader per {settings.scope}"
+                           if info.distributed else ""))
+            logger.info(f"{P} watch it from another terminal: shardstream status --watch --data-dir "
+                        f"{settings.data_dir}")
+        dl.start()
+        return shared
+
+    def report(self, shard_id):
+        """The train reader asked for shard_id: log a status line when it is a new shard."""
+        if shard_id == self.last_shard or not self.talk or self.settings.status_every is None:
+            return
+        self.last_shard = shard_id
+        now = time.monotonic()
+        if now - self.last_report < self.settings.status_every:
+            return
+        self.last_report = now
+        try:
+            line = self.downloader.get_status().line()
+        except Exception as e:      # a reader's status comes from the store: never fail a read over it
+            line = f"(status unavailable: {type(e).__name__}: {e})"
+        logger.info(f"{P} {line}")
+
+    def stop(self):
+        """Stop the downloader, join its threads, remove the partial files it left (lock held)."""
+        if not self.alive:
+            return
+        self.alive = False
+        key = _key(self.settings)
+        if _live.get(key) is self:
+            del _live[key]
+        try:
+            status = self.downloader.get_status()
+        except Exception:
+            status = None
+        self.downloader.stop()
+        owns_dir = not self.distributed or hasattr(self.downloader, "downloader")  # not a NodeReader
+        removed = discard_partials(self.settings.data_dir) if owns_dir else 0
+        if self.talk and status is not None:
+            logger.info(f"{P} stopped: {status.downloaded_bytes / 1e6:.1f} MB downloaded, reader waited "
+                        f"{status.waits}x ({status.wait_seconds:.1f}s)"
+                        + (f", {removed} partial file(s) of unfinished downloads removed" if removed else ""))
+
+
+def _key(settings):
+    return os.path.realpath(settings.data_dir)
+
+
+class Lease:
+    """One generator's use of the shared downloader. release() is idempotent."""
+
+    def __init__(self, shared, split):
+        self.shared = shared
+        self.split = split
+        self.released = False
+        self.downloader = _Reporting(shared, split)
+
+    def run(self, make):
+        """gen = make(downloader); returns a generator yielding what gen yields that releases this lease when
+        it is closed, garbage-collected, or the interpreter exits. A failing make() releases at once."""
+        try:
+            gen = make(self.downloader)
+        except BaseException:
+            self.release()
+            raise
+        owned = _owned(gen, self)
+        weakref.finalize(owned, self.release)
+        return owned
+
+    def release(self):
+        with _lock:
+            if self.released:
+                return
+            self.released = True
+            shared = self.shared
+            shared.users -= 1
+            if shared.users <= 0 and not shared.distributed:
+                shared.stop()
+
+
+def _owned(gen, lease):
+    try:
+        yield from gen
+    finally:
+        gen.close()
+        lease.release()
+
+
+class _Reporting:
+    """The shared downloader as one loader sees it: every attribute delegated, and wait_for_shard of the
+    train split reports new shards (the [Streaming] status line)."""
+
+    def __init__(self, shared, split):
+        self._shared = shared
+        self._split = split
+
+    def __getattr__(self, name):
+        return getattr(self._shared.downloader, name)
+
+    def wait_for_shard(self, shard_id, timeout=None):
+        path = self._shared.downloader.wait_for_shard(shard_id, timeout)
+        if self._split == "train":
+            self._shared.report(shard_id)
+        return path
+
+    def release(self, shard_id):
+        self._shared.downloader.release(shard_id)
+
+
+def env_downloader(split):
+    """A Lease on the process's env-configured downloader (made and started on first use), or None when
+    SHARDSTREAM_STREAMING is off. Raises ConfigError for bad settings."""
+    if not streaming_enabled():
+        return None
+    settings = StreamingSettings.from_env()
+    key = _key(settings)
+    with _lock:
+        shared = _live.get(key)
+        if shared is not None:
+            shared.users += 1
+            if not shared.alive:                    # a finalizer stopped it just now
+                shared = None
+            elif shared.settings != settings:
+                shared.users -= 1
+                changed = [f.name for f in fields(settings)
+                           if getattr(settings, f.name) != getattr(shared.settings, f.name)]
+                raise ConfigError(f"the streaming settings changed ({', '.join(changed)}) while a loader of "
+                                  f"{settings.data_dir} is open: close the open loaders first, or keep the "
+                                  f"SHARDSTREAM_* variables the same for the whole run")
+        if shared is None:
+            shared = _Shared.open(settings, split)
+            shared.users += 1
+            _live[key] = shared
+    return Lease(shared, split)
+
+
+def shutdown():
+    """Stop every env-configured downloader of this process now (also run at interpreter exit)."""
+    with _lock:
+        for shared in list(_live.values()):
+            try:
+                shared.stop()
+            except Exception as e:
+                logger.error(f"{P} stopping the downloader of {shared.settings.data_dir} failed: {e}")
+
+
+atexit.register(shutdown)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Helpers
+
+def discard_partials(data_dir):
+    """Remove partial downloads (`shard_XXXXX.parquet.*.partial` and their .json sidecars) that no fetch
+    holds the lock of. Returns how many partial files were removed."""
+    from .cache import PARTIAL_RE
+    removed = 0
+    d = Path(data_dir)
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        m = PARTIAL_RE.match(name.removesuffix(".json"))
+        if not m:
+            continue
+        if not _lock_free(d / (shard_name(int(m.group(1))) + ".lock")):
+            continue        # another process is fetching that shard: its partial is live
+        try:
+            os.remove(d / name)
+            removed += name.endswith(".partial")
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _lock_free(path):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _make_visible():
+    """nanochat configures logging at INFO; a bare script has no handler and would hide the status lines."""
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
