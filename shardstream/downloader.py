@@ -636,7 +636,10 @@ class StreamingDownloader:
         """Transfers allowed at once: every worker with a fixed window; adaptive: see prefetch.py."""
         if self._ctl is None:
             return self.workers
-        return self._ctl.parallel(bool(self._demand), self.workers)
+        n = self._ctl.parallel(self.workers)
+        if any(s not in self.cache.files and s not in self.cache.inflight for s in self._demand):
+            n += 1                              # a waiting reader's shard starts now, not after a prefetch
+        return min(n, self.workers)
 
     def _priority(self):
         """Shards to have on disk, most urgent first: waited for, next in window, val, rest of window.
@@ -776,17 +779,19 @@ class StreamingDownloader:
         while fewer than the allowed transfers run (at the limit, only size questions go out)."""
         if now < self._disk_retry_at:
             return None
-        room = len(self.cache.inflight) < self._parallel_limit()
+        slots = self._parallel_limit() - len(self.cache.inflight)
         for s in self._priority():
-            if (s in self.cache.files or s in self.cache.inflight or s in self._skipped
-                    or s in self._info_pending):
+            if s in self.cache.files or s in self.cache.inflight or s in self._skipped:
                 continue
             f = self._failures.get(s)
             if f is not None and f.retry_at > now:
                 continue
+            if s in self._info_pending:         # its size comes soon: it keeps its turn
+                slots -= 1
+                continue
             if s not in self._info:
                 return "info", s
-            if room:
+            if slots > 0:
                 return "fetch", s
         return None
 

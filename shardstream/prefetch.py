@@ -17,8 +17,10 @@ Shard sizes cancel out (both rates are per byte), so the window is in shards. Un
 read have been measured, the window is `start_ahead`.
 
 Parallel transfers: one connection at a time gets the next shard fastest when it fills the link (a
-second one would halve the urgent shard's speed); so transfers run in parallel only when behind: a
-reader is waiting, or the link measured while busy (`aggregate_bps`) is slower than the reader.
+second one would halve the urgent shard's speed); so transfers run in parallel only when behind: when
+the link measured while busy (`aggregate_bps`) is slower than the reader, more connections may fill it
+(a CDN often caps each connection). The downloader adds one transfer for a shard a reader waits for
+that is not in flight (an on-demand or val shard must not queue behind a prefetch).
 
 `PrefetchController` holds the measurements (`RateMeter`) and the wait bump; the rule itself is the pure
 function `window_size(policy, rates, bump, room)`. Neither is thread-safe: the downloader calls them with
@@ -114,11 +116,9 @@ def window_size(policy, rates, bump=0, room=None, start_ahead=5):
     return Window(size, base, bump, room, why)
 
 
-def parallel_transfers(rates, waiting, workers):
-    """How many transfers may run at once: all `workers` when behind (a reader waits, or the busy link is
-    slower than the reader), else one (the next shard gets the whole link)."""
-    if waiting:
-        return workers
+def parallel_transfers(rates, workers):
+    """How many transfers may run at once: all `workers` when behind (the busy link is slower than the
+    reader), else one (the next shard gets the whole link)."""
     if rates.aggregate_bps and rates.consume_bps and rates.aggregate_bps < rates.consume_bps:
         return workers
     return 1
@@ -205,5 +205,5 @@ class PrefetchController:
     def window(self, room=None):
         return window_size(self.policy, self.rates(), self.bump, room, self.start_ahead)
 
-    def parallel(self, waiting, workers):
-        return parallel_transfers(self.rates(), waiting, workers)
+    def parallel(self, workers):
+        return parallel_transfers(self.rates(), workers)

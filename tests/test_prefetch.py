@@ -148,10 +148,9 @@ def test_the_wait_bump_is_capped():
 def test_parallel_transfers_only_when_behind():
     fast_link = rates(0.5, 1.0, agg=2 * MB)
     slow_link = rates(0.5, 1.0, agg=0.5 * MB)
-    assert parallel_transfers(fast_link, waiting=False, workers=4) == 1
-    assert parallel_transfers(fast_link, waiting=True, workers=4) == 4
-    assert parallel_transfers(slow_link, waiting=False, workers=4) == 4
-    assert parallel_transfers(Rates(), waiting=False, workers=3) == 1
+    assert parallel_transfers(fast_link, workers=4) == 1          # one connection keeps up: the next shard
+    assert parallel_transfers(slow_link, workers=4) == 4          # gets the whole link; behind: all of them
+    assert parallel_transfers(Rates(), workers=3) == 1
 
 
 @pytest.mark.parametrize("kw, needle", [
