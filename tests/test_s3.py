@@ -153,8 +153,11 @@ def test_changed_object_is_refused_and_changes_the_identity(bucket, endpoint, s3
     assert source_for(bucket, endpoint).identity() != src.identity()
 
 
-def test_gap_in_the_listing_and_missing_things_are_clear(bucket, endpoint, s3):
+def test_gap_in_the_listing_and_missing_things_are_clear(bucket, endpoint, s3, tmp_path):
+    src = source_for(bucket, endpoint)
     s3.delete_object(Bucket=bucket, Key="corpus/shard_00002.parquet")
+    with pytest.raises(PermanentFetchError, match="shard 00002 .*the object does not exist at this source"):
+        fetch_shard(src, 2, tmp_path / "data", FAST)
     with pytest.raises(ConfigError, match="lacks shard_00002.parquet.*dataset_shards=2"):
         source_for(bucket, endpoint)
     assert source_for(bucket, endpoint, dataset_shards=2).dataset_shards == 2
