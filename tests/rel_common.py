@@ -134,6 +134,8 @@ def faults_struck(srv):
 def shard_files(d):
     """{shard id: path} of final-named shard files in d."""
     out = {}
+    if not os.path.isdir(d):
+        return out
     for e in os.scandir(d):
         if e.name.startswith("shard_") and e.name.endswith(".parquet"):
             out[int(e.name[6:-8])] = e.path
@@ -141,6 +143,8 @@ def shard_files(d):
 
 
 def partial_files(d):
+    if not os.path.isdir(d):
+        return []
     return sorted(e.name for e in os.scandir(d) if e.name.endswith(".partial"))
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from rel_common import check_final_files, make_shards, partial_files, tally
+from rel_common import check_final_files, make_shards, partial_files, tally, until
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
+from shardstream.status import read_status
 
 WORKER = Path(__file__).with_name("rel_kill9_worker.py")
 
@@ -34,6 +35,13 @@ def _progress(path):
         return []
     assert text == "" or text.endswith("\n"), "the progress file has a torn line"
     return [line.split() for line in text.splitlines()]
+
+
+def _status_pid(data):
+    try:
+        return read_status(data).pid
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_with_kills(tmp_path, *, shards, kills, seed, chars, rate_mb):
@@ -52,8 +60,10 @@ def _run_with_kills(tmp_path, *, shards, kills, seed, chars, rate_mb):
         for k in range(kills):
             before = len(_progress(progress))
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # a seeded moment: past the interpreter's start-up (~0.5-1 s), inside the downloads
-            delay = rng.uniform(0.6, 2.2)
+            # a seeded moment after this run's downloader started (its status.json names its pid), so the
+            # interpreter's start-up time on a loaded machine does not decide where the kills land
+            delay = rng.uniform(0.05, 1.2)
+            until(lambda: proc.poll() is not None or _status_pid(data) == proc.pid, 60, "the worker to start")
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
