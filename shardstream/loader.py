@@ -543,7 +543,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu'")
     if streaming_downloader is None and data_dir is None:
         from .streaming_env import env_downloader    # SHARDSTREAM_STREAMING=1: an unmodified nanochat streams
-        lease = env_downloader(split)                # (docs/NANOCHAT.md); the generator owns its downloader
+        lease = env_downloader(split, resuming=resume_state_dict is not None)    # (docs/NANOCHAT.md)
         if lease is not None:
             return lease.run(lambda dl: tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device, resume_state_dict,

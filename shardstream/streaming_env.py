@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Generator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -196,10 +197,11 @@ class StreamingSettings:
         return cls(data_dir=data_dir, **kw)
 
     def describe(self):
-        budget = "none" if self.max_cache_bytes is None else f"{self.max_cache_bytes / 1e9:.3g} GB"
+        from .source import redact_url
+        from .status import human_bytes
+        budget = "none" if self.max_cache_bytes is None else human_bytes(self.max_cache_bytes)
         shards = "all" if self.total_shards == -1 else str(self.total_shards)
         window = "auto" if self.adaptive else str(self.buffer_size)
-        from .source import redact_url
         return (f"source {redact_url(self.source) if self.source else self.dataset + ' (the Hub)'}, data dir "
                 f"{self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards}")
 
@@ -219,14 +221,17 @@ class StreamingSettings:
                               f"for all")
         return src
 
-    def downloader_kwargs(self, split):
-        """make_node_downloader's / StreamingDownloader's arguments for a downloader first made by `split`."""
+    def downloader_kwargs(self, split, resuming=False):
+        """make_node_downloader's / StreamingDownloader's arguments for a downloader first made by a loader of
+        `split`. Only a fresh train loader waits for shard 0 in start() (the fast start); a val loader or a
+        resuming one asks for the shard it needs first."""
         from .downloader import WindowPolicy
         kw = dict(source=self.source, dataset=self.dataset, dataset_shards=self.dataset_shards,
                   data_dir=self.data_dir, total_shards=self.total_shards, workers=self.workers,
                   failure_policy=self.failure_policy, progress=sys.stderr.isatty(),
                   window=WindowPolicy(self.buffer_size, self.retain, self.max_cache_bytes,
-                                      initial_buffer=1 if split == "train" else 0, cycle=True),
+                                      initial_buffer=1 if split == "train" and not resuming else 0,
+                                      cycle=True),
                   prefetch="auto" if self.adaptive else None)
         if self.min_free_bytes is not None:
             kw["min_free_bytes"] = self.min_free_bytes
@@ -263,11 +268,11 @@ class _Shared:
         self.talk = distributed is False or os.environ.get("RANK", "0") == "0"   # one rank prints
 
     @classmethod
-    def open(cls, settings, split):
+    def open(cls, settings, split, resuming):
         from .distributed import make_node_downloader, node_info
         info = node_info()
         _make_visible()
-        kw = settings.downloader_kwargs(split)
+        kw = settings.downloader_kwargs(split, resuming)
         kw["source"] = settings.make_source()
         dl = make_node_downloader(partition=settings.partition, scope=settings.scope, **kw)
         shared = cls(settings, dl, info.distributed)
@@ -277,7 +282,10 @@ class _Shared:
                            if info.distributed else ""))
             logger.info(f"{P} watch it from another terminal: shardstream status --watch --data-dir "
                         f"{settings.data_dir}")
-        dl.start()
+        try:
+            dl.start()
+        except ConfigError as e:
+            raise ConfigError(_name_variables(str(e))) from None
         return shared
 
     def report(self, shard_id):
@@ -330,16 +338,14 @@ class Lease:
         self.downloader = _Reporting(shared, split)
 
     def run(self, make):
-        """gen = make(downloader); returns a generator yielding what gen yields that releases this lease when
-        it is closed, garbage-collected, or the interpreter exits. A failing make() releases at once."""
+        """gen = make(downloader), wrapped in an OwnedLoader that ends this lease when it is closed,
+        garbage-collected, or the interpreter exits. A failing make() releases at once."""
         try:
             gen = make(self.downloader)
         except BaseException:
             self.release()
             raise
-        owned = _owned(gen, self)
-        weakref.finalize(owned, self.release)
-        return owned
+        return OwnedLoader(gen, self)
 
     def release(self):
         with _lock:
@@ -352,11 +358,29 @@ class Lease:
                 shared.stop()
 
 
-def _owned(gen, lease):
+class OwnedLoader(Generator):
+    """The loader's generator, holding a lease on the shared downloader. Closing it, dropping it (garbage
+    collection) or interpreter exit closes the loader and ends the lease, whether it was started or not
+    (a plain generator closed before its first next() would never run its cleanup)."""
+
+    def __init__(self, gen, lease):
+        self._gen = gen
+        self._finalizer = weakref.finalize(self, _close, gen, lease)
+
+    def send(self, value):
+        return self._gen.send(value)
+
+    def throw(self, *args):
+        return self._gen.throw(*args)
+
+    def close(self):
+        self._finalizer()
+
+
+def _close(gen, lease):
     try:
-        yield from gen
-    finally:
         gen.close()
+    finally:
         lease.release()
 
 
@@ -381,9 +405,10 @@ class _Reporting:
         self._shared.downloader.release(shard_id)
 
 
-def env_downloader(split):
+def env_downloader(split, resuming=False):
     """A Lease on the process's env-configured downloader (made and started on first use), or None when
-    SHARDSTREAM_STREAMING is off. Raises ConfigError for bad settings."""
+    SHARDSTREAM_STREAMING is off. Raises ConfigError for bad settings. `resuming`: the loader starts from a
+    resume state (so the downloader does not fetch shard 0 before anything else)."""
     if not streaming_enabled():
         return None
     settings = StreamingSettings.from_env()
@@ -402,7 +427,7 @@ def env_downloader(split):
                                   f"{settings.data_dir} is open: close the open loaders first, or keep the "
                                   f"SHARDSTREAM_* variables the same for the whole run")
         if shared is None:
-            shared = _Shared.open(settings, split)
+            shared = _Shared.open(settings, split, resuming)
             shared.users += 1
             _live[key] = shared
     return Lease(shared, split)
@@ -460,6 +485,16 @@ def _lock_free(path):
         return False
     finally:
         os.close(fd)
+
+
+_KWARG_VARIABLES = {"max_cache_bytes": "SHARDSTREAM_MAX_CACHE_BYTES", "buffer_size": "SHARDSTREAM_BUFFER_SIZE",
+                    "total_shards": "SHARDSTREAM_TOTAL_SHARDS", "min_free_bytes": "SHARDSTREAM_MIN_FREE_BYTES"}
+
+
+def _name_variables(message):
+    """The downloader's errors name its arguments; say which variable set them."""
+    named = [var for kwarg, var in _KWARG_VARIABLES.items() if kwarg in message]
+    return message + (f" (set through {', '.join(named)})" if named else "")
 
 
 def _make_visible():
