@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--row-groups", type=int, default=1, help="row groups of 1,024 docs per shard (default 1)")
     p.add_argument("--budget-shards", type=float, default=5.0,
                    help="disk budget, in shards (default 5: well under the dataset)")
-    p.add_argument("--rate", type=float, default=0.2, help="the server's bandwidth cap, MB/s (default 0.2)")
+    p.add_argument("--rate", type=float, default=0.15, help="the server's bandwidth cap, MB/s (default 0.15)")
     p.add_argument("--buffer", type=int, default=2, help="shards kept ready ahead of the reader (default 2)")
     p.add_argument("--depth", type=int, default=1, help="model depth (default 1)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
@@ -44,13 +44,16 @@ def build_parser():
                    help="training steps (default: enough to read every train shard once)")
     p.add_argument("--seed", type=int, default=0, help="sample seed")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: a model this small gains nothing from more, and they "
+                        "would fight the loader and the downloader for the cores)")
     return p
 
 
 def _check(args):
     if args.shards < 3:
         raise ConfigError(f"--shards must be >= 3 (two train shards and the val shard), got {args.shards}")
-    for name in ("chars_per_shard", "row_groups", "buffer", "depth", "seq_len", "batch", "vocab"):
+    for name in ("chars_per_shard", "row_groups", "buffer", "depth", "seq_len", "batch", "vocab", "threads"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.rate <= 0 or args.budget_shards <= 0:
@@ -129,7 +132,13 @@ def run_demo(args):
                 f"--status_every={max(steps // 8, 1)}", f"--log_every={max(steps // 20, 1)}", "--tokenizer_threads=2",
                 "--lr=1e-2", "--warmup_ratio=0.02"] + ([f"--device={args.device}"] if args.device else [])
         print("[demo] training: python -m scripts.base_train " + " ".join(argv))
-        result = train(parse_args(argv))
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            result = train(parse_args(argv))
+        finally:
+            torch.set_num_threads(threads)
     if result.exit_code != 0:
         print(f"[demo] training stopped ({result.signal or 'exit code %d' % result.exit_code})")
         return result.exit_code
@@ -168,6 +177,7 @@ def summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_ste
 
 def cli(argv):
     args = build_parser().parse_args(argv)
+    logging.getLogger("rustbpe").setLevel(logging.WARNING)     # its per-merge progress lines
     try:
         return run_demo(args)
     except ShardStreamError as e:

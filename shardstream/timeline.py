@@ -148,7 +148,7 @@ def plot_timeline(events_path, out_png, title=None):
         ax_disk.axhline(summary.budget / 1e6, color="tab:red", linestyle="--", label="budget")
     ax_disk.set_ylabel("MB on disk")
     ax_disk.set_ylim(bottom=0)
-    ax_disk.legend(loc="upper left", fontsize=8)
+    ax_disk.legend(loc="best", fontsize=8)
     # 2. shards ahead of the reader
     ts, vs = _series(events, "ahead", t0)
     ax_ahead.step(ts, vs, where="post", color="tab:green")
@@ -166,14 +166,14 @@ def plot_timeline(events_path, out_png, title=None):
                               label=label, zorder=3)
     ax_reader.set_ylabel("shard id")
     ax_reader.set_xlabel("seconds")
-    ax_reader.legend(loc="upper left", fontsize=8)
+    ax_reader.legend(loc="lower right", fontsize=8)
     # waits, shaded everywhere
     for i, (a, b) in enumerate(wait_spans(events)):
         for ax in (ax_disk, ax_ahead, ax_reader):
             ax.axvspan(a - t0, max(b - t0, a - t0 + 0.02), color="orange", alpha=0.3,
-                       label="reader waiting" if (i == 0 and ax is ax_ahead) else None)
+                       label="reader waiting for a shard" if (i == 0 and ax is ax_ahead) else None)
     if summary.waits:
-        ax_ahead.legend(loc="upper left", fontsize=8)
+        ax_ahead.legend(loc="best", fontsize=8)
     for ax in (ax_disk, ax_ahead, ax_reader):
         ax.grid(alpha=0.3)
     ax_ahead.yaxis.set_major_locator(MaxNLocator(integer=True))
