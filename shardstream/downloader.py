@@ -351,7 +351,8 @@ class StreamingDownloader:
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
             self._spawn(self._status_loop, "shardstream-dl-status")
             with self._cond:
-                self._state = "running"
+                if self._state == "starting":   # a worker may have crashed already: keep saying so
+                    self._state = "running"
             self._initial_buffer()
         except BaseException:
             self.stop()

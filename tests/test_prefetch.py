@@ -175,7 +175,7 @@ def test_the_downloader_refuses_an_unknown_prefetch(tmp_path):
 # --- a real streaming run whose server slows down
 
 N = 22
-READ_S = 0.25                   # the reader spends this long on a shard
+READ_S = 0.4                    # the reader spends this long on a shard
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_the_window_grows_when_the_rate_drops_and_the_reader_stops_waiting(shard
     windows = [e for e in ev if e["event"] == "window" and e["base"] is not None]
     base_before = [e["base"] for e in windows if e["t"] < t_drop]
     base_after = [e["base"] for e in windows if e["t"] > t_drop]
-    assert base_before and max(base_before) == 1, windows          # fast link: one ahead is enough
+    assert base_before and base_before[-1] == 1, windows           # fast link: one ahead is enough
     assert base_after and base_after[-1] >= 2, windows             # learned: download ~0.7 read x (1 + margin)
     assert final >= 2
     learned = before + 6                                           # a few downloads at the new rate
