@@ -135,6 +135,11 @@ def test_kill9_then_resume_sees_the_same_batches_and_losses(reference, server, t
         assert got_hashes[(s, 0)] == ref_hashes[(s, 0)], f"batch of step {s} differs after resume"
         assert got_losses[s][0] == pytest.approx(ref_losses[s][0], abs=1e-5)
     assert got_hashes == ref_hashes      # the steps before the kill matched too
+    # the resume point's documents lie in shard 0, deleted once read: the resumed run fetched it again
+    events = [json.loads(line) for line in (crash / "data" / "events.jsonl").read_text().splitlines()
+              if line.strip()]
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    assert any(e["event"] == "downloaded" and e["shard"] == 0 for e in events[last_start:])
 
 
 def test_resume_against_other_geometry_or_dataset_fails_clearly(server, tmp_path, caplog):
