@@ -284,8 +284,11 @@ class _Shared:
                         f"{settings.data_dir}")
         try:
             dl.start()
-        except ConfigError as e:
-            raise ConfigError(_name_variables(str(e))) from None
+        except BaseException as e:
+            dl.stop()                   # a NodeReader that could not attach still runs its heartbeat
+            if isinstance(e, ConfigError):
+                raise ConfigError(_name_variables(str(e))) from None
+            raise
         return shared
 
     def report(self, shard_id):
@@ -354,8 +357,19 @@ class Lease:
             self.released = True
             shared = self.shared
             shared.users -= 1
-            if shared.users <= 0 and not shared.distributed:
+            if shared.users > 0 or shared.distributed:
+                return
+            if threading.current_thread().name.startswith("shardstream"):
+                # a GC pass in one of our own threads collected the last loader: that thread cannot join
+                # itself, so another one stops the downloader
+                threading.Thread(target=_stop_locked, args=(shared,), name="shardstream-env-stop", daemon=True).start()
+            else:
                 shared.stop()
+
+
+def _stop_locked(shared):
+    with _lock:
+        shared.stop()
 
 
 class OwnedLoader(Generator):

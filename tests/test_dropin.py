@@ -129,6 +129,11 @@ def test_bad_value_names_the_variable(name, value):
     assert f"{name}={value!r}" in str(e.value)
 
 
+def test_unknown_variable_warns_with_the_closest_name(caplog):
+    StreamingSettings.from_env({"SHARDSTREAM_BUFER_SIZE": "3"})
+    assert "did you mean SHARDSTREAM_BUFFER_SIZE?" in caplog.text
+
+
 def test_every_bad_variable_reported_at_once():
     with pytest.raises(ConfigError) as e:
         StreamingSettings.from_env({"SHARDSTREAM_BUFFER_SIZE": "x", "SHARDSTREAM_MAX_CACHE_BYTES": "y"})
@@ -231,6 +236,25 @@ def test_unstarted_generator_dropped_or_closed_releases(clean_env, tmp_path, srv
     next(g)
     g.close()
     assert not streaming_env._live and wait_no_threads() == []
+
+
+def test_last_loader_dropped_in_one_of_our_threads(clean_env, tmp_path, srv, caplog):
+    """The last reference can go in a thread of ours (a GC pass there): the stop is handed to another thread,
+    since a thread cannot join itself."""
+    for k, v in stream_env(srv, tmp_path / "cache").items():
+        clean_env.setenv(k, v)
+    caplog.set_level("INFO", logger="shardstream.streaming_env")
+    g = loader_fn(ByteTokenizer(), B, T, "train", device="cpu")
+    next(g)
+    holder = [g]
+    del g
+    t = threading.Thread(target=holder.clear, name="shardstream-test-drop")
+    t.start()
+    t.join()
+    assert wait_no_threads() == []
+    assert not streaming_env._live and read_status(tmp_path / "cache").state == "stopped"
+    stops = [r.threadName for r in caplog.records if r.getMessage().startswith("[Streaming] stopped")]
+    assert stops == ["shardstream-env-stop"]
 
 
 def test_settings_change_while_open_is_refused(clean_env, tmp_path, srv):
