@@ -103,7 +103,7 @@ def test_kill9_at_random_moments_quick(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_at_20_random_moments(tmp_path):
-    r = _run_with_kills(tmp_path, shards=40, kills=20, seed=20, chars=300_000, rate_mb=0.6)
+    r = _run_with_kills(tmp_path, shards=80, kills=20, seed=20, chars=300_000, rate_mb=0.4)
     assert r["kills"] == 20
     assert r["killed_mid_partial"] >= 5 and r["resumed_ranges"] >= 5
     tally("kill9/slow", faults=r["kills"], bytes_verified=r["verified"], shards_read=r["read"])
