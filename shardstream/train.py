@@ -471,6 +471,16 @@ class SignalStop:
     def requested(self):
         return self.signum is not None
 
+    def waiting(self, fn, *args):
+        """fn(*args), which only waits for data, so a signal may interrupt it at once (raising StopRun)."""
+        self.waiting_for_data = True
+        try:
+            if self.requested:
+                raise StopRun
+            return fn(*args)
+        finally:
+            self.waiting_for_data = False
+
 
 # -----------------------------------------------------------------------------------------------------
 # The run
@@ -513,13 +523,21 @@ def train(args):
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device_type == "cpu":
         torch.use_deterministic_algorithms(True)     # exact resume: same batches -> same losses
+    stopper = SignalStop()
     try:
-        return _train(args, result, t_start, device, device_type)
+        with stopper:
+            return _train(args, result, t_start, device, device_type, stopper)
+    except (StopRun, KeyboardInterrupt):
+        # A signal before the training loop (fetching the first shard, say): nothing to save or stop yet.
+        result.signal = signal.Signals(stopper.signum or signal.SIGINT).name
+        result.exit_code = 128 + (stopper.signum or signal.SIGINT)
+        logger.warning("Stopped by %s before training started", result.signal)
+        return result
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(args, result, t_start, device, device_type):
+def _train(args, result, t_start, device, device_type, stopper):
     import torch
     from .gpt import GPT, config_for_depth
     from .loader import (tokenizing_distributed_data_loader_bos_bestfit,
@@ -564,9 +582,9 @@ def _train(args, result, t_start, device, device_type):
 
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
         base / f"tokenizer_{_short_hash([data_id if source else str(data_dir.resolve()), args.vocab_size])}"
-    tokenizer, shard_yield = prepare_tokenizer(tokenizer_dir, args.vocab_size, first_shard,
-                                                    data_key=data_id if source else str(data_dir.resolve()),
-                                                    T=args.max_seq_len, threads=args.tokenizer_threads)
+    tokenizer, shard_yield = stopper.waiting(
+        prepare_tokenizer, tokenizer_dir, args.vocab_size, first_shard, data_id if source else str(data_dir.resolve()),
+        args.max_seq_len, args.tokenizer_threads)
     result.shard_yield = shard_yield
 
     # The model and its optimizer.
@@ -652,109 +670,98 @@ def _train(args, result, t_start, device, device_type):
         result.checkpoint = str(path)
         logger.info("Saved checkpoint %s", path)
 
-    stopper = SignalStop()
-
-    def waiting(fn, *a):
-        """Call fn while a signal may interrupt it at once (it only waits for data)."""
-        stopper.waiting_for_data = True
-        try:
-            if stopper.requested:
-                raise StopRun
-            return fn(*a)
-        finally:
-            stopper.waiting_for_data = False
+    waiting = stopper.waiting
     step = start_step
     try:
-        with stopper:
-            train_loader = None
+        train_loader = None
 
-            def next_batch():
+        def next_batch():
+            t0 = time.time()
+            batch = waiting(next, train_loader)
+            return batch, time.time() - t0
+
+        step_state = None
+        try:
+            if downloader is not None:
+                waiting(downloader.start)       # blocks until the first shard is verified
+            train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+                tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
+                buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
+                streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+            (x, y, loader_state), waited = next_batch()
+            result.data_wait_seconds += waited
+            result.seconds_to_first_batch = time.time() - t_start
+            logger.info("First batch ready %.1fs after start (waited %.1fs for it)",
+                        result.seconds_to_first_batch, waited)
+            while True:
+                last_step = step >= num_iterations
+                if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
+                    val_loss = evaluate()
+                    result.val_losses.append((step, val_loss))
+                    logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
+                if stopper.requested:
+                    raise StopRun
+                if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                    checkpoint(step, loader_state)
+                if last_step:
+                    break
+
+                # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
+                step_state = loader_state
                 t0 = time.time()
-                batch = waiting(next, train_loader)
-                return batch, time.time() - t0
-
-            step_state = None
-            try:
-                if downloader is not None:
-                    waiting(downloader.start)       # blocks until the first shard is verified
-                train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-                    tokenizer, args.device_batch_size, args.max_seq_len, "train",
-                    tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
-                    buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
-                    streaming_downloader=downloader, data_dir=None if downloader else data_dir)
-                (x, y, loader_state), waited = next_batch()
-                result.data_wait_seconds += waited
-                result.seconds_to_first_batch = time.time() - t_start
-                logger.info("First batch ready %.1fs after start (waited %.1fs for it)",
-                            result.seconds_to_first_batch, waited)
-                while True:
-                    last_step = step >= num_iterations
-                    if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-                        val_loss = evaluate()
-                        result.val_losses.append((step, val_loss))
-                        logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
-                    if stopper.requested:
-                        raise StopRun
-                    if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                        checkpoint(step, loader_state)
-                    if last_step:
-                        break
-
-                    # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
-                    step_state = loader_state
-                    t0 = time.time()
-                    step_wait = 0.0
-                    loss_sum = 0.0
-                    for micro in range(grad_accum):
-                        with autocast:
-                            loss = model(x, y)
-                        (loss / grad_accum).backward()
-                        loss_sum += loss.item()
-                        if hash_log:
-                            hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
-                        (x, y, loader_state), waited = next_batch()
-                        step_wait += waited
-                    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
-                                        args.final_lr_frac)
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["initial_lr"] * lrm
-                    if args.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if device_type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = time.time() - t0
-                    step += 1
-                    step_state = None
-                    result.step = step
-                    train_loss = loss_sum / grad_accum
-                    result.losses.append((step - 1, train_loss))
-                    result.data_wait_seconds += step_wait
-                    if step == start_step + 1:
-                        result.seconds_to_first_step = time.time() - t_start
-                    if step % args.log_every == 0 or step in (start_step + 1, num_iterations):
-                        logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
-                                    "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
-                                    100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
-                                    f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
-                                    (time.time() - t_start) / 60)
-                    if downloader is not None and step % args.status_every == 0:
-                        logger.info("[Streaming] %s", downloader.get_status().line())
-            except StopRun:
-                # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
-                # with step_state (mid-step) or loader_state (at a boundary). Grads of a torn step are dropped.
+                step_wait = 0.0
+                loss_sum = 0.0
+                for micro in range(grad_accum):
+                    with autocast:
+                        loss = model(x, y)
+                    (loss / grad_accum).backward()
+                    loss_sum += loss.item()
+                    if hash_log:
+                        hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
+                    (x, y, loader_state), waited = next_batch()
+                    step_wait += waited
+                lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
+                                    args.final_lr_frac)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                result.signal = signal.Signals(stopper.signum).name
-                result.exit_code = 128 + stopper.signum
-                state = step_state if step_state is not None else loader_state
-                if args.save_every > 0 and state is not None:
-                    checkpoint(step, state)
-                logger.warning("Stopped by %s at step %d%s", result.signal, step,
-                               "" if args.save_every > 0 else " (no checkpoint: --save_every is not set)")
-            finally:
-                if train_loader is not None:
-                    train_loader.close()
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.time() - t0
+                step += 1
+                step_state = None
+                result.step = step
+                train_loss = loss_sum / grad_accum
+                result.losses.append((step - 1, train_loss))
+                result.data_wait_seconds += step_wait
+                if step == start_step + 1:
+                    result.seconds_to_first_step = time.time() - t_start
+                if step % args.log_every == 0 or step in (start_step + 1, num_iterations):
+                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
+                                "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
+                                100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
+                                f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
+                                (time.time() - t_start) / 60)
+                if downloader is not None and step % args.status_every == 0:
+                    logger.info("[Streaming] %s", downloader.get_status().line())
+        except StopRun:
+            # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
+            # with step_state (mid-step) or loader_state (at a boundary). Grads of a torn step are dropped.
+            optimizer.zero_grad(set_to_none=True)
+            result.signal = signal.Signals(stopper.signum).name
+            result.exit_code = 128 + stopper.signum
+            state = step_state if step_state is not None else loader_state
+            if args.save_every > 0 and state is not None:
+                checkpoint(step, state)
+            logger.warning("Stopped by %s at step %d%s", result.signal, step,
+                           "" if args.save_every > 0 else " (no checkpoint: --save_every is not set)")
+        finally:
+            if train_loader is not None:
+                train_loader.close()
     except KeyboardInterrupt:
         result.exit_code = 130
         result.signal = "SIGINT"

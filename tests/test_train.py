@@ -186,28 +186,39 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes(server, tmp_path, si
     assert set(before) <= set(hashes(tmp_path / "h.txt"))
 
 
-def test_sigterm_while_waiting_for_the_first_shard_stops_at_once(server, tmp_path):
-    assert main(tiny_args(server, tmp_path, num_iterations=1)) == 0     # tokenizer + shard yield, cached
-    shutil.rmtree(tmp_path / "data")
-    shutil.rmtree(tmp_path / "ckpt")
-    server.set_rate(0.02)                # shard 0 would now take half a minute
-    p = start(tiny_args(server, tmp_path, num_iterations=5, save_every=5))
+def sigterm_when(args, marker):
+    """Start a run, send SIGTERM once `marker` is printed; return (exit code, seconds to exit, output)."""
+    p = start(args)
     seen = []
     for line in p.stdout:
         seen.append(line)
-        if "Downloading initial buffer" in line:
+        if marker in line:
             break
     time.sleep(0.5)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     rest, _ = p.communicate(timeout=30)
-    assert p.returncode == 143, "".join(seen) + rest
-    assert time.time() - t0 < 15
-    assert "Stopped by SIGTERM at step 0" in rest and "Download thread stopped" in rest
-    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step_*.pt"))
+    return p.returncode, time.time() - t0, "".join(seen) + rest
+
+
+def test_sigterm_while_waiting_for_data_stops_at_once(server, tmp_path):
+    server.set_rate(0.02)                # a shard now takes half a minute
+    # 1. while fetching the first shard for the tokenizer
+    rc, dt, out = sigterm_when(tiny_args(server, tmp_path, num_iterations=1), "Fetching shard_00000")
+    assert rc == 143 and dt < 15, out[-3000:]
+    assert "Stopped by SIGTERM before training started" in out
+    # what the killed fetch left behind does not get in the way of the next run
     server.set_rate(None)
-    rc, out = run(tiny_args(server, tmp_path, num_iterations=3))
-    assert rc == 0, out[-3000:]
+    assert main(tiny_args(server, tmp_path, num_iterations=1)) == 0     # tokenizer + shard yield, cached
+    shutil.rmtree(tmp_path / "data")
+    shutil.rmtree(tmp_path / "ckpt")
+    # 2. while the downloader fetches its initial buffer
+    server.set_rate(0.02)
+    rc, dt, out = sigterm_when(tiny_args(server, tmp_path, num_iterations=5, save_every=5),
+                               "Downloading initial buffer")
+    assert rc == 143 and dt < 15, out[-3000:]
+    assert "Stopped by SIGTERM at step 0" in out and "Download thread stopped" in out
+    assert not list((tmp_path / "ckpt").glob("step_*.pt"))
 
 
 def test_seed_minimal_test_command_line(server, tmp_path):
