@@ -126,7 +126,8 @@ def run_demo(args):
     with ShardServer(sample, rate=args.rate) as srv:
         argv = [f"--depth={args.depth}", f"--max_seq_len={args.seq_len}", f"--device_batch_size={args.batch}",
                 f"--num_iterations={steps}", f"--vocab_size={args.vocab}", "--streaming_mode=True",
-                f"--streaming_buffer_size={args.buffer}", f"--streaming_total_shards={args.shards}", f"--source={srv.url}", f"--dataset_shards={args.shards}",
+                f"--streaming_buffer_size={args.buffer}", f"--streaming_total_shards={args.shards}",
+                f"--source={srv.url}", f"--dataset_shards={args.shards}",
                 f"--data_dir={data}", f"--max_cache_bytes={budget}", f"--tokenizer_dir={tok}",
                 f"--checkpoint_dir={ckpt}", "--eval_every=-1", "--eval_tokens=8192",
                 f"--status_every={max(steps // 8, 1)}", f"--log_every={max(steps // 20, 1)}", "--tokenizer_threads=2",

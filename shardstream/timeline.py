@@ -180,7 +180,8 @@ def plot_timeline(events_path, out_png, title=None):
     ax_reader.yaxis.set_major_locator(MaxNLocator(integer=True))
     budget = f"budget {summary.budget / 1e6:.1f} MB" if summary.budget else "no budget"
     fig.suptitle(title or f"shardstream: peak {summary.peak_bytes_on_disk / 1e6:.1f} MB on disk ({budget}), "
-                          f"{summary.downloads} downloads, reader waited {summary.waits}x ({summary.wait_seconds:.1f}s)")
+                          f"{summary.downloads} downloads, reader waited {summary.waits}x "
+                          f"({summary.wait_seconds:.1f}s)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

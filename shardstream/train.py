@@ -22,6 +22,7 @@ resumable), and main() returns 128 + the signal number.
 """
 import argparse
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -641,14 +642,16 @@ def _train(args, result, t_start, device, device_type, stopper):
 
     hash_log = open(args.batch_hash_log, "a", buffering=1) if args.batch_hash_log else None
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
-                else _nullcontext())
+                else contextlib.nullcontext())
+    waiting = stopper.waiting
     eval_tokens = args.eval_tokens if args.eval_tokens != -1 else 4 * args.device_batch_size * args.max_seq_len
     eval_batches = 0 if eval_tokens == 0 else max(1, eval_tokens // (args.device_batch_size * args.max_seq_len))
 
     def evaluate():
         loader = tokenizing_distributed_data_loader_bos_bestfit(
             tokenizer, args.device_batch_size, args.max_seq_len, "val", tokenizer_threads=args.tokenizer_threads,
-            tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=device, streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+            tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=device,
+            streaming_downloader=downloader, data_dir=None if downloader else data_dir)
         model.eval()
         total = 0.0
         try:
@@ -670,7 +673,6 @@ def _train(args, result, t_start, device, device_type, stopper):
         result.checkpoint = str(path)
         logger.info("Saved checkpoint %s", path)
 
-    waiting = stopper.waiting
     step = start_step
     try:
         train_loader = None
@@ -782,14 +784,6 @@ def _train(args, result, t_start, device, device_type, stopper):
                     step - start_step, result.losses[0][1], result.losses[-1][1], result.data_wait_seconds,
                     result.wall_seconds)
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):
