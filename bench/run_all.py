@@ -87,7 +87,7 @@ def summary(outputs):
         ttfb = r["ttfb"] / r["one_shard"]
         budget = f"{r['budget'] / 1e6:.1f} MB budget" if r["budget"] else "no budget"
         figs = (f"1st batch {ttfb:.2f}x one shard, wait {wait:.2f} %, link {r['link_bps'] / r['w_bps']:.2f} W, "
-                f"peak {r['peak'] / 1e6:.1f} MB ({budget})")
+                f"trainer {r['achieved_bps'] / r['w_bps']:.2f} W, peak {r['peak'] / 1e6:.1f} MB ({budget})")
         if mode != "adaptive":
             rows.append((label, figs, "(baseline)", None))
             continue
@@ -108,10 +108,10 @@ def summary(outputs):
                      f"delete-on-consume {b['sent'] / ep['train']:.2f}x ({a['sent'] / b['sent']:.2f})",
                      "fewer bytes", a["sent"] < b["sent"]))
 
-    m = re.search(r"loader\s+tokenized\s+([\d.]+) M tok/s = ([\d.]+)x raw", outputs.get("loader", ""))
-    if m:
-        rows.append(("4 loader tokens/s", f"{m.group(1)} M tok/s = {m.group(2)}x raw encode", ">= 0.9x raw",
-                     float(m.group(2)) >= 0.9))
+    for bt, tps, x in re.findall(r"(B=\d+ T=\d+) \(.*?loader\s+tokenized\s+([\d.]+) M tok/s = ([\d.]+)x raw",
+                                 outputs.get("loader", ""), flags=re.S):
+        rows.append((f"4 loader tokens/s, {bt}", f"{tps} M tok/s = {x}x raw encode", ">= 0.9x raw encode",
+                     float(x) >= 0.9))
     res = _load("resume")
     if res:
         fresh = res["rows"][0][1]
