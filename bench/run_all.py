@@ -114,13 +114,11 @@ def summary(outputs):
                      float(x) >= 0.9))
     res = _load("resume")
     if res:
-        fresh = res["rows"][0][1]
         for name, t, base in res["rows"][1:]:
             if name.startswith("resume"):
                 rows.append((f"4 {name}", f"first batch {t:.2f}s = {t / base:.2f}x fresh", "(reported)", None))
         rows.append(("4 resume is exact", "resumed batches equal the originals" if res["exact"] else "NOT EQUAL",
                      "bitwise", res["exact"]))
-        del fresh
     return rows
 
 
