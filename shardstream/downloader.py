@@ -238,6 +238,7 @@ class StreamingDownloader:
 
         # --- data dir: created and writable, or a clear error now
         self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
+        source.check_data_dir(self._data_dir)   # eviction must never delete a local source's own shards
         try:
             self._data_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self._data_dir, prefix=".write-test-"):

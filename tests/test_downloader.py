@@ -127,6 +127,21 @@ def test_unwritable_data_dir_raises_at_once(srv, tmp_path):
         StreamingDownloader(3, data_dir=blocker / "data", source=Source(srv.url, N_SHARDS))
 
 
+def test_the_local_sources_own_folder_is_refused_as_data_dir(shards_dir, tmp_path):
+    import shutil
+    from shardstream.source import make_source
+    folder = tmp_path / "corpus"
+    shutil.copytree(shards_dir, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    (tmp_path / "link").symlink_to(folder)
+    src = make_source(str(folder))
+    for data_dir in (folder, tmp_path / "link"):          # the same folder by another name too
+        with pytest.raises(ConfigError, match="is the source's own folder"):
+            StreamingDownloader(-1, buffer_size=1, max_cache_bytes=1, data_dir=data_dir, source=src,
+                                progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == before          # nothing deleted, nothing written
+
+
 def test_budget_below_val_plus_two_shards_is_refused_before_any_download(srv, shards_dir, tmp_path):
     s = sizes(shards_dir)
     dl = make(srv, tmp_path, max_cache_bytes=s[VAL] + 2 * s[0] - 1)
