@@ -41,6 +41,7 @@ and raises ShardSkipped so the reader moves on. A crashed worker makes the reade
 Every shard event goes to <data_dir>/events.jsonl (each with the window's size) and refreshes
 <data_dir>/status.json (see status.py; its buffer_size is the window's current size).
 """
+import contextlib
 import errno
 import logging
 import os
@@ -372,15 +373,16 @@ class StreamingDownloader:
         targets = list(self.plan.order[:n])
         which = f"shard {targets[0]}" if n == 1 else f"shards {targets[0]}-{targets[-1]}"
         logger.info(f"{P} Downloading initial buffer: {which}")
-        from tqdm import tqdm
+        bar = _progress_bar(n) if self.progress else None        # progress off: no bar at all
         try:                                    # (self._initial: nothing else competes for the link meanwhile)
-            with tqdm(total=n, unit="shard", desc="initial buffer", disable=not self.progress, leave=False) as bar:
+            with contextlib.nullcontext() if bar is None else bar:
                 for s in targets:
                     try:
                         self._wait(s, None, reader=None, lease=False)
                     except ShardSkipped:
                         pass
-                    bar.update(1)
+                    if bar is not None:
+                        bar.update(1)
         finally:
             with self._cond:
                 self._initial = ()
@@ -1080,6 +1082,18 @@ class StreamingDownloader:
             with self._cond:
                 if time.monotonic() - self._last_status_write >= self.status_interval:
                     self._write_status()
+
+
+def _progress_bar(total):
+    """The initial buffer's tqdm bar, without tqdm's monitor thread: tqdm starts that thread for the first
+    bar of the process and never ends it, so it would outlive stop(). Our bar is updated once a shard and
+    closed with the block, so it needs no monitor; the subclass leaves the process-wide tqdm setting alone."""
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        monitor_interval = 0
+
+    return _Bar(total=total, unit="shard", desc="initial buffer", leave=False)
 
 
 _HOST = None

@@ -399,6 +399,22 @@ def test_a_crashed_worker_is_never_silent(srv, tmp_path, monkeypatch):
 
 # --- stop and restart
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_no_thread_outlives_stop_with_or_without_a_progress_bar(srv, tmp_path, progress, capsys):
+    from tqdm import tqdm
+    if tqdm.monitor is not None:             # an earlier bar in this process started tqdm's monitor: end it
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    before = set(threading.enumerate())
+    with make(srv, tmp_path, initial_buffer=2, progress=progress) as dl:
+        dl.wait_for_shard(0, timeout=10)
+        dl.release(0)
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == []                        # no tqdm_monitor either
+    assert ("initial buffer" in capsys.readouterr().err) == progress      # the bar shows only when asked
+
+
+
 def test_stop_mid_transfer_is_quick_joins_everything_and_leaves_a_resumable_partial(srv, shards_dir, tmp_path):
     srv.set_rate(0.01)                                   # 10 KB/s: a 33 KB shard takes ~3 s
     data = tmp_path / "data"
