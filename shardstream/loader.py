@@ -159,7 +159,9 @@ def _open_parquet(path):
 
 def _read_texts(pf, rg_idx, path=None):
     try:
-        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        # use_threads=False: one column of one row group gains nothing from Arrow's thread pool, whose
+        # hand-offs cost CPU that the tokenizer's threads need
+        return pf.read_row_group(rg_idx, columns=["text"], use_threads=False).column("text").to_pylist()
     except PARQUET_ERRORS as e:
         raise _corrupt(path, f"row group {rg_idx} cannot be read", e) from None
 
@@ -174,21 +176,29 @@ def _corrupt(path, what, e):
 # The document stream: tokenized batches ("chunks") in a deterministic order
 
 class Chunk:
-    """Up to tokenizer_batch_size documents of one row group, tokenized (BOS first), one array per doc.
+    """Up to tokenizer_batch_size documents of one row group, tokenized, one sequence per doc.
 
-    A doc's array is dropped (set to None) when the packer takes it, so a long-lived doc in the buffer
-    keeps only itself alive, not its whole batch."""
-    __slots__ = ("pos", "next_pos", "docs")
+    Either `bos` is set and each doc is a numpy array of its ids without the BOS (which the packer writes
+    itself: no copy to prepend it), or `bos` is None and each doc is the tokenizer's list, BOS first
+    (converted only where the packer copies it into a row, so cropped tokens are never converted).
+    A doc is dropped (set to None) when the packer takes it, so a long-lived doc in the buffer keeps only
+    itself alive, not its whole batch."""
+    __slots__ = ("pos", "next_pos", "docs", "bos")
 
-    def __init__(self, pos, next_pos, docs):
+    def __init__(self, pos, next_pos, docs, bos=None):
         self.pos = pos              # (epoch, pq_idx, rg_idx, first row)
         self.next_pos = next_pos    # where the stream continues after this chunk
-        self.docs = docs            # list of int64 arrays (None where not present / already taken)
+        self.docs = docs            # list of sequences (None where not present / already taken)
+        self.bos = bos              # the BOS id the docs lack, or None when they start with it
 
 
 def tokenize_chunk(tokenizer, texts, bos, threads, pos=None, next_pos=None):
-    rows = tokenizer.encode(texts, prepend=bos, num_threads=threads)
-    return Chunk(pos, next_pos, [np.array(row, dtype=np.int64) for row in rows])
+    """tokenizer.encode_arrays when the tokenizer has it (ours: numpy ids, no Python list per doc), else
+    nanochat's tokenizer.encode(texts, prepend=bos, num_threads=threads)."""
+    encode_arrays = getattr(tokenizer, "encode_arrays", None)
+    if callable(encode_arrays):
+        return Chunk(pos, next_pos, encode_arrays(texts, num_threads=threads), bos)
+    return Chunk(pos, next_pos, tokenizer.encode(texts, prepend=bos, num_threads=threads))
 
 
 def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
@@ -326,8 +336,9 @@ class Packer:
     def add(self, chunk, indices=None):
         buckets = self.buckets
         docs = chunk.docs
+        extra = 0 if chunk.bos is None else 1       # the BOS the packer writes itself
         for i in (range(len(docs)) if indices is None else indices):
-            L = len(docs[i])
+            L = len(docs[i]) + extra
             q = buckets.get(L)
             if q is None:
                 q = buckets[L] = deque()
@@ -351,13 +362,17 @@ class Packer:
         k = bisect.bisect_right(self.lengths, remaining) - 1
         if k >= 0:                              # the largest doc that fits
             L, (chunk, i) = self._take(k)
-            row[pos:pos + L] = chunk.docs[i]
-            chunk.docs[i] = None
-            return pos + L
-        _, (chunk, i) = self._take(0)           # none fits: crop the shortest
-        row[pos:] = chunk.docs[i][:remaining]
+            end = pos + L
+        else:                                   # none fits: crop the shortest
+            _, (chunk, i) = self._take(0)
+            end = self.row_capacity
+        doc = chunk.docs[i]
         chunk.docs[i] = None
-        return self.row_capacity
+        if chunk.bos is not None:
+            row[pos] = chunk.bos
+            pos += 1
+        row[pos:end] = doc if k >= 0 else doc[:end - pos]
+        return end
 
     def snapshot(self):
         """The buffered documents as sorted [epoch, pq_idx, rg_idx, first_row, hex bitmask of rows]."""
@@ -473,7 +488,7 @@ def rebuild_buffer(packer, docs, plan, tokenize):
         docs = [None] * (idx[-1] + 1)
         for j, i in enumerate(idx):
             docs[i] = sub.docs[j]
-        packer.add(Chunk((int(epoch), int(pq_idx), int(rg_idx), int(row)), None, docs), idx)
+        packer.add(Chunk((int(epoch), int(pq_idx), int(rg_idx), int(row)), None, docs, sub.bos), idx)
 
 
 # -----------------------------------------------------------------------------------------------------
