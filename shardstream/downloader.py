@@ -19,7 +19,12 @@ budget holds. Adaptive transfers run one at a time (the next shard gets the whol
 start() fetches the first `initial_buffer` train shards alone and returns as soon as they are verified
 (time to first batch = one shard's download by default); then background workers fetch the nearest
 needed shard first: shards a reader is waiting for, then the next shard of the window, the val shard
-(adaptive: after the shards the rates say the reader needs), the rest of the window. Before a download
+(adaptive: after the shards the rates say the reader needs), the rest of the window.
+
+A resumed run starts mid-plan. `start_at=` (a shard of the plan) puts the initial buffer and the window
+there. Without it, initial_buffer=0 means nothing is prefetched until a reader's first request anchors
+the window at the shard it asks for, so a resume at shard k never downloads shard 0 (nor the val shard
+before it is asked for). Before a download
 starts, its remote size is reserved in the budget (cache.py); when it does not fit, shards are evicted
 by the plan (Belady: the one read furthest in the future first, never a leased one, the val shard, one
 inside the window, or one read before the shard that needs the room), and if that is not enough the
@@ -157,7 +162,8 @@ class StreamingDownloader:
                  max_cache_bytes=None, workers=2, initial_buffer=1, failure_policy="fail", *,
                  window=None, disk_policy=None, fetch_policy=None, deadline=None,
                  warn_free_bytes=None, min_free_bytes=None, dataset=DEFAULT_DATASET, dataset_shards=None,
-                 verify_existing="auto", progress=True, status_interval=0.5, plan=None, prefetch=None):
+                 verify_existing="auto", progress=True, status_interval=0.5, plan=None, prefetch=None,
+                 start_at=None):
         # --- policies: dataclasses, or the seed's loose keyword arguments
         if window is None:
             window = WindowPolicy(buffer_size, retain, max_cache_bytes, initial_buffer)
@@ -236,6 +242,16 @@ class StreamingDownloader:
             raise ConfigError(f"initial_buffer={window.initial_buffer} is more than total_shards={total_shards}")
         self.total_shards = total_shards
         self.plan = plan
+        # Where the window starts before any reader asks (see _reader_pos): start_at's first read, else the
+        # plan's start when start() fills an initial buffer, else nowhere yet (None): a run resuming with
+        # initial_buffer=0 prefetches nothing until its reader's first request anchors the window there.
+        if start_at is not None:
+            if isinstance(start_at, bool) or not isinstance(start_at, int) or start_at not in plan:
+                raise ConfigError(f"start_at must be a shard id of the read plan (the shard the reader asks for "
+                                  f"first, e.g. a resume's), got {start_at!r}")
+            self._start_pos = plan.locate(start_at)
+        else:
+            self._start_pos = 0 if window.initial_buffer > 0 else None
 
         # --- data dir: created and writable, or a clear error now
         self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
@@ -347,7 +363,7 @@ class StreamingDownloader:
             self._scan_existing()
             self._check_budget()
             with self._cond:
-                self._initial = tuple(self.plan.order[:self.window.initial_buffer])
+                self._initial = tuple(self._initial_targets())
                 self._update_window()
             for k in range(self.workers):
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
@@ -366,11 +382,14 @@ class StreamingDownloader:
         self._threads.append(t)
         t.start()
 
+    def _initial_targets(self):
+        return self.plan.ahead((self._start_pos or 0) - 1, self.window.initial_buffer)
+
     def _initial_buffer(self):
         n = self.window.initial_buffer
         if n == 0:
             return
-        targets = list(self.plan.order[:n])
+        targets = self._initial_targets()
         which = f"shard {targets[0]}" if n == 1 else f"shards {targets[0]}-{targets[-1]}"
         logger.info(f"{P} Downloading initial buffer: {which}")
         bar = _progress_bar(n) if self.progress else None        # progress off: no bar at all
@@ -606,7 +625,15 @@ class StreamingDownloader:
     # the window
 
     def _reader_pos(self):
-        return min(self._cursor.values()) if self._cursor else -1
+        """The slowest reader's plan position; before any reader asks, the position before the window's
+        start (-1 when it has none yet)."""
+        if self._cursor:
+            return min(self._cursor.values())
+        return -1 if self._start_pos is None else self._start_pos - 1
+
+    def _anchored(self):
+        """Whether the window has a place in the plan yet (a reader asked, start_at, or an initial buffer)."""
+        return bool(self._cursor) or self._start_pos is not None
 
     def _reader_shard(self):
         if not self._cursor:
@@ -614,7 +641,7 @@ class StreamingDownloader:
         return self.plan.at(self._reader_pos())
 
     def _ahead(self):
-        return self.plan.ahead(self._reader_pos(), self._win)
+        return self.plan.ahead(self._reader_pos(), self._win) if self._anchored() else []
 
     def _update_window(self):
         """Adaptive prefetch: ask the controller for the window's size, within what the budget holds beside
@@ -652,7 +679,7 @@ class StreamingDownloader:
         order = sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))
         if self._initial:
             order += list(self._initial)
-        else:
+        elif self._anchored():
             win = self._ahead()
             k = 1 if self._ctl is None else max(1, self._win_base or self._win)
             order += win[:k] + [self.val_shard] + win[k:]
@@ -672,7 +699,7 @@ class StreamingDownloader:
     def _next_read(self, shard):
         """How many plan positions until any reader reads shard again (None: never, as the plan says)."""
         best = None
-        for c in (self._cursor.values() or (-1,)):
+        for c in (self._cursor.values() or (self._reader_pos(),)):
             d = self.plan.next_read(shard, c)
             if d is not None and (best is None or d < best):
                 best = d
@@ -1017,7 +1044,7 @@ class StreamingDownloader:
         if budget is None:
             return
         sizes = {}
-        first = self.plan.order[0]
+        first = self.plan.at(max(0, self._reader_pos() + 1))
         for s in (first, self.val_shard):
             info = self._info.get(s)
             if info is None:

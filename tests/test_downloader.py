@@ -193,6 +193,27 @@ def test_buffer_keeps_exactly_buffer_size_ahead(srv, tmp_path):
         assert srv.stats(shard_name(4)).requests == 0
 
 
+@pytest.mark.parametrize("how", [dict(initial_buffer=0), dict(initial_buffer=1, start_at=7),
+                                 dict(initial_buffer=2, start_at=7)])
+def test_a_resumed_run_never_fetches_the_shards_before_its_start(srv, tmp_path, how):
+    with make(srv, tmp_path, buffer_size=3, **how) as dl:
+        time.sleep(0.5)                          # the trainer builds its model before its first batch
+        assert all(s >= 7 for s in dl.get_status().cached + dl.get_status().in_flight if s != VAL)
+        for i in range(7, 10):
+            dl.wait_for_shard(i, timeout=10)
+            dl.release(i)
+        until(lambda: {10, 11, 12} <= set(dl.get_status().cached), what="the window after shard 9")
+    for i in range(7):
+        assert srv.stats(shard_name(i)).get_requests == 0, i         # not shard 0, nor any before 7
+    assert srv.stats(shard_name(7)).get_requests == 1
+
+
+def test_start_at_must_be_a_planned_shard(srv, tmp_path):
+    for bad in (VAL, 20, -1, "3", True):
+        with pytest.raises(ConfigError, match="start_at"):
+            make(srv, tmp_path, start_at=bad)
+
+
 def test_an_unplanned_or_evicted_shard_is_fetched_on_demand(srv, tmp_path):
     with make(srv, tmp_path, total=5, buffer_size=2) as dl:
         p = dl.wait_for_shard(21, timeout=10)            # outside the plan of 5 shards
@@ -418,7 +439,7 @@ def test_no_thread_outlives_stop_with_or_without_a_progress_bar(srv, tmp_path, p
 def test_stop_mid_transfer_is_quick_joins_everything_and_leaves_a_resumable_partial(srv, shards_dir, tmp_path):
     srv.set_rate(0.01)                                   # 10 KB/s: a 33 KB shard takes ~3 s
     data = tmp_path / "data"
-    dl = make(srv, tmp_path, initial_buffer=0, workers=1).start()
+    dl = make(srv, tmp_path, initial_buffer=0, start_at=0, workers=1).start()     # prefetches before a read
     dl_threads = our_threads()
     assert len(dl_threads) == 2                          # one worker, one status writer
     until(lambda: any(n.endswith(".partial") and (data / n).stat().st_size > 0 for n in os.listdir(data)),
