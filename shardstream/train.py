@@ -16,9 +16,20 @@ exactly the batches the uninterrupted run would have seen. Checkpoints are singl
 (temp file, fsync, rename) and carry a fingerprint (source, dataset, tokenizer, batch geometry, model);
 resuming against a different one fails, naming what differs.
 
+Under torchrun (`torchrun --standalone --nproc_per_node=8 -m scripts.base_train --streaming_mode=True`) each
+process is one DDP rank (distributed.setup_ddp: gloo on CPU, nccl on CUDA, one GPU per local rank). A step
+is --total_batch_size tokens over all ranks (device_batch_size * max_seq_len * world size per micro-step),
+gradients are averaged by DDP, and streaming uses distributed.make_node_downloader: one downloader per node
+(--streaming_partition=global reads every shard on every node, =node gives node n the shards n, n+N, ...).
+Local rank 0 trains the tokenizer and measures shard 0; the other ranks wait at a barrier and load it. Only
+rank 0 logs (the other ranks log warnings and errors only) and writes checkpoints; its loader state carries
+every rank's cursor, so every rank resumes from it exactly. The val loss is averaged over the ranks.
+
 SIGTERM and Ctrl-C stop the run at the next step boundary (or at once when it is waiting for data): with
 --save_every set a final checkpoint is written, the downloader's threads are stopped (partial files stay
-resumable), and main() returns 128 + the signal number.
+resumable), and main() returns 128 + the signal number. Under torchrun the ranks agree on the stop at
+each step boundary (one all_reduce), so a signal on any one rank stops them all at the same step, and a
+wait for data inside a step is not cut short (the other ranks would hang in the gradient all-reduce).
 """
 import argparse
 import bisect
@@ -47,8 +58,8 @@ LOADER_BATCH_DOCS = 128        # its tokenizer_batch_size
 RESUME_MUST_MATCH = {
     "data": "data source", "dataset_shards": "dataset shard count", "tokenizer": "tokenizer",
     "vocab_size": "vocab size", "device_batch_size": "--device_batch_size", "max_seq_len": "--max_seq_len",
-    "total_batch_size": "--total_batch_size", "world_size": "world size", "model": "model shape (--depth)",
-}
+    "total_batch_size": "--total_batch_size", "model": "model shape (--depth)",
+}   # world_size may change: the loader resumes elastically (docs/DISTRIBUTED.md), grad accumulation adapts
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -128,6 +139,11 @@ def build_parser():
     add("streaming_total_shards", type=int, default=-1,
         help="shards to stream, the val shard included (-1 = computed from the tokens the run needs)")
     add("streaming_retain", type=int, default=0, help="consumed shards kept on disk behind the reader")
+    add("streaming_partition", default="global", choices=["global", "node"],
+        help="under torchrun with several nodes: global = every node reads every shard (nanochat's order); "
+             "node = node n reads shards n, n+N, ... only (each node stores 1/N)")
+    add("streaming_prefetch", default="fixed", choices=["fixed", "auto"],
+        help="fixed = keep --streaming_buffer_size shards ahead; auto = as many as the measured rates ask for")
     add("source", default=None, help="base URL of the shards (default SHARDSTREAM_SOURCE, else the Hub)")
     add("dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS), help="known dataset on the Hub")
     add("dataset_shards", type=int, default=None, help="shards in a custom --source (the last is val)")
@@ -143,7 +159,8 @@ def build_parser():
     add("status_every", type=int, default=100, help="steps between [Streaming] status lines")
     add("log_every", type=int, default=1, help="steps between step lines (the first and last always log)")
     add("tokenizer_threads", type=int, default=4, help="threads for tokenizing documents")
-    add("batch_hash_log", default=None, help="append one 'step micro sha256' line per trained batch to FILE")
+    add("batch_hash_log", default=None, help="append one 'step micro sha256' line per trained batch to FILE "
+                                               "(under torchrun rank R > 0 writes FILE.rankR)")
     return p
 
 
@@ -161,12 +178,15 @@ def parse_args(argv=None):
                           f"got {args.streaming_total_shards}")
     if args.streaming_retain < 0:
         raise ConfigError(f"--streaming_retain must be >= 0, got {args.streaming_retain}")
-    row_tokens = args.device_batch_size * args.max_seq_len
+    from .distributed import node_info
+    world = node_info().world_size              # torchrun's WORLD_SIZE (1 outside torchrun)
+    row_tokens = args.device_batch_size * args.max_seq_len * world
     if args.total_batch_size == -1:
         args.total_batch_size = row_tokens
     if args.total_batch_size < 1 or args.total_batch_size % row_tokens:
+        across = f" * world size {world}" if world > 1 else ""
         raise ConfigError(f"--total_batch_size {args.total_batch_size} must be a positive multiple of "
-                          f"device_batch_size*max_seq_len = {row_tokens}")
+                          f"device_batch_size*max_seq_len{across} = {row_tokens}")
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ConfigError(f"--{name} must be within [0, 1], got {getattr(args, name)}")
@@ -506,37 +526,48 @@ class TrainResult:
     signal: str | None = None
 
 
-def _fingerprint(args, data_id, dataset_shards, tokenizer, model_config):
+def _fingerprint(args, data_id, dataset_shards, tokenizer, model_config, world_size):
     return {"data": data_id, "dataset_shards": dataset_shards, "tokenizer": tokenizer.identity(),
             "vocab_size": tokenizer.get_vocab_size(), "device_batch_size": args.device_batch_size,
-            "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size, "world_size": 1,
+            "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size, "world_size": world_size,
             "model": asdict(model_config)}
 
 
 def train(args):
     """Run training as configured by parse_args(); returns a TrainResult (exit_code 0 when it finished)."""
     import torch
+    from .distributed import node_info, setup_ddp
     t_start = time.time()
     result = TrainResult()
     device = pick_device(args.device)
     device_type = device.split(":")[0]
+    info = node_info()
+    if info.distributed:        # torchrun: a process group (nccl on CUDA, gloo on CPU), a GPU per local rank
+        info, ddp_device = setup_ddp(device_type)
+        device = str(ddp_device)
     torch.manual_seed(args.seed)
     # No dropout and CPU kernels that are deterministic already, so a resumed CPU run repeats the
     # uninterrupted one (torch.use_deterministic_algorithms would add nothing here but ~3 s of imports).
     stopper = SignalStop()
     try:
         with stopper:
-            return _train(args, result, t_start, device, device_type, stopper)
+            return _train(args, result, t_start, device, device_type, stopper, info)
     except (StopRun, KeyboardInterrupt):
         # A signal before the training loop (fetching the first shard, say): nothing to save or stop yet.
         result.signal = signal.Signals(stopper.signum or signal.SIGINT).name
         result.exit_code = 128 + (stopper.signum or signal.SIGINT)
         logger.warning("Stopped by %s before training started", result.signal)
         return result
+    finally:
+        if info.distributed:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def _train(args, result, t_start, device, device_type, stopper):
+def _train(args, result, t_start, device, device_type, stopper, info):
     import torch
+    import torch.distributed as dist
     from .gpt import GPT, config_for_depth
     from .loader import (tokenizing_distributed_data_loader_bos_bestfit,
                          tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -580,34 +611,58 @@ def _train(args, result, t_start, device, device_type, stopper):
 
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
         base / f"tokenizer_{_short_hash([data_id if source else str(data_dir.resolve()), args.vocab_size])}"
-    tokenizer, shard_yield = stopper.waiting(
-        prepare_tokenizer, tokenizer_dir, args.vocab_size, first_shard, data_id if source else str(data_dir.resolve()),
-        args.max_seq_len, args.tokenizer_threads)
+    data_key = data_id if source else str(data_dir.resolve())
+    if info.local_rank == 0:    # one process per node fetches shard 0, trains the tokenizer, measures the shard
+        tokenizer, shard_yield = stopper.waiting(prepare_tokenizer, tokenizer_dir, args.vocab_size, first_shard,
+                                                 data_key, args.max_seq_len, args.tokenizer_threads)
+    if info.distributed:
+        dist.barrier()          # main thread: every node's local rank 0 has saved the tokenizer and shard yield
+    if info.local_rank != 0:
+        def not_prepared():
+            raise ConfigError(f"rank {info.rank}: local rank 0 prepared the tokenizer in {tokenizer_dir}, but this "
+                              f"rank finds it incomplete there: every rank of a node must see the same "
+                              f"--tokenizer_dir (a node-local or shared disk)")
+        tokenizer, shard_yield = prepare_tokenizer(tokenizer_dir, args.vocab_size, not_prepared, data_key,
+                                                   args.max_seq_len, args.tokenizer_threads)
     result.shard_yield = shard_yield
 
     # The model and its optimizer.
     model_config = config_for_depth(args.depth, args.max_seq_len, tokenizer.get_vocab_size())
-    model = GPT(model_config).to(device)
-    optimizer = model.make_optimizer(args.lr, weight_decay=args.weight_decay)
+    raw_model = GPT(model_config).to(device)
+    optimizer = raw_model.make_optimizer(args.lr, weight_decay=args.weight_decay)
     tokens_per_step = args.total_batch_size
-    grad_accum = tokens_per_step // (args.device_batch_size * args.max_seq_len)
+    micro_tokens = args.device_batch_size * args.max_seq_len * info.world_size
+    if tokens_per_step % micro_tokens:      # parse_args checked it against WORLD_SIZE; train() may get args directly
+        raise ConfigError(f"--total_batch_size {tokens_per_step} must be a multiple of device_batch_size*"
+                          f"max_seq_len*world size = {micro_tokens}")
+    grad_accum = tokens_per_step // micro_tokens
     num_iterations = args.num_iterations
     if num_iterations == -1:
-        num_iterations = max(1, round(args.target_param_data_ratio * model.num_params() / tokens_per_step))
+        num_iterations = max(1, round(args.target_param_data_ratio * raw_model.num_params() / tokens_per_step))
     result.num_iterations = num_iterations
-    fingerprint = _fingerprint(args, data_id, dataset_shards, tokenizer, model_config)
+    fingerprint = _fingerprint(args, data_id, dataset_shards, tokenizer, model_config, info.world_size)
     logger.info("Model: depth %d, width %d, %d heads, vocab %d, %s parameters; %s tokens per step "
-                "(%d x %d x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
-                model_config.n_head, model_config.vocab_size, f"{model.num_params():,}", f"{tokens_per_step:,}",
-                args.device_batch_size, args.max_seq_len, grad_accum, num_iterations, device)
+                "(%d x %d x %d rank(s) x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
+                model_config.n_head, model_config.vocab_size, f"{raw_model.num_params():,}", f"{tokens_per_step:,}",
+                args.device_batch_size, args.max_seq_len, info.world_size, grad_accum, num_iterations, device)
 
     start_step, loader_state = 0, None
     if resume is not None:
         check_resume(resume["fingerprint"], fingerprint, resume["step"])
-        model.load_state_dict(resume["model"])
+        saved_world = resume["fingerprint"].get("world_size", 1)
+        if saved_world != info.world_size:
+            logger.warning("Resuming a %d-rank checkpoint with %d rank(s): the data resumes without reading a row "
+                           "group twice or skipping one, but not batch for batch (docs/DISTRIBUTED.md)",
+                           saved_world, info.world_size)
+        raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start_step, loader_state = resume["step"], resume["loader_state"]
     result.start_step = result.step = start_step
+    model = raw_model
+    if info.distributed:        # after the resume's weights: DDP broadcasts rank 0's parameters anyway
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(raw_model, device_ids=[torch.device(device).index]
+                                        if device_type == "cuda" else None)
 
     # The streaming downloader.
     downloader = None
@@ -620,7 +675,7 @@ def _train(args, result, t_start, device, device_type, stopper):
         elif total_shards == -1:
             tokens_needed = num_iterations * tokens_per_step
             total_shards = shards_needed(tokens_needed, shard_yield, dataset_shards,
-                                         read_ahead_docs=loader_read_ahead_docs())
+                                         read_ahead_docs=loader_read_ahead_docs() * info.world_size)
             logger.info("Streaming mode: calculated %d shards needed for %s tokens (%d train + the val shard, "
                         "~%s tokens each)", total_shards, f"{tokens_needed:,}", total_shards - 1,
                         f"{shard_yield.trained_tokens:,}")
@@ -632,15 +687,28 @@ def _train(args, result, t_start, device, device_type, stopper):
             raise ConfigError(f"--streaming_total_shards must count at least 2 shards (train + val) and at most the "
                               f"dataset's {dataset_shards}, got {total_shards}")
         result.total_shards = total_shards
-        from .downloader import StreamingDownloader
-        downloader = StreamingDownloader(total_shards - 1, buffer_size=args.streaming_buffer_size, data_dir=data_dir,
-                                         source=source, max_cache_bytes=args.max_cache_bytes,
-                                         retain=args.streaming_retain, initial_buffer=0 if resume else 1)
+        # One process: a StreamingDownloader. torchrun: the node's one downloader on local rank 0, a reader
+        # of it (through torchrun's store) on every other local rank.
+        from .distributed import make_node_downloader
+        downloader = make_node_downloader(
+            partition=args.streaming_partition, info=info, total_shards=total_shards - 1,
+            buffer_size=args.streaming_buffer_size, data_dir=data_dir, source=source,
+            max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
+            prefetch="auto" if args.streaming_prefetch == "auto" else None)
 
-    hash_log = open(args.batch_hash_log, "a", buffering=1) if args.batch_hash_log else None
+    hash_log = None
+    if args.batch_hash_log:
+        hash_log = open(args.batch_hash_log + (f".rank{info.rank}" if info.rank else ""), "a", buffering=1)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
                 else contextlib.nullcontext())
     waiting = stopper.waiting
+    if info.distributed:
+        # Inside the loop a rank must not stop alone between collectives (the others would hang in the
+        # gradient all-reduce): a signal is recorded and the ranks agree on it at the next step boundary.
+        def loop_waiting(fn, *a):
+            return fn(*a)
+    else:
+        loop_waiting = waiting
     eval_tokens = args.eval_tokens if args.eval_tokens != -1 else 4 * args.device_batch_size * args.max_seq_len
     eval_batches = 0 if eval_tokens == 0 else max(1, eval_tokens // (args.device_batch_size * args.max_seq_len))
 
@@ -649,20 +717,41 @@ def _train(args, result, t_start, device, device_type, stopper):
             tokenizer, args.device_batch_size, args.max_seq_len, "val", tokenizer_threads=args.tokenizer_threads,
             tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=device,
             streaming_downloader=downloader, data_dir=None if downloader else data_dir)
-        model.eval()
+        raw_model.eval()
         total = 0.0
         try:
             with torch.no_grad(), autocast:
                 for _ in range(eval_batches):
-                    x, y = waiting(next, loader)
-                    total += model(x, y).item()
+                    x, y = loop_waiting(next, loader)
+                    total += raw_model(x, y).item()
         finally:
             loader.close()
-            model.train()
-        return total / eval_batches
+            raw_model.train()
+        return mean_over_ranks(total / eval_batches)
+
+    def mean_over_ranks(value):
+        """value averaged over the ranks (an all_reduce in the main thread; every rank calls it)."""
+        if not info.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item() / info.world_size
+
+    def agree_on_stop():
+        """Under torchrun: the signal any rank received (0: none), so every rank stops at the same step."""
+        if not info.distributed:
+            return
+        t = torch.tensor([stopper.signum or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.item() and not stopper.requested:
+            stopper.signum = int(t.item())
+            logger.warning("Another rank received %s: stopping at this step boundary",
+                           signal.Signals(stopper.signum).name)
 
     def checkpoint(step, state):
-        payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+        if info.rank != 0:      # rank 0's loader state carries every rank's cursor: one file resumes them all
+            return
+        payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": raw_model.state_dict(),
                    "optimizer": optimizer.state_dict(), "loader_state": state, "fingerprint": fingerprint,
                    "total_shards": total_shards, "num_iterations": num_iterations, "config": vars(args),
                    "downloader": downloader.get_status().to_dict() if downloader else None}
@@ -671,12 +760,13 @@ def _train(args, result, t_start, device, device_type, stopper):
         logger.info("Saved checkpoint %s", path)
 
     step = start_step
+    orderly = False             # every rank ends here together (finished, or a stop they agreed on)
     try:
         train_loader = None
 
-        def next_batch():
+        def next_batch(wait=loop_waiting):
             t0 = time.time()
-            batch = waiting(next, train_loader)
+            batch = wait(next, train_loader)
             return batch, time.time() - t0
 
         step_state = None
@@ -688,7 +778,7 @@ def _train(args, result, t_start, device, device_type, stopper):
                 tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
                 buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
                 streaming_downloader=downloader, data_dir=None if downloader else data_dir)
-            (x, y, loader_state), waited = next_batch()
+            (x, y, loader_state), waited = next_batch(waiting)
             result.data_wait_seconds += waited
             result.seconds_to_first_batch = time.time() - t_start
             logger.info("First batch ready %.1fs after start (waited %.1fs for it)",
@@ -699,11 +789,14 @@ def _train(args, result, t_start, device, device_type, stopper):
                     val_loss = evaluate()
                     result.val_losses.append((step, val_loss))
                     logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
+                agree_on_stop()
                 if stopper.requested:
+                    orderly = True      # at a step boundary, on every rank together
                     raise StopRun
                 if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
                     checkpoint(step, loader_state)
                 if last_step:
+                    orderly = True
                     break
 
                 # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
@@ -712,9 +805,12 @@ def _train(args, result, t_start, device, device_type, stopper):
                 step_wait = 0.0
                 loss_sum = 0.0
                 for micro in range(grad_accum):
-                    with autocast:
-                        loss = model(x, y)
-                    (loss / grad_accum).backward()
+                    # DDP all-reduces the gradients after the last micro-batch's backward only
+                    sync = model.no_sync() if info.distributed and micro < grad_accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with autocast:
+                            loss = model(x, y)
+                        (loss / grad_accum).backward()
                     loss_sum += loss.item()
                     if hash_log:
                         hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
@@ -734,7 +830,7 @@ def _train(args, result, t_start, device, device_type, stopper):
                 step += 1
                 step_state = None
                 result.step = step
-                train_loss = loss_sum / grad_accum
+                train_loss = mean_over_ranks(loss_sum / grad_accum)
                 result.losses.append((step - 1, train_loss))
                 result.data_wait_seconds += step_wait
                 if step == start_step + 1:
@@ -745,7 +841,7 @@ def _train(args, result, t_start, device, device_type, stopper):
                                 100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
                                 f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
                                 (time.time() - t_start) / 60)
-                if downloader is not None and step % args.status_every == 0:
+                if downloader is not None and info.rank == 0 and step % args.status_every == 0:
                     logger.info("[Streaming] %s", downloader.get_status().line())
         except StopRun:
             # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
@@ -768,6 +864,8 @@ def _train(args, result, t_start, device, device_type, stopper):
     finally:
         if hash_log:
             hash_log.close()
+        if info.distributed and orderly:
+            dist.barrier()      # no rank stops the node's downloader while another still reads through it
         if downloader is not None:
             logger.info("Stopping streaming downloader...")
             try:
@@ -786,7 +884,14 @@ def _train(args, result, t_start, device, device_type, stopper):
 def main(argv=None):
     """Entry point of `python -m scripts.base_train`; returns the exit code."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        from .distributed import node_info
+        try:
+            rank = node_info().rank
+        except ConfigError:
+            rank = 0            # parse_args/train report the bad environment
+        # Under torchrun rank 0 logs; the other ranks only warnings and errors, naming their rank.
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                            format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
     logging.getLogger("rustbpe").setLevel(logging.WARNING)     # its per-merge progress lines
     try:
         args = parse_args(argv)
