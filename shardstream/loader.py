@@ -23,7 +23,12 @@ What it does better:
   tokenizer.encode calls in flight so the tokenizer's threads do not idle between calls (results are
   handed over in stream order, so the stream is deterministic); the packer keeps documents in buckets by
   length (bisect over the distinct lengths instead of a scan of the buffer) and assembles rows with numpy
-  slice copies. Each buffered document is its own array, so memory is the buffer's, no more.
+  slice copies. With our Tokenizer the ids come as numpy arrays straight from tiktoken's buffer
+  (Tokenizer.encode_arrays: no Python int per token, BOS written by the packer), so the loader can
+  outrun raw tokenizer.encode; a tokenizer with nanochat's interface only gives lists, converted only
+  where the packer copies them (cropped tokens never are). Row groups are read without Arrow's thread
+  pool (its hand-offs cost the tokenizer CPU on small machines). Each buffered document is its own
+  sequence, so memory is the buffer's, no more.
 - Exact resume. The state yielded with batch k describes the position at the START of batch k, so
   resuming from it yields batch k again, then k+1, ... bitwise identical (nanochat's training loop saves
   the state of the batch it holds but has not trained on). The packer's behaviour depends only on the
@@ -134,12 +139,15 @@ class ShardPlan:
         return len(self.shard_ids)
 
     def acquire(self, pq_idx, quiet=False):
+        """The shard's local path (waiting for the downloader); logs "Reading shard_XXXXX.parquet"."""
         shard_id = self.shard_ids[pq_idx]
         if self.downloader is not None:
             path = self.downloader.wait_for_shard(shard_id)
         else:
             path = os.path.join(self.data_dir, shard_name(shard_id))
-        (logger.debug if quiet else logger.info)("Reading %s", shard_name(shard_id))
+        # the val split re-reads its one shard at every wrap and every evaluation builds a new val loader:
+        # at INFO that line would repeat through the trainer's output, so val reads log at DEBUG
+        (logger.debug if quiet or self.split == "val" else logger.info)("Reading %s", shard_name(shard_id))
         return path
 
     def release(self, pq_idx):
