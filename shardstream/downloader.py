@@ -18,8 +18,10 @@ budget holds. Adaptive transfers run one at a time (the next shard gets the whol
 
 start() fetches the first `initial_buffer` train shards alone and returns as soon as they are verified
 (time to first batch = one shard's download by default); then background workers fetch the nearest
-needed shard first: shards a reader is waiting for, then the next shard of the window, the val shard
-(adaptive: after the shards the rates say the reader needs), the rest of the window.
+needed shard first: shards a reader is waiting for, then the next two shards of the window, the val
+shard (adaptive: after the shards the rates say the reader needs), the rest of the window. A shard a
+reader waits for (the val shard of the first evaluation, an evicted one) starts at once: one worker
+beyond `workers` is kept for it, so it never queues behind prefetches.
 
 A resumed run starts mid-plan. `start_at=` (a shard of the plan) puts the initial buffer and the window
 there. Without it, initial_buffer=0 means nothing is prefetched until a reader's first request anchors
@@ -73,6 +75,7 @@ logger = logging.getLogger(__name__)
 P = "[StreamingDownloader]"
 SHA_AUTO_LIMIT = 2 << 30        # verify_existing="auto": hash shards found on disk when they total <= 2 GiB
 RATE_WINDOW = 5.0               # seconds of transfer history behind "download MB/s (recent)"
+VAL_AFTER = 2                   # fixed window: the val shard is fetched after this many window shards
 
 
 # -----------------------------------------------------------------------------
@@ -365,7 +368,7 @@ class StreamingDownloader:
             with self._cond:
                 self._initial = tuple(self._initial_targets())
                 self._update_window()
-            for k in range(self.workers):
+            for k in range(self.workers + 1):       # the last one is free for a shard a reader waits for
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
             self._spawn(self._status_loop, "shardstream-dl-status")
             with self._cond:
@@ -664,16 +667,14 @@ class StreamingDownloader:
             self._cond.notify_all()
 
     def _parallel_limit(self):
-        """Transfers allowed at once: every worker with a fixed window; adaptive: see prefetch.py."""
+        """Transfers allowed at once: every worker with a fixed window; adaptive: see prefetch.py. A shard a
+        reader waits for may start one more (_pick): it starts now, not after a prefetch."""
         if self._ctl is None:
             return self.workers
-        n = self._ctl.parallel(self.workers)
-        if any(s not in self.cache.files and s not in self.cache.inflight for s in self._demand):
-            n += 1                              # a waiting reader's shard starts now, not after a prefetch
-        return min(n, self.workers)
+        return min(self._ctl.parallel(self.workers), self.workers)
 
     def _priority(self):
-        """Shards to have on disk, most urgent first: waited for, next in window, val, rest of window.
+        """Shards to have on disk, most urgent first: waited for, next VAL_AFTER in window, val, the rest.
         While start() fills the initial buffer, only its shards. Adaptive: the val shard comes after the
         shards the measured rates say the reader needs (before the margin), so it never starves them."""
         order = sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))
@@ -681,7 +682,11 @@ class StreamingDownloader:
             order += list(self._initial)
         elif self._anchored():
             win = self._ahead()
-            k = 1 if self._ctl is None else max(1, self._win_base or self._win)
+            k = VAL_AFTER if self._ctl is None else max(1, self._win_base or self._win)
+            if self._ctl is None and not self._cursor:      # the initial buffer is not "next"
+                k += self.window.initial_buffer
+            if any(s in self._blocked for s in win[:k]):
+                k = 0                           # they wait for room; the budget always holds the val shard
             order += win[:k] + [self.val_shard] + win[k:]
         seen, out = set(), []
         for s in order:
@@ -719,7 +724,7 @@ class StreamingDownloader:
         if self.cache.budget is None:
             return True
         extra = max(size, self.cache.partials.get(shard, 0)) - self.cache.partials.get(shard, 0)
-        need = self.cache.used_bytes() + extra - self.cache.budget
+        need = self.cache.used_bytes() + extra + self._val_room(shard) - self.cache.budget
         entries = self.cache.entries()
         entries.pop(shard, None)
         demand = shard in self._demand
@@ -738,12 +743,24 @@ class StreamingDownloader:
             return False
         for s in evict:
             self._delete(s, "consumed" if s in self.cache.consumed else "budget")
-        if not self.cache.fits(extra):      # a reader in another process holds what was chosen
+        if not self.cache.fits(extra + self._val_room(shard)):     # another process's reader holds what was chosen
             self._blocked[shard] = (f"the room {shard_name(shard)} needs is held by readers in another process "
                                     f"sharing {self._data_dir}")
             return False
         self._blocked.pop(shard, None)
         return True
+
+    def _val_room(self, shard):
+        """Bytes kept free for the val shard while it is not on disk yet (the budget check promised it room
+        beside two train shards; the window must not fill it first). 0 when shard is the val shard."""
+        val = self.val_shard
+        f = self._failures.get(val)
+        if shard == val or val in self.cache.files or val in self.cache.inflight or val in self._skipped \
+                or (f is not None and f.retry_at == float("inf")):
+            return 0
+        info = self._info.get(val)
+        size = info.size if info is not None and info.size is not None else self._max_shard_bytes
+        return max(0, size - self.cache.partials.get(val, 0))
 
     def _delete(self, shard, reason):
         freed = self.cache.delete(shard)
@@ -822,7 +839,7 @@ class StreamingDownloader:
                 continue
             if s not in self._info:
                 return "info", s
-            if slots > 0:
+            if slots + (s in self._demand) > 0:    # a reader waits for it: one transfer beyond the limit
                 return "fetch", s
         return None
 

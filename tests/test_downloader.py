@@ -214,6 +214,29 @@ def test_start_at_must_be_a_planned_shard(srv, tmp_path):
             make(srv, tmp_path, start_at=bad)
 
 
+def starts(data):
+    return [e["shard"] for e in read_events(data) if e["event"] == "download_start"]
+
+
+def test_the_val_shard_comes_after_the_next_two_window_shards(srv, tmp_path):
+    srv.set_rate(0.2)                                    # ~0.2 s a shard: the order of starts shows
+    with make(srv, tmp_path, buffer_size=5, workers=2) as dl:
+        until(lambda: VAL in dl.get_status().cached, what="the val shard")
+    order = starts(tmp_path / "data")
+    assert order[0] == 0 and set(order[1:3]) == {1, 2} and order.index(VAL) == 3     # not beside shard 1
+
+
+def test_a_waited_for_shard_starts_at_once_even_with_every_worker_busy(srv, tmp_path):
+    srv.set_rate(0.02)                                   # 20 KB/s: a ~33 KB shard takes > 1 s
+    with make(srv, tmp_path, buffer_size=3, workers=1, start_at=0, initial_buffer=0) as dl:
+        until(lambda: dl.get_status().in_flight == (0,), what="shard 0 in flight")
+        dl.wait_for_shard(VAL, timeout=20)               # the first evaluation asks for the val shard
+        dl.release(VAL)
+    ev = [(e["event"], e["shard"]) for e in read_events(tmp_path / "data")
+          if e["event"] in ("download_start", "downloaded")]
+    assert ev.index(("download_start", VAL)) < ev.index(("downloaded", 0))     # it did not queue behind 0
+
+
 def test_an_unplanned_or_evicted_shard_is_fetched_on_demand(srv, tmp_path):
     with make(srv, tmp_path, total=5, buffer_size=2) as dl:
         p = dl.wait_for_shard(21, timeout=10)            # outside the plan of 5 shards
@@ -441,7 +464,7 @@ def test_stop_mid_transfer_is_quick_joins_everything_and_leaves_a_resumable_part
     data = tmp_path / "data"
     dl = make(srv, tmp_path, initial_buffer=0, start_at=0, workers=1).start()     # prefetches before a read
     dl_threads = our_threads()
-    assert len(dl_threads) == 2                          # one worker, one status writer
+    assert len(dl_threads) == 3                          # one worker, one for waited-for shards, one status writer
     until(lambda: any(n.endswith(".partial") and (data / n).stat().st_size > 0 for n in os.listdir(data)),
           what="a partial file with bytes")
     t0 = time.monotonic()
