@@ -25,7 +25,12 @@ A lease is then also a shared flock on `shard_XXXXX.parquet.lease`, held while a
 process holds the shard: `delete` takes the exclusive lock without blocking and keeps a shard another
 process's reader holds (returns None); `lease` returns False for a file another process deleted (the
 caller fetches it again). `delete` also keeps partial files whose fetch lock another fetch holds.
-Lock files are never deleted (deleting a lock file others may have open breaks the lock).
+
+A shard's `.lease` file goes with the shard: `delete` removes it while holding its exclusive lock, and
+whoever locks a `.lease` file (lease, delete) checks afterwards that the file it locked is still the one
+at that path, and starts over if not, so a lock on a removed file is never trusted. The fetch lock
+(`.lock`, fetch.py's filelock) is never deleted: filelock does not make that check, so a fetch that had
+opened the file before it went would lock the removed file while another process locks a new one.
 
 ShardCache is not thread-safe on its own: the downloader calls it with its lock held.
 """
@@ -315,9 +320,9 @@ class ShardCache:
             if fd is False:
                 return None
             try:
-                os.remove(self.path(shard))
-            except FileNotFoundError:
-                pass
+                _remove(self.path(shard))
+                if fd is not None:              # still holding its lock: the lease file goes too
+                    _remove(self.lease_path(shard))
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -341,8 +346,12 @@ class ShardCache:
         """Lease shard to reader. Returns False, leasing nothing, when its file is gone (another process
         sharing the data dir deleted it while no reader held it): the caller must fetch it again."""
         if shard not in self._lease_fds:
-            fd = os.open(self.lease_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_SH)      # waits out another process's delete in progress
+            while True:
+                fd = os.open(self.lease_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits out another process's delete in progress
+                if _is_current(fd, self.lease_path(shard)):
+                    break
+                os.close(fd)                    # that delete removed the file we locked: lock the new one
             if shard in self.files and not self.path(shard).is_file():
                 os.close(fd)
                 return False
@@ -372,19 +381,37 @@ class ShardCache:
         return {s for s, c in self.leases.items() if c}
 
 
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _is_current(fd, path):
+    """Whether fd is still the file at path (a delete may have removed it while we waited for its lock)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def _try_lock(path, close=False):
     """Take the exclusive flock on path without waiting. False: another holder has it. None: path does
     not exist (nobody ever locked it). Else the fd holding the lock (closed at once with close=True)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    if close:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        if _is_current(fd, path):
+            break
+        os.close(fd)                            # removed meanwhile: look again
         os.close(fd)
         return None
     return fd

@@ -137,7 +137,36 @@ def test_delete_removes_file_and_partials_but_refuses_leased_or_inflight(tmp_pat
     assert (tmp_path / shard_name(1)).exists()
     c.release(1, 0)
     assert c.delete(1) == 14
-    assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(1) + ".lease"]     # lock files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # its .lease file went with it
     c.begin(2, 10)
     with pytest.raises(RuntimeError, match="being downloaded"):
         c.delete(2)
+
+
+def test_lease_and_lock_files_pile_up_neither_in_the_inventory_nor_on_delete(tmp_path):
+    _write(tmp_path / shard_name(3), 10)
+    for name in (shard_name(3) + ".lock", shard_name(5) + ".lock", shard_name(5) + ".lease",
+                 ".shardstream-write-test.123.abcd1234", "status.json", "events.jsonl"):
+        (tmp_path / name).write_text("")
+    c = ShardCache(tmp_path)
+    assert c.scan() == ({3: 10}, {})                  # only the shard file counts
+    c.files = {3: 10}
+    c.lease(3, 0)
+    c.release(3, 0)
+    assert c.delete(3) == 10
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert shard_name(3) + ".lease" not in left and shard_name(3) + ".lock" in left     # fetch's lock stays
+
+
+def test_a_lock_taken_on_a_removed_lease_file_is_not_trusted(tmp_path):
+    import os
+    from shardstream.cache import _is_current
+    lease = tmp_path / (shard_name(4) + ".lease")
+    lease.write_text("")
+    fd = os.open(lease, os.O_RDWR)                    # opened (and then locked) before a delete removed it
+    assert _is_current(fd, lease)
+    lease.unlink()
+    assert not _is_current(fd, lease)                 # gone: lease() and _try_lock start over
+    lease.write_text("")
+    assert not _is_current(fd, lease)                 # another process's new file is another lock
+    os.close(fd)

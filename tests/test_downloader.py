@@ -316,6 +316,17 @@ def test_reader_walks_20_shards_and_disk_stays_in_budget(srv, shards_dir, tmp_pa
     assert peak <= budget
 
 
+def test_lease_files_go_with_their_shards(srv, tmp_path):
+    data = tmp_path / "data"
+    with make(srv, tmp_path, total=12, buffer_size=2) as dl:
+        for i in range(10):
+            dl.wait_for_shard(i, timeout=10)
+            dl.release(i)
+        until(lambda: not set(range(10)) & set(dl.get_status().cached), what="shards 0-9 deleted")
+    leases = sorted(p.name for p in data.glob("*.lease"))
+    assert not [n for n in leases if int(n[6:11]) < 10]       # none left for the deleted shards
+
+
 def test_a_leased_shard_is_never_deleted(srv, shards_dir, tmp_path):
     s = sizes(shards_dir)
     budget = s[VAL] + s[0] + s[1] + s[2] // 2            # room for two train shards, not three
