@@ -5,7 +5,8 @@
 - `write_status` / `read_status`: the snapshot as `<data_dir>/status.json`, replaced atomically.
 - `EventLog`: `<data_dir>/events.jsonl`, one JSON object per shard event (t, event, shard, bytes_on_disk,
   budget, ahead, reader_shard, ...) for the timeline plot.
-- `cli(argv)`: `shardstream status [--data-dir DIR] [--watch]`, the better `watch ls`.
+- `cli(argv)`: `shardstream status [--data-dir DIR] [--watch]`, the better `watch ls` (default data dir:
+  SHARDSTREAM_DATA_DIR, else nanochat's for SHARDSTREAM_DATASET, as the downloader chooses it).
 """
 import argparse
 import json
@@ -220,15 +221,24 @@ def describe(data_dir, now=None):
 
 
 def cli(argv):
-    from .shards import default_data_dir
+    from .errors import ConfigError
+    from .shards import DEFAULT_DATASET, default_data_dir
     p = argparse.ArgumentParser(prog="shardstream status",
                                 description="Show a StreamingDownloader's status (from <data-dir>/status.json).")
-    p.add_argument("--data-dir", default=None, help="the downloader's data dir (default: nanochat's)")
+    p.add_argument("--data-dir", default=None, help="the downloader's data dir (default: $SHARDSTREAM_DATA_DIR, "
+                                                    "else nanochat's for $SHARDSTREAM_DATASET)")
     p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     p.add_argument("--json", action="store_true", help="print the raw status.json")
     args = p.parse_args(argv)
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        try:
+            data_dir = default_data_dir(os.environ.get("SHARDSTREAM_DATASET") or DEFAULT_DATASET)
+        except ConfigError as e:
+            print(f"shardstream status: SHARDSTREAM_DATASET: {e}", file=sys.stderr)
+            return 2
     if args.json:
         st = read_status(data_dir)
         print(json.dumps(st.to_dict(), indent=1) if st else "null")

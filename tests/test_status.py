@@ -95,3 +95,15 @@ def test_cli_through_the_shardstream_command(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "7/10 verified" in r.stdout
+
+
+def test_cli_default_data_dir_follows_shardstream_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SHARDSTREAM_DATA_DIR", raising=False)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+XX
+    monkeypatch.setenv("SHARDSTREAM_DATASET", "fineweb-edu")
+    assert cli([]) == 0 and "7/10 verified" in capsys.readouterr().out
+    monkeypatch.delenv("SHARDSTREAM_DATASET")                  # climbmix's dir holds no status
+    assert cli([]) == 1 and "base_data_climbmix" in capsys.readouterr().out
+    monkeypatch.setenv("SHARDSTREAM_DATASET", "nope")
+    assert cli([]) == 2 and "unknown dataset 'nope'" in capsys.readouterr().err
