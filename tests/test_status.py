@@ -100,7 +100,8 @@ def test_cli_through_the_shardstream_command(tmp_path):
 def test_cli_default_data_dir_follows_shardstream_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SHARDSTREAM_DATA_DIR", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-XX
+    (tmp_path / "base_data").mkdir()
+    write_status(tmp_path / "base_data", _status())          # fineweb-edu's data dir
     monkeypatch.setenv("SHARDSTREAM_DATASET", "fineweb-edu")
     assert cli([]) == 0 and "7/10 verified" in capsys.readouterr().out
     monkeypatch.delenv("SHARDSTREAM_DATASET")                  # climbmix's dir holds no status
