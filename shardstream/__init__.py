@@ -10,9 +10,18 @@ from .source import Source, make_source
 __version__ = "0.1.0"
 
 
+_LAZY = {       # heavy pieces load on first use, so `import shardstream` stays light
+    "StreamingDownloader": "downloader", "WindowPolicy": "downloader", "FailurePolicy": "downloader",
+    "DiskPolicy": "downloader", "PrefetchPolicy": "prefetch", "DownloaderStatus": "status",
+}
+
+
 def __getattr__(name):
-    # Heavy pieces load on first use so `import shardstream` stays light.
-    if name == "StreamingDownloader":
-        from .downloader import StreamingDownloader
-        return StreamingDownloader
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'shardstream' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
