@@ -945,6 +945,7 @@ class StreamingDownloader:
             return
         with self._cond:
             self.cache.finish(shard, res.size)
+            self._retries += max(0, res.attempts - 1)  # fetch_shard retried (resumed) within the call
             self._transfer_over(shard, 0 if res.already_present else res.bytes_downloaded)
             self._failures.pop(shard, None)
             if shard in self.plan:
@@ -970,7 +971,9 @@ class StreamingDownloader:
 
     def _record_failure(self, shard, e):
         f = self._failures.setdefault(shard, _Failure())
-        f.attempts += max(1, getattr(e, "attempts", 0) or 1)
+        tried = max(1, getattr(e, "attempts", 0) or 1)
+        f.attempts += tried
+        self._retries += tried - 1                  # the call's own retries; the call's retry is counted below
         f.rounds += 1
         f.error = e
         f.permanent = isinstance(e, PermanentFetchError)

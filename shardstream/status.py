@@ -42,7 +42,7 @@ class DownloaderStatus:
     downloaded_bytes: int           # bytes fetched in this run
     in_flight: tuple = ()           # shards being downloaded
     cached: tuple = ()              # verified shards on disk
-    retries: int = 0                # failed attempts that will be retried
+    retries: int = 0                # failed attempts retried (inside a fetch, and fetches retried later)
     failures: int = 0               # shards that failed permanently or past the deadline
     skipped: tuple = ()             # shards the "skip" policy gave up on
     waits: int = 0                  # times the reader had to wait

@@ -327,6 +327,15 @@ def test_lease_files_go_with_their_shards(srv, tmp_path):
     assert not [n for n in leases if int(n[6:11]) < 10]       # none left for the deleted shards
 
 
+def test_retries_inside_a_fetch_are_counted(srv, tmp_path):
+    srv.add_fault(Fault("status", status=503, file=shard_name(0), times=2, method="GET"))
+    with make(srv, tmp_path, total=3, buffer_size=1) as dl:        # FAST_FETCH: 3 tries a call
+        dl.wait_for_shard(0, timeout=10)
+        st = dl.get_status()
+    assert srv.stats(shard_name(0)).get_requests == 3
+    assert st.retries == 2 and st.failures == 0               # both failed GETs were retried, in one call
+
+
 def test_a_leased_shard_is_never_deleted(srv, shards_dir, tmp_path):
     s = sizes(shards_dir)
     budget = s[VAL] + s[0] + s[1] + s[2] // 2            # room for two train shards, not three
