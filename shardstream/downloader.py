@@ -19,7 +19,8 @@ budget holds. Adaptive transfers run one at a time (the next shard gets the whol
 start() fetches the first `initial_buffer` train shards alone and returns as soon as they are verified
 (time to first batch = one shard's download by default); then background workers fetch the nearest
 needed shard first: shards a reader is waiting for, then the next two shards of the window, the val
-shard (adaptive: after the shards the rates say the reader needs), the rest of the window. A shard a
+shard (first in line once two shards came after the initial buffer; adaptive: after the shards the rates
+say the reader needs), the rest of the window. A shard a
 reader waits for (the val shard of the first evaluation, an evicted one) starts at once: one worker
 beyond `workers` is kept for it, so it never queues behind prefetches.
 
@@ -76,6 +77,7 @@ P = "[StreamingDownloader]"
 SHA_AUTO_LIMIT = 2 << 30        # verify_existing="auto": hash shards found on disk when they total <= 2 GiB
 RATE_WINDOW = 5.0               # seconds of transfer history behind "download MB/s (recent)"
 VAL_AFTER = 2                   # fixed window: the val shard is fetched after this many window shards
+                                # (after the initial buffer; then it is first in line until it is on disk)
 
 
 # -----------------------------------------------------------------------------
@@ -683,8 +685,11 @@ class StreamingDownloader:
         elif self._anchored():
             win = self._ahead()
             k = VAL_AFTER if self._ctl is None else max(1, self._win_base or self._win)
-            if self._ctl is None and not self._cursor:      # the initial buffer is not "next"
-                k += self.window.initial_buffer
+            if self._ctl is None:
+                if len(self._verified) >= self.window.initial_buffer + VAL_AFTER:
+                    k = 0                       # its turn came: a reader faster than the link must not starve it
+                elif not self._cursor:          # the initial buffer is not "next"
+                    k += self.window.initial_buffer
             if any(s in self._blocked for s in win[:k]):
                 k = 0                           # they wait for room; the budget always holds the val shard
             order += win[:k] + [self.val_shard] + win[k:]
