@@ -641,10 +641,11 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         num_iterations = max(1, round(args.target_param_data_ratio * raw_model.num_params() / tokens_per_step))
     result.num_iterations = num_iterations
     fingerprint = _fingerprint(args, data_id, dataset_shards, tokenizer, model_config, info.world_size)
+    ranks = f" x {info.world_size} ranks" if info.distributed else ""
     logger.info("Model: depth %d, width %d, %d heads, vocab %d, %s parameters; %s tokens per step "
-                "(%d x %d x %d rank(s) x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
+                "(%d x %d%s x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
                 model_config.n_head, model_config.vocab_size, f"{raw_model.num_params():,}", f"{tokens_per_step:,}",
-                args.device_batch_size, args.max_seq_len, info.world_size, grad_accum, num_iterations, device)
+                args.device_batch_size, args.max_seq_len, ranks, grad_accum, num_iterations, device)
 
     start_step, loader_state = 0, None
     if resume is not None:
@@ -738,15 +739,17 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         return t.item() / info.world_size
 
     def agree_on_stop():
-        """Under torchrun: the signal any rank received (0: none), so every rank stops at the same step."""
+        """Whether to stop at this step boundary. Under torchrun the answer comes from the all_reduce
+        alone (a signal landing after it counts at the next boundary), so every rank gets the same one."""
         if not info.distributed:
-            return
+            return stopper.requested
         t = torch.tensor([stopper.signum or 0], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() and not stopper.requested:
-            stopper.signum = int(t.item())
-            logger.warning("Another rank received %s: stopping at this step boundary",
-                           signal.Signals(stopper.signum).name)
+        agreed = int(t.item())
+        if agreed and stopper.signum is None:
+            stopper.signum = agreed
+            logger.warning("Another rank received %s: stopping at this step boundary", signal.Signals(agreed).name)
+        return bool(agreed)
 
     def checkpoint(step, state):
         if info.rank != 0:      # rank 0's loader state carries every rank's cursor: one file resumes them all
@@ -789,8 +792,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                     val_loss = evaluate()
                     result.val_losses.append((step, val_loss))
                     logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
-                agree_on_stop()
-                if stopper.requested:
+                if agree_on_stop():
                     orderly = True      # at a step boundary, on every rank together
                     raise StopRun
                 if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
