@@ -230,7 +230,11 @@ class Heartbeat:
                 return
 
     def stop(self):
+        # Joined, not just signalled: a daemon thread still inside a TCPStore call when the interpreter
+        # finalizes aborts the process ("terminate called without an active exception").
         self.stop_event.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=BEAT_EVERY + 5)
 
 
 class Watch:
