@@ -149,7 +149,11 @@ def partial_files(d):
 
 
 def shard_bytes_on_disk(d):
-    """Bytes of shard files and partial files in d (what a budget must bound)."""
+    """Bytes of shard files and partial files in d (what a budget must bound); 0 before d exists.
+
+    Counted straight from the directory, independently of the cache's own books, which it checks."""
+    if not os.path.isdir(d):
+        return 0
     total = 0
     for e in os.scandir(d):
         if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):

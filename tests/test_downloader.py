@@ -19,6 +19,7 @@ from shardstream.server import Fault, ShardServer
 from shardstream.shards import shard_name
 from shardstream.source import Source
 from shardstream.status import read_events, read_status
+from rel_common import shard_bytes_on_disk
 
 N_SHARDS = 24                   # 23 train shards + val shard 23
 VAL = N_SHARDS - 1
@@ -66,17 +67,6 @@ def until(cond, timeout=10.0, what="condition"):
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
 
-
-def on_disk(d):
-    """Bytes of shard files and partial files really in d (what the budget must bound)."""
-    total = 0
-    for e in os.scandir(d):
-        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
-            try:
-                total += e.stat().st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 # --- initialization and bad input
@@ -284,7 +274,7 @@ def test_reader_walks_20_shards_and_disk_stays_in_budget(srv, shards_dir, tmp_pa
 
     def sampler():
         while not done.is_set():
-            n = on_disk(data)
+            n = shard_bytes_on_disk(data)
             if n > budget:
                 violations.append(f"{n} bytes on disk > budget {budget}")
             gone_by_now = list(released)[:-retain]
@@ -549,7 +539,7 @@ def test_a_data_dir_over_the_budget_is_trimmed_at_start_keeping_the_window(srv, 
     s = sizes(shards_dir)
     budget = s[VAL] + 6 * max(s.values())
     with make(srv, tmp_path, total=12, buffer_size=3, initial_buffer=0, max_cache_bytes=budget) as dl:
-        assert on_disk(tmp_path / "data") <= budget
+        assert shard_bytes_on_disk(tmp_path / "data") <= budget
         cached = set(dl.get_status().cached)
         assert {0, 1, 2, VAL} <= cached and 10 not in cached     # furthest-read shards went first
     assert "over the budget" in caplog.text

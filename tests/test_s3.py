@@ -27,6 +27,7 @@ from shardstream.errors import ConfigError, FetchCancelled, PermanentFetchError 
 from shardstream.fetch import FetchPolicy, fetch_shard, remote_info  # noqa: E402
 from shardstream.shards import shard_name  # noqa: E402
 from shardstream.source import make_source  # noqa: E402
+from rel_common import shard_bytes_on_disk  # noqa: E402
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 FAST = FetchPolicy(connect_timeout=2, stall_timeout=5, max_attempts=3, backoff_initial=0.01, backoff_max=0.05,
@@ -180,7 +181,7 @@ def test_streaming_downloader_stays_in_budget(bucket, endpoint, sample_dir, tmp_
 
     def sampler():
         while not done.is_set():
-            peak[0] = max(peak[0], _on_disk(data))
+            peak[0] = max(peak[0], shard_bytes_on_disk(data))
             time.sleep(0.005)
 
     with StreamingDownloader(5, buffer_size=4, data_dir=data, source=src, max_cache_bytes=budget,
@@ -213,19 +214,6 @@ def test_ls_command_lists_shards_and_total(bucket, endpoint, sample_dir):
 
 
 # -----------------------------------------------------------------------------
-
-def _on_disk(d):
-    total = 0
-    if not d.exists():
-        return 0
-    for e in os.scandir(d):
-        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
-            try:
-                total += e.stat().st_size
-            except FileNotFoundError:
-                pass
-    return total
-
 
 class _ResettingProxy:
     """TCP proxy to `target` that resets (RST) the connection whose response bytes take the total that
