@@ -550,8 +550,9 @@ class NodeReader:
         return ReadPlan(tuple(info["plan"]), info.get("epochs", 1))
 
     def row_group_stride(self, split):
+        # The leader publishes its own (local_rank, local_world); each reader strides from its own rank.
         stride = self._ready().get("stride")
-        return tuple(stride) if (stride is not None and split == "train") else None
+        return (self.group.me, stride[1]) if (stride is not None and split == "train") else None
 
     def get_status(self):
         from .status import DownloaderStatus

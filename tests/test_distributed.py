@@ -171,6 +171,15 @@ def test_two_ranks_read_every_row_group_once_one_download_slow_rank_safe(srv, di
     assert r0["status"]["pid"] == r1["status"]["pid"]
 
 
+def test_partition_node_on_one_node_strides_row_groups_over_local_ranks(srv, dist_remote, tmp_path):
+    """partition="node" with one node reads what "global" reads: each local rank its own row groups."""
+    _, _, out = run_worker(tmp_path, "one_node", base_cfg(srv, tmp_path, partition="node"))
+    r0, r1 = results(out, 2)
+    seen0, seen1 = set(r0["docs"]), set(r1["docs"])
+    assert not seen0 & seen1, "a document was read by both local ranks"
+    assert seen0 | seen1 == all_docs(dist_remote, range(SHARDS - 1))
+
+
 def test_a_killed_rank_ends_the_job(srv, tmp_path):
     """Rank 1 SIGKILLs itself at batch 3: torchrun ends the job (non-zero) well within the timeout."""
     cfg = base_cfg(srv, tmp_path, batches=100_000, die_rank=1, die_at=3)
