@@ -15,6 +15,7 @@ bytes verified, shards lost), so one run of the suite gives the counts docs/RELI
 """
 import hashlib
 import json
+import http.server
 import os
 import random
 import threading
@@ -192,3 +193,42 @@ def tally(case, *, faults=0, bytes_verified=0, lost=0, shards_read=0):
                        "shards_read": int(shards_read), "lost": int(lost)})
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+class TinyServer:
+    """A throwaway HTTP server on 127.0.0.1 for branches the ShardServer never takes (a server that ignores
+    Range, redirects, hostile headers, an endless body). `with TinyServer(Handler) as srv:` -> srv.url."""
+
+    def __init__(self, handler):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class EndlessHandler(http.server.BaseHTTPRequestHandler):
+    """A body with no length that never ends (6.5 GB if nobody stops reading): the size cap must cut it."""
+    protocol_version = "HTTP/1.0"          # no length: the body ends when the connection does
+
+    def log_message(self, *a):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("ETag", '"x"')
+        self.end_headers()
+
+    def do_GET(self):
+        self.do_HEAD()
+        try:
+            for _ in range(100_000):
+                self.wfile.write(b"x" * 65536)
+        except OSError:
+            pass

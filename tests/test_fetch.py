@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from rel_common import EndlessHandler, TinyServer
 from shardstream.errors import (ConfigError, FetchCancelled, PermanentFetchError, TransientFetchError)
 from shardstream.fetch import FetchPolicy, fetch_shard, remote_info
 from shardstream.server import Fault, ShardServer
@@ -253,8 +254,8 @@ def test_server_that_ignores_range_is_restarted_cleanly(remote_dir, tmp_path):
                 self.wfile.write(body[: len(body) // 2] if cut else body)
             self.close_connection = True
 
-    with _TinyServer(IgnoresRange) as url:
-        r = fetch_shard(Source(url, SHARDS), 0, tmp_path, FAST)
+    with TinyServer(IgnoresRange) as tiny:
+        r = fetch_shard(Source(tiny.url, SHARDS), 0, tmp_path, FAST)
     assert seen[0] is None and seen[1] is not None and seen[1].startswith("bytes=")   # it did ask to resume
     assert (tmp_path / name(0)).read_bytes() == body
     assert r.bytes_downloaded == len(body) // 2 + len(body)
@@ -355,22 +356,6 @@ def test_token_goes_to_its_host_and_never_into_logs_or_errors(remote_dir, tmp_pa
         assert TOKEN not in text
 
 
-class _TinyServer:
-    """A throwaway HTTP server on 127.0.0.1 for branches the ShardServer cannot reach."""
-
-    def __init__(self, handler):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _redirector(target_for, seen, linked=None):
     """A Hub stand-in: HEAD/GET on /<file> answer 302 to target_for(file), recording the headers seen,
     with linked(file) -> extra headers (X-Linked-*) on it, as the Hub sends. The ShardServer never
@@ -402,8 +387,8 @@ def test_redirect_to_another_host_gets_no_authorization(server, tmp_path):
     seen = []
     # 127.0.0.1 (the token's host) redirects to localhost: the same machine, another host name.
     target = f"http://localhost:{server.port}/datasets/{server.hub_repo}/resolve/main/"
-    with _TinyServer(_redirector(lambda f: target + f, seen)) as url:
-        source = Source(url, SHARDS, token=TOKEN, token_host="127.0.0.1")
+    with TinyServer(_redirector(lambda f: target + f, seen)) as tiny:
+        source = Source(tiny.url, SHARDS, token=TOKEN, token_host="127.0.0.1")
         r = fetch_shard(source, 2, tmp_path, FAST)
     assert same_as_source(server, tmp_path, 2) and r.sha256
     assert seen and all(auth == f"Bearer {TOKEN}" for _, auth in seen)      # the token's host got it
@@ -419,8 +404,8 @@ def test_hub_style_redirect_with_x_linked_headers_on_the_302(server, tmp_path):
         return {"X-Linked-Size": str(len(data)), "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
                 "ETag": '"hub-etag"'}
     seen = []
-    with _TinyServer(_redirector(lambda f: f"{server.url}/{f}", seen, linked)) as url:
-        r = fetch_shard(Source(url, SHARDS), 3, tmp_path, FAST)
+    with TinyServer(_redirector(lambda f: f"{server.url}/{f}", seen, linked)) as tiny:
+        r = fetch_shard(Source(tiny.url, SHARDS), 3, tmp_path, FAST)
     assert same_as_source(server, tmp_path, 3) and r.sha256 == linked(name(3))["X-Linked-Etag"].strip('"')
     assert [m for m, _ in seen] == ["HEAD", "GET"]
     st = server.stats(name(3))
@@ -430,9 +415,9 @@ def test_hub_style_redirect_with_x_linked_headers_on_the_302(server, tmp_path):
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http://example.com/x"])
 def test_redirect_to_a_forbidden_target_is_refused(tmp_path, target):
     seen = []
-    with _TinyServer(_redirector(lambda f: target, seen)) as url:
+    with TinyServer(_redirector(lambda f: target, seen)) as tiny:
         with pytest.raises(PermanentFetchError, match="refused a redirect"):
-            fetch_shard(Source(url, SHARDS), 0, tmp_path, FAST)
+            fetch_shard(Source(tiny.url, SHARDS), 0, tmp_path, FAST)
     assert not (tmp_path / name(0)).exists()
 
 
@@ -497,28 +482,9 @@ def test_on_bytes_sees_every_byte(server, source, tmp_path):
 
 def test_body_without_length_that_never_ends_hits_the_size_cap(tmp_path):
     # The ShardServer always sends Content-Length; only a tiny server can stream without end.
-    class Endless(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"          # no length: the body ends when the connection does
-
-        def log_message(self, *a):
-            pass
-
-        def do_HEAD(self):
-            self.send_response(200)
-            self.send_header("ETag", '"x"')
-            self.end_headers()
-
-        def do_GET(self):
-            self.do_HEAD()
-            try:
-                for _ in range(10_000):        # 640 MB if nobody stops reading
-                    self.wfile.write(b"x" * 65536)
-            except OSError:
-                pass
-
-    with _TinyServer(Endless) as url:
+    with TinyServer(EndlessHandler) as tiny:
         with pytest.raises(PermanentFetchError, match="per-shard cap"):
-            fetch_shard(Source(url, SHARDS), 0, tmp_path, FetchPolicy(max_shard_bytes=1 << 20, backoff_initial=0.01))
+            fetch_shard(Source(tiny.url, SHARDS), 0, tmp_path, FetchPolicy(max_shard_bytes=1 << 20, backoff_initial=0.01))
     assert not (tmp_path / name(0)).exists() and leftovers(tmp_path, 0) == []
 
 

@@ -12,14 +12,13 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rel_common import make_shards, read_shard, tally
+from rel_common import EndlessHandler, TinyServer, make_shards, read_shard, tally
 from shardstream.downloader import DiskPolicy, FailurePolicy, StreamingDownloader
 from shardstream.errors import ConfigError, CorruptShardError, PermanentFetchError, ShardSkipped
 from shardstream.fetch import FetchPolicy, fetch_shard
@@ -60,23 +59,6 @@ def our_file(name):
 
 def every_file(root):
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
-
-
-class _Tiny:
-    """A throwaway HTTP server on 127.0.0.1 for what the ShardServer never does (redirect, hostile headers)."""
-
-    def __init__(self, handler):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _redirector(location_for, seen, extra=None):
@@ -156,7 +138,7 @@ def test_hostile_redirects_headers_and_etags_cannot_write_outside_the_data_dir(r
 
     root = tmp_path / "box"
     data = root / "a" / "b" / "data"
-    with _Tiny(Hostile) as srv:
+    with TinyServer(Hostile) as srv:
         with downloader(Source(srv.url, N), data) as dl:
             for i in range(N - 1):
                 p = dl.wait_for_shard(i, timeout=30)
@@ -173,7 +155,7 @@ def test_hostile_redirects_headers_and_etags_cannot_write_outside_the_data_dir(r
                                     "http://127.0.0.1.evil.example/x", "http://10.1.2.3/x"])
 def test_a_forbidden_redirect_reaches_the_reader_as_a_clear_error_not_a_crash(tmp_path, target):
     seen = []
-    with _Tiny(_redirector(lambda f: target, seen)) as srv:
+    with TinyServer(_redirector(lambda f: target, seen)) as srv:
         with downloader(Source(srv.url, N), tmp_path / "data", initial_buffer=0) as dl:
             with pytest.raises(PermanentFetchError, match="refused a redirect") as ei:
                 dl.wait_for_shard(0, timeout=30)
@@ -206,7 +188,7 @@ def test_hf_token_goes_to_the_hub_host_only_never_to_its_cdn_or_another_source(r
     seen = []
     with ShardServer(d) as cdn:                     # the CDN: reached as "localhost", another host name
         target = f"http://localhost:{cdn.port}/datasets/{cdn.hub_repo}/resolve/main/"
-        with _Tiny(_redirector(lambda f: target + f, seen)) as hub:
+        with TinyServer(_redirector(lambda f: target + f, seen)) as hub:
             monkeypatch.setenv("HF_ENDPOINT", hub.url)
             monkeypatch.setenv("HF_TOKEN", TOKEN)
             with downloader(make_source(hub.url, dataset_shards=N), tmp_path / "data") as dl:
@@ -290,26 +272,8 @@ def test_the_token_never_reaches_the_trainers_checkpoints_or_output(remote, tmp_
 # Hostile sizes and bodies, malformed parquet
 
 def test_a_server_that_streams_forever_is_cut_at_the_size_cap_through_the_downloader(tmp_path):
-    class Endless(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"          # no length: the body ends when the connection does
-
-        def log_message(self, *a):
-            pass
-
-        def do_HEAD(self):
-            self.send_response(200)
-            self.send_header("ETag", '"x"')
-            self.end_headers()
-
-        def do_GET(self):
-            self.do_HEAD()
-            try:
-                for _ in range(100_000):
-                    self.wfile.write(b"x" * 65536)
-            except OSError:
-                pass
     cap = 1 << 20
-    with _Tiny(Endless) as srv:
+    with TinyServer(EndlessHandler) as srv:
         with downloader(Source(srv.url, N), tmp_path / "data", initial_buffer=0,
                         fetch_policy=FetchPolicy(max_shard_bytes=cap, backoff_initial=0.01, max_attempts=2)) as dl:
             with pytest.raises(PermanentFetchError, match="per-shard cap"):
