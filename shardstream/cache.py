@@ -316,7 +316,7 @@ class ShardCache:
             raise RuntimeError(f"refusing to delete {shard_name(shard)}: it is being downloaded")
         freed = 0
         if shard in self.files:
-            fd = _try_lock(self.lease_path(shard))
+            fd = try_lock(self.lease_path(shard))
             if fd is False:
                 return None
             try:
@@ -327,7 +327,7 @@ class ShardCache:
                 if fd is not None:
                     os.close(fd)
             freed += self.files.pop(shard)
-        if shard in self.partials and _try_lock(self.path(shard).with_name(shard_name(shard) + ".lock"),
+        if shard in self.partials and try_lock(self.path(shard).with_name(shard_name(shard) + ".lock"),
                                                 close=True) is not False:    # no fetch of it running
             for p in self.partial_files(shard):
                 try:
@@ -396,9 +396,10 @@ def _is_current(fd, path):
         return False
 
 
-def _try_lock(path, close=False):
+def try_lock(path, close=False):
     """Take the exclusive flock on path without waiting. False: another holder has it. None: path does
-    not exist (nobody ever locked it). Else the fd holding the lock (closed at once with close=True)."""
+    not exist (nobody ever locked it). Else the fd holding the lock, or True with close=True (the lock
+    was free and is released again at once)."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR)
@@ -412,6 +413,7 @@ def _try_lock(path, close=False):
         if _is_current(fd, path):
             break
         os.close(fd)                            # removed meanwhile: look again
+    if close:
         os.close(fd)
-        return None
+        return True
     return fd

@@ -24,7 +24,6 @@ loader (shardstream/loader.py) asks this module for one instead of reading a loc
 """
 import atexit
 import difflib
-import fcntl
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .cache import try_lock
 from .errors import ConfigError
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
 
@@ -477,7 +477,7 @@ def discard_partials(data_dir):
         m = PARTIAL_RE.match(name.removesuffix(".json"))
         if not m:
             continue
-        if not _lock_free(d / (shard_name(int(m.group(1))) + ".lock")):
+        if try_lock(d / (shard_name(int(m.group(1))) + ".lock"), close=True) is False:
             continue        # another process is fetching that shard: its partial is live
         try:
             os.remove(d / name)
@@ -485,20 +485,6 @@ def discard_partials(data_dir):
         except FileNotFoundError:
             pass
     return removed
-
-
-def _lock_free(path):
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 _KWARG_VARIABLES = {"max_cache_bytes": "SHARDSTREAM_MAX_CACHE_BYTES", "buffer_size": "SHARDSTREAM_BUFFER_SIZE",

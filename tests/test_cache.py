@@ -166,7 +166,24 @@ def test_a_lock_taken_on_a_removed_lease_file_is_not_trusted(tmp_path):
     fd = os.open(lease, os.O_RDWR)                    # opened (and then locked) before a delete removed it
     assert _is_current(fd, lease)
     lease.unlink()
-    assert not _is_current(fd, lease)                 # gone: lease() and _try_lock start over
+    assert not _is_current(fd, lease)                 # gone: lease() and try_lock start over
     lease.write_text("")
     assert not _is_current(fd, lease)                 # another process's new file is another lock
     os.close(fd)
+
+
+def test_deleting_orphan_partials_leaves_the_fetch_lock_free(tmp_path):
+    """The probe of fetch's lock before deleting a partial releases it again: a fetch of that shard in
+    this process or another must be able to take it afterwards."""
+    import filelock
+    lock = tmp_path / (shard_name(5) + ".lock")
+    lock.write_text("")
+    (tmp_path / (shard_name(5) + ".abc.partial")).write_bytes(b"x" * 7)
+    c = ShardCache(tmp_path)
+    files, partials = c.scan()
+    assert partials == {5: 7}
+    c.partials = partials
+    assert c.delete(5) == 7
+    assert not list(tmp_path.glob("*.partial"))
+    with filelock.FileLock(lock, timeout=1):            # raises Timeout if delete() kept the lock
+        pass
