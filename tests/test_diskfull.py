@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from rel_common import check_final_files, make_shards, partial_files, read_shard, shard_bytes_on_disk, tally, until
+from rel_common import check_final_files, make_shards, partial_files, read_shard, shard_bytes_on_disk, tally
 from shardstream.downloader import DiskPolicy, FailurePolicy, StreamingDownloader
 from shardstream.errors import DiskSpaceError
 from shardstream.fetch import FetchPolicy
