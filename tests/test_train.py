@@ -125,6 +125,8 @@ def test_kill9_then_resume_sees_the_same_batches_and_losses(reference, server, t
     saved = sorted(int(f.stem.split("_")[1]) for f in (crash / "ckpt").glob("step_*.pt"))
     assert saved and saved[-1] >= 8 and saved[-1] < n
     resumed_from = saved[-1]
+    # whether the loader had read shard 0 to its end (and so deleted it) before the kill is timing
+    shard0_left = (crash / "data" / "shard_00000.parquet").is_file()
 
     rc, out = run(args + ["--resume_from_step=latest"])
     assert rc == 0, out[-3000:]
@@ -135,11 +137,13 @@ def test_kill9_then_resume_sees_the_same_batches_and_losses(reference, server, t
         assert got_hashes[(s, 0)] == ref_hashes[(s, 0)], f"batch of step {s} differs after resume"
         assert got_losses[s][0] == pytest.approx(ref_losses[s][0], abs=1e-5)
     assert got_hashes == ref_hashes      # the steps before the kill matched too
-    # the resume point's documents lie in shard 0, deleted once read: the resumed run fetched it again
+    # the resume point's documents lie in shard 0: the resumed run fetched it again exactly when the
+    # crashed run had deleted it behind the reader, and read the file left on disk otherwise
     events = [json.loads(line) for line in (crash / "data" / "events.jsonl").read_text().splitlines()
               if line.strip()]
     last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
-    assert any(e["event"] == "downloaded" and e["shard"] == 0 for e in events[last_start:])
+    refetched = any(e["event"] == "downloaded" and e["shard"] == 0 for e in events[last_start:])
+    assert refetched == (not shard0_left), f"shard 0 left on disk by the kill: {shard0_left}"
 
 
 def test_resume_against_other_geometry_or_dataset_fails_clearly(server, tmp_path, caplog):
