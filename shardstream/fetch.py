@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -51,6 +51,7 @@ import urllib3
 
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
                      TransientFetchError)
+from .checksums import CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError
 from .shards import shard_name
 from .source import OBJECT_STORE_KINDS, RemoteInfo, _is_loopback, redact_url
 from .verify import check_parquet, sha256_file, verify_shard
@@ -81,6 +82,8 @@ class FetchPolicy:
     fsync: bool = True                # fsync file + dir before/after the rename. False: faster on slow
                                       # disks, but a machine crash (not a process kill) may then leave a
                                       # final-named file incomplete. For benchmarks and scratch dirs.
+    checksum_file: str | None = CHECKSUM_FILE   # read at an http(s) base URL whose shards come without a
+                                      # sha256 (checksums.py); None: never look for one
 
     def __post_init__(self):
         for name in ("connect_timeout", "stall_timeout", "backoff_max", "retry_after_max"):
@@ -90,6 +93,10 @@ class FetchPolicy:
             raise ConfigError(f"FetchPolicy.backoff_initial must be >= 0, got {self.backoff_initial!r}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ConfigError(f"FetchPolicy.max_attempts must be >= 1 or None, got {self.max_attempts!r}")
+        if self.checksum_file is not None and (not self.checksum_file or "/" in self.checksum_file
+                                               or self.checksum_file in (".", "..")):
+            raise ConfigError(f"FetchPolicy.checksum_file must be a file name at the source's base URL (like "
+                              f"{CHECKSUM_FILE!r}) or None, got {self.checksum_file!r}")
         if self.chunk_bytes < 4096 or self.max_shard_bytes < 1 or self.max_full_downloads < 1:
             raise ConfigError("FetchPolicy: chunk_bytes must be >= 4096, max_shard_bytes and "
                               "max_full_downloads >= 1")
@@ -261,7 +268,41 @@ def _probe(source, shard_id, url, policy, session):
     info, changed = source.check_pinned(shard_id, info)
     if changed:
         raise _Fatal(changed)
+    if info.sha256 is None and source.kind not in OBJECT_STORE_KINDS and policy.checksum_file:
+        try:
+            sums = CHECKSUMS.get(source.base_url, lambda: _load_checksum_file(source, policy, session))
+        except ChecksumFileError as e:
+            raise _Fatal(f"{e}; or skip the check with FetchPolicy(checksum_file=None)") from None
+        sha = sums.sha256(shard_name(shard_id)) if sums is not None else None
+        if sha is not None:
+            info = replace(info, sha256=sha, sha256_from=sums.url)
     return info
+
+
+def _load_checksum_file(source, policy, session):
+    """(redacted url, text) of the checksum file at source's base URL, or None when it has none (a 4xx,
+    or a reply too large to be one).
+    5xx/429 raise _Retry and a dropped connection its network error: the caller's retry loop takes them."""
+    url = f"{source.base_url.rstrip('/')}/{policy.checksum_file}"
+    first, last = _request(session, source, "GET", url, policy)
+    try:
+        code = last.status_code
+        if 400 <= code < 500 and code not in (408, 429):
+            logger.debug("no checksum file at %s (HTTP %d)", redact_url(url), code)
+            return None
+        _check_status(last)
+        data = bytearray()
+        for chunk in last.iter_content(1 << 16):
+            data += chunk
+            if len(data) > MAX_CHECKSUM_FILE_BYTES:     # what answers there is not a checksum file
+                logger.warning("ignoring %s: over %d bytes, not a checksum file; shards are checked by size "
+                               "and parquet footer only", redact_url(url), MAX_CHECKSUM_FILE_BYTES)
+                return None
+        logger.info("verifying shards against %s", redact_url(url))
+        return redact_url(url), data.decode("utf-8", errors="replace")
+    finally:
+        for r in {id(r): r for r in (first, last)}.values():
+            r.close()
 
 
 def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None):
@@ -801,7 +842,7 @@ class _Transfer:
         try:
             verify_shard(self.partial, info.size, info.sha256, parquet=False, actual_sha256=digest)
         except CorruptShardError as e:
-            raise _Corrupt(str(e)) from None
+            raise _Corrupt(f"{e} (the sha256 listed in {info.sha256_from})" if info.sha256_from else str(e)) from None
         if self.policy.verify_parquet:
             try:
                 check_parquet(self.partial)

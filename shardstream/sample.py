@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .checksums import CHECKSUM_FILE, write_sha256sums
 from .errors import ConfigError
 from .shards import shard_name
 
@@ -249,9 +250,13 @@ def cli(argv):
     p.add_argument("--chars-per-shard", type=int, default=10_000_000,
                    help="characters of text per shard (default 10,000,000; nanochat's are ~250,000,000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--checksums", action="store_true",
+                   help=f"also write {CHECKSUM_FILE} (sha256sum's format), which fetch verifies shards against")
     args = p.parse_args(argv)
     try:
         paths = make_sample(args.directory, args.shards, args.chars_per_shard, seed=args.seed)
+        if args.checksums:
+            print(f"wrote {write_sha256sums(args.directory, paths)}")
     except ConfigError as e:
         print(f"shardstream make-sample: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class RemoteInfo:
     sha256: str | None      # hex digest (X-Linked-Etag on the Hub), None when the source gives none
     etag: str | None        # opaque version tag (ETag), used to check a partial file is still valid
     md5: str | None = None  # hex md5 of the bytes when the store gives one (S3's single-part ETag, GCS)
+    sha256_from: str | None = field(default=None, compare=False)   # the checksum file sha256 came from
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,9 @@ def test_server_that_ignores_range_is_restarted_cleanly(remote_dir, tmp_path):
             self._reply(send=False)
 
         def do_GET(self):
+            if not self.path.endswith(name(0)):      # the checksum file fetch looks for: not here
+                self.send_error(404)
+                return
             seen.append(self.headers.get("Range"))
             self._reply(send=True, cut=len(seen) == 1)
 
