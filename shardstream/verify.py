@@ -3,16 +3,112 @@
 Every check raises CorruptShardError naming the file and what was wrong; nothing here deletes or
 repairs anything (fetch.py decides that). Only the footer is read, never the data pages, so
 check_parquet is cheap even on a 100 MB shard.
+
+Shards are untrusted input, and a parquet row group can be a decompression bomb: a few KB of zstd that
+expand to gigabytes. RowGroupLimits caps what one row group may hold: rows, and bytes of `text`
+uncompressed as the footer declares them (check_row_group, run by check_parquet on every row group and
+by the loader before each read) and as they decode (decoded_too_big, checked by the loader while it
+reads, since a footer can lie and a dictionary page can expand far beyond its declared size).
+Defaults are generous for real data (nanochat's shards have row groups of 1,024 documents, a few MB);
+SHARDSTREAM_MAX_ROW_GROUP_BYTES / SHARDSTREAM_MAX_ROW_GROUP_ROWS raise them for genuine bigger shards.
 """
 import hashlib
 import os
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CorruptShardError
+from .errors import ConfigError, CorruptShardError
 
 HASH_CHUNK = 1 << 20
+
+MAX_BYTES_ENV = "SHARDSTREAM_MAX_ROW_GROUP_BYTES"
+MAX_ROWS_ENV = "SHARDSTREAM_MAX_ROW_GROUP_ROWS"
+DEFAULT_MAX_ROW_GROUP_BYTES = 512 << 20    # of `text` per row group, uncompressed (real ones: a few MB)
+DEFAULT_MAX_ROW_GROUP_ROWS = 1 << 20       # pyarrow's own default maximum row group length
+TEXT_COLUMN = "text"
+
+
+@dataclass(frozen=True)
+class RowGroupLimits:
+    """The most one row group may hold: `max_bytes` of `text` (uncompressed / decoded), `max_rows` rows."""
+    max_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
+    max_rows: int = DEFAULT_MAX_ROW_GROUP_ROWS
+
+
+def _positive_int(value, name):
+    try:
+        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else 0
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ConfigError(f"{name} must be a positive integer (a number of bytes or rows), got {value!r}")
+    return n
+
+
+def row_group_limits(max_bytes=None, max_rows=None, env=None):
+    """RowGroupLimits from the arguments, else SHARDSTREAM_MAX_ROW_GROUP_BYTES / _ROWS (unset or empty:
+    not set), else the defaults. A bad value (not a positive integer) raises ConfigError naming the argument or variable."""
+    env = os.environ if env is None else env
+    if max_bytes is not None:
+        max_bytes = _positive_int(max_bytes, "max_row_group_bytes")
+    elif env.get(MAX_BYTES_ENV, "").strip():
+        max_bytes = _positive_int(env[MAX_BYTES_ENV].strip(), f"environment variable {MAX_BYTES_ENV}")
+    else:
+        max_bytes = DEFAULT_MAX_ROW_GROUP_BYTES
+    if max_rows is not None:
+        max_rows = _positive_int(max_rows, "max_row_group_rows")
+    elif env.get(MAX_ROWS_ENV, "").strip():
+        max_rows = _positive_int(env[MAX_ROWS_ENV].strip(), f"environment variable {MAX_ROWS_ENV}")
+    else:
+        max_rows = DEFAULT_MAX_ROW_GROUP_ROWS
+    return RowGroupLimits(max_bytes, max_rows)
+
+
+def text_column_index(meta):
+    """The index of the top-level `text` column chunk in a parquet FileMetaData, or None."""
+    schema = meta.schema
+    for j in range(meta.num_columns):
+        if schema.column(j).path == TEXT_COLUMN:
+            return j
+    return None
+
+
+def _name(path):
+    return os.fspath(path) if path is not None else "parquet file"
+
+
+def check_row_group(path, meta, rg_idx, limits, text_col=None):
+    """Raise CorruptShardError if row group rg_idx declares more rows or more uncompressed `text` bytes
+    than `limits` allow; else return the declared size. Metadata only (meta is the FileMetaData pyarrow
+    already parsed): no file read."""
+    rg = meta.row_group(rg_idx)
+    rows = rg.num_rows
+    if rows < 0 or rows > limits.max_rows:
+        raise CorruptShardError(
+            f"{_name(path)}: row group {rg_idx} declares {rows:,} rows, over the cap of {limits.max_rows:,} "
+            f"rows per row group: refusing to read it (a decompression bomb or a broken file); if the shard "
+            f"is genuine, raise {MAX_ROWS_ENV}")
+    j = text_column_index(meta) if text_col is None else text_col
+    if j is None:
+        raise CorruptShardError(f"{_name(path)}: parquet file has no `text` column chunk")
+    size = rg.column(j).total_uncompressed_size
+    if size < 0 or size > limits.max_bytes:
+        raise CorruptShardError(
+            f"{_name(path)}: row group {rg_idx} declares {size:,} bytes of `text` uncompressed, over the cap "
+            f"of {limits.max_bytes:,} bytes per row group: refusing to read it (a decompression bomb or a "
+            f"broken file); if the shard is genuine, raise {MAX_BYTES_ENV}")
+    return size
+
+
+def decoded_too_big(path, rg_idx, decoded, limits, declared=None):
+    """The CorruptShardError for a row group whose `text` decoded to more than limits.max_bytes (so far)."""
+    said = f" (its footer declares {declared:,})" if declared is not None else ""
+    return CorruptShardError(
+        f"{_name(path)}: row group {rg_idx} decodes to more than {limits.max_bytes:,} bytes of `text` "
+        f"(the cap per row group; {decoded:,} read so far){said}: refusing to read on (a decompression bomb "
+        f"or a broken file); if the shard is genuine, raise {MAX_BYTES_ENV}")
 
 
 def sha256_file(path, *, limit=None, hasher=None):
@@ -32,11 +128,13 @@ def sha256_file(path, *, limit=None, hasher=None):
     return h.hexdigest()
 
 
-def check_parquet(path):
-    """Raise CorruptShardError unless path's parquet footer parses and has a string `text` column.
+def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None):
+    """Raise CorruptShardError unless path's parquet footer parses, has a string `text` column, and no
+    row group is over the limits (row_group_limits: the arguments, else the environment, else defaults).
 
     Returns (num_rows, num_row_groups) for callers that want them.
     """
+    limits = row_group_limits(max_row_group_bytes, max_row_group_rows)
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
@@ -49,6 +147,9 @@ def check_parquet(path):
     typ = schema.field("text").type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         raise CorruptShardError(f"{os.fspath(path)}: column `text` is {typ}, expected a string column")
+    j = text_column_index(meta)
+    for i in range(meta.num_row_groups):
+        check_row_group(path, meta, i, limits, j)
     return meta.num_rows, meta.num_row_groups
 
 
