@@ -10,12 +10,15 @@ checksum file (fetch.py stops reading and ignores it); a line
 that is neither form among valid ones, or a name listed twice with two sums, makes the whole file an
 error naming its URL and line; names with a folder in them are not ours and are ignored. An absent file
 (404) is no error, nor is a reply with no checksum line at all (a server that answers every path with
-the same page): the shards are then checked by size and parquet footer only, as before.
+the same page): the shards are then checked by size and parquet footer only, as before. Nor does a file
+that cannot be read just now (5xx, a dropped connection) hold a download up: the shard at hand goes on
+without it, and the file is asked for again 30 s later.
 """
 import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,10 @@ class ChecksumFileError(ValueError):
 
 class NotAChecksumFile(ChecksumFileError):
     """What the server sent under the checksum file's name has no checksum line at all."""
+
+
+class ChecksumFileUnavailable(Exception):
+    """The checksum file could not be read just now (5xx, 429, a dropped connection): try again later."""
 
 
 @dataclass(frozen=True)
@@ -83,22 +90,34 @@ def parse_sha256sums(text, url):
 class ChecksumCache:
     """Checksum files read so far in this process, by base URL: read once, by one thread at a time.
 
-    get(base_url, load): load() returns (url, text) of the file, or None when the source has none, and
-    may raise to be retried (a transient error is not remembered). A malformed file is remembered as its
-    error, raised again on every get; a reply with no checksum line at all counts as no file.
+    get(base_url, load): load() returns (url, text) of the file, or None when the source has none. A
+    malformed file is remembered as its error, raised again on every get; a reply with no checksum line at
+    all counts as no file. When load() raises ChecksumFileUnavailable the shard at hand goes without
+    (get returns None, with a warning) and the file is asked for again `retry_seconds` later: an optional
+    file never holds a download up, and a blip does not turn the check off for the whole run.
     """
 
-    def __init__(self):
+    def __init__(self, retry_seconds=30.0):
+        self.retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._locks = {}
         self._files = {}        # base_url -> ChecksumFile | None | ChecksumFileError
+        self._retry_at = {}     # base_url -> monotonic time before which an unavailable file is not asked for
 
     def get(self, base_url, load):
         with self._lock:
             lock = self._locks.setdefault(base_url, threading.Lock())
         with lock:
             if base_url not in self._files:
-                got = load()
+                if time.monotonic() < self._retry_at.get(base_url, 0.0):
+                    return None
+                try:
+                    got = load()
+                except ChecksumFileUnavailable as e:
+                    self._retry_at[base_url] = time.monotonic() + self.retry_seconds
+                    logger.warning("%s; this shard is checked by size and parquet footer only, the file is asked "
+                                   "for again in %.0f s", e, self.retry_seconds)
+                    return None
                 try:
                     self._files[base_url] = None if got is None else parse_sha256sums(text=got[1], url=got[0])
                 except NotAChecksumFile as e:
@@ -116,8 +135,10 @@ class ChecksumCache:
         with self._lock:
             if base_url is None:
                 self._files.clear()
+                self._retry_at.clear()
             else:
                 self._files.pop(base_url, None)
+                self._retry_at.pop(base_url, None)
 
 
 CHECKSUMS = ChecksumCache()

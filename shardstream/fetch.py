@@ -51,7 +51,8 @@ import urllib3
 
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
                      TransientFetchError)
-from .checksums import CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError
+from .checksums import (CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError,
+                        ChecksumFileUnavailable)
 from .shards import shard_name
 from .source import OBJECT_STORE_KINDS, RemoteInfo, _is_loopback, redact_url
 from .verify import check_parquet, sha256_file, verify_shard
@@ -281,9 +282,18 @@ def _probe(source, shard_id, url, policy, session):
 
 def _load_checksum_file(source, policy, session):
     """(redacted url, text) of the checksum file at source's base URL, or None when it has none (a 4xx,
-    or a reply too large to be one).
-    5xx/429 raise _Retry and a dropped connection its network error: the caller's retry loop takes them."""
+    or a reply too large to be one). 5xx, 429, a refused redirect or a dropped connection raise
+    ChecksumFileUnavailable: the shard goes on without, and the file is asked for again later."""
     url = f"{source.base_url.rstrip('/')}/{policy.checksum_file}"
+    try:
+        return _read_checksum_file(source, url, policy, session)
+    except (_Retry, _Fatal, *NETWORK_ERRORS) as e:
+        cause = e.cause if isinstance(e, _Retry) else _describe(e, source.token) if isinstance(e, NETWORK_ERRORS) \
+            else str(e)
+        raise ChecksumFileUnavailable(f"cannot read {redact_url(url)} now ({cause})") from None
+
+
+def _read_checksum_file(source, url, policy, session):
     first, last = _request(session, source, "GET", url, policy)
     try:
         code = last.status_code

@@ -4,12 +4,13 @@ Parsing on hand-written text; fetching against the real local ShardServer's plai
 ETag but no X-Linked-Etag, like a plain https mirror), with the file made by `make-sample --checksums`.
 """
 import hashlib
+import http.server
 import subprocess
 import sys
 
 import pytest
 
-from shardstream.checksums import (CHECKSUMS, ChecksumCache, ChecksumFileError, NotAChecksumFile,
+from shardstream.checksums import (CHECKSUMS, ChecksumCache, ChecksumFileError, ChecksumFileUnavailable, NotAChecksumFile,
                                    parse_sha256sums,
                                    write_sha256sums)
 from shardstream.errors import ConfigError, PermanentFetchError
@@ -88,6 +89,20 @@ def test_cache_reads_once_retries_failures_and_remembers_a_bad_file():
     assert len(bad) == 1                        # a malformed file is read once and its error kept
 
 
+def test_cache_waits_before_asking_again_for_an_unavailable_file():
+    cache, calls = ChecksumCache(retry_seconds=60), []
+
+    def unavailable():
+        calls.append(1)
+        raise ChecksumFileUnavailable("cannot read u now (HTTP 503)")
+
+    assert cache.get("base", unavailable) is None and cache.get("base", unavailable) is None
+    assert len(calls) == 1
+    cache.retry_seconds = 0
+    cache.forget("base")
+    assert cache.get("base", lambda: ("u", f"{A}  x\n")).sha256("x") == A
+
+
 def test_policy_checks_the_file_name():
     with pytest.raises(ConfigError, match="checksum_file"):
         FetchPolicy(checksum_file="../SHA256SUMS")
@@ -148,12 +163,52 @@ def test_no_checksum_file_and_a_flaky_one(server, tmp_path):
     assert r.sha256 == sha(server.directory / name(0))                   # (the hash of what was written)
     assert server.stats("SHA256SUMS").get_requests == 1
 
-    CHECKSUMS.forget()
+
+
+def test_a_checksum_file_that_fails_now_holds_nothing_up_and_is_asked_for_again(server, monkeypatch):
     write_sha256sums(server.directory, sorted(server.directory.glob("shard_*.parquet")))
     server.add_fault(Fault("status", file="SHA256SUMS", status=503, times=2))
-    info = remote_info(Source(server.url, SHARDS), 1, FAST)             # 503s are retried like a shard's
-    assert info.sha256 == sha(server.directory / name(1))
-    assert server.stats("SHA256SUMS").faults == 2
+    src = Source(server.url, SHARDS)
+    assert remote_info(src, 1, FAST).sha256 is None         # 503: this shard goes on without it
+    assert remote_info(src, 2, FAST).sha256 is None         # not asked again within retry_seconds
+    assert server.stats("SHA256SUMS").get_requests == 1
+    monkeypatch.setattr(CHECKSUMS, "retry_seconds", 0.0)
+    CHECKSUMS.forget(src.base_url)                          # as if the 30 s had passed
+    assert remote_info(src, 2, FAST).sha256 is None         # the second 503
+    assert remote_info(src, 3, FAST).sha256 == sha(server.directory / name(3))
+    assert server.stats("SHA256SUMS").faults == 2 and server.stats("SHA256SUMS").get_requests == 3
+
+
+def test_a_server_that_drops_the_checksum_request_still_serves_shards(remote_dir, tmp_path):
+    """A tiny server that hangs up on any path but the shards (the ShardServer never does that)."""
+    from rel_common import TinyServer
+
+    class DropsOthers(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_HEAD(self):
+            self._go(False)
+
+        def do_GET(self):
+            self._go(True)
+
+        def _go(self, send):
+            if not self.path.endswith(".parquet"):
+                self.close_connection = True        # no response at all
+                return
+            data = (remote_dir / self.path.rsplit("/", 1)[-1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if send:
+                self.wfile.write(data)
+
+    with TinyServer(DropsOthers) as tiny:
+        r = fetch_shard(Source(tiny.url, SHARDS), 0, tmp_path / "data", FAST)
+    assert r.sha256 == sha(remote_dir / name(0))
 
 
 def test_the_hub_path_needs_no_checksum_file(server, tmp_path):

@@ -164,7 +164,7 @@ def test_loader_call_fails_clearly_before_any_download(clean_env, tmp_path, srv)
     clean_env.setenv("SHARDSTREAM_MAX_CACHE_BYTES", "300KB")    # less than the val shard + two train shards
     with pytest.raises(ConfigError, match="cannot hold.*set through SHARDSTREAM_MAX_CACHE_BYTES"):
         loader_fn(tok, B, T, "train", device="cpu")
-    assert not [r for r in srv.requests if r.method == "GET"]     # nothing was downloaded
+    assert not [r for r in srv.requests if r.method == "GET" and r.path.endswith(".parquet")]   # no shard fetched
     assert not streaming_env._live and wait_no_threads() == []
 
 
