@@ -70,7 +70,7 @@ from .prefetch import PrefetchController, PrefetchPolicy
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
 from .source import Source, make_source, redact_url
 from .status import DownloaderStatus, EventLog, human_bytes, write_status
-from .verify import verify_shard
+from .verify import row_group_limits, verify_shard
 
 logger = logging.getLogger(__name__)
 P = "[StreamingDownloader]"
@@ -257,6 +257,8 @@ class StreamingDownloader:
             self._start_pos = plan.locate(start_at)
         else:
             self._start_pos = 0 if window.initial_buffer > 0 else None
+
+        row_group_limits()      # a bad SHARDSTREAM_MAX_ROW_GROUP_* is a ConfigError now, not at the first verify
 
         # --- data dir: created and writable, or a clear error now
         self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
