@@ -58,6 +58,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -745,6 +746,9 @@ def cli(argv):
     except ConfigError as e:
         print(f"shardstream serve: {e}", file=sys.stderr)
         return 2
+    stop = threading.Event()        # Ctrl-C or SIGTERM (a supervisor) stop it cleanly, whenever they come
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with srv:
         n = sum(1 for e in os.scandir(srv.directory) if e.is_file())
         print(f"serving {n} files from {srv.directory}")
@@ -756,9 +760,7 @@ def cli(argv):
         for f, _ in srv.faults:
             print(f"  fault: {f}")
         print("Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopped")
+        while not stop.wait(0.5):
+            pass
+        print("stopped", flush=True)
     return 0

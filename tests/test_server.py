@@ -302,8 +302,9 @@ def test_bad_directory_is_a_clear_error(tmp_path):
         ShardServer(tmp_path / "nope")
 
 
-def test_serve_cli(remote_dir, data):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_cli(remote_dir, data, sig):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "shardstream", "serve", str(remote_dir), "--port", "0",
                              "--rate", "100", "--faults", "404:file=shard_00000.parquet"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -320,9 +321,14 @@ def test_serve_cli(remote_dir, data):
         stats = json.loads(requests.get(f"{urls['plain']}/_stats").text)
         assert stats["rate_mb_per_s"] == 100 and stats["files"][NAME]["bytes_sent"] == len(data)
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
-    assert proc.returncode in (0, 130)
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:      # show where it hangs: faulthandler dumps every thread on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"serve did not stop within 30 s of {sig.name}; its threads:\n{err[-6000:]}") from None
+    assert proc.returncode == 0 and proc.stdout.read().strip().endswith("stopped")
 
 
 def test_serve_cli_bad_input_is_a_clear_error(remote_dir, capsys):
