@@ -51,19 +51,16 @@ def row_group_limits(max_bytes=None, max_rows=None, env=None):
     """RowGroupLimits from the arguments, else SHARDSTREAM_MAX_ROW_GROUP_BYTES / _ROWS (unset or empty:
     not set), else the defaults. A bad value (not a positive integer) raises ConfigError naming the argument or variable."""
     env = os.environ if env is None else env
-    if max_bytes is not None:
-        max_bytes = _positive_int(max_bytes, "max_row_group_bytes")
-    elif env.get(MAX_BYTES_ENV, "").strip():
-        max_bytes = _positive_int(env[MAX_BYTES_ENV].strip(), f"environment variable {MAX_BYTES_ENV}")
-    else:
-        max_bytes = DEFAULT_MAX_ROW_GROUP_BYTES
-    if max_rows is not None:
-        max_rows = _positive_int(max_rows, "max_row_group_rows")
-    elif env.get(MAX_ROWS_ENV, "").strip():
-        max_rows = _positive_int(env[MAX_ROWS_ENV].strip(), f"environment variable {MAX_ROWS_ENV}")
-    else:
-        max_rows = DEFAULT_MAX_ROW_GROUP_ROWS
-    return RowGroupLimits(max_bytes, max_rows)
+
+    def pick(value, arg_name, var, default):
+        if value is not None:
+            return _positive_int(value, arg_name)
+        if env.get(var, "").strip():
+            return _positive_int(env[var].strip(), f"environment variable {var}")
+        return default
+
+    return RowGroupLimits(pick(max_bytes, "max_row_group_bytes", MAX_BYTES_ENV, DEFAULT_MAX_ROW_GROUP_BYTES),
+                          pick(max_rows, "max_row_group_rows", MAX_ROWS_ENV, DEFAULT_MAX_ROW_GROUP_ROWS))
 
 
 def text_column_index(meta):
