@@ -46,6 +46,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from . import errors
 from .errors import ConfigError, DownloaderStopped, RankLost, ShardStreamError, StateMismatchError
@@ -298,6 +299,11 @@ class Group:
                    tuple(range(info.local_world_size)))
 
 
+def _delegated(name):
+    """A read-only property passing `name` through to self.downloader."""
+    return property(lambda self: getattr(self.downloader, name), doc=f"the downloader's {name}")
+
+
 class NodeLeader:
     """The group's one StreamingDownloader, serving the other members' requests from the store.
 
@@ -320,29 +326,12 @@ class NodeLeader:
         self._started = False
 
     # --- the reader interface (reader 0), delegated
-    @property
-    def source(self):
-        return self.downloader.source
-
-    @property
-    def data_dir(self):
-        return self.downloader.data_dir
-
-    @property
-    def val_shard(self):
-        return self.downloader.val_shard
-
-    @property
-    def total_shards(self):
-        return self.downloader.total_shards
-
-    @property
-    def buffer_size(self):
-        return self.downloader.buffer_size
-
-    @property
-    def plan(self):
-        return self.downloader.plan
+    source = _delegated("source")
+    data_dir = _delegated("data_dir")
+    val_shard = _delegated("val_shard")
+    total_shards = _delegated("total_shards")
+    buffer_size = _delegated("buffer_size")
+    plan = _delegated("plan")
 
     def row_group_stride(self, split):
         """(rank, world) the loader strides row groups by for `split` (None: the DDP rank and world)."""
@@ -528,7 +517,6 @@ class NodeReader:
 
     @property
     def data_dir(self):
-        from pathlib import Path
         return Path(self._ready()["data_dir"])
 
     @property
@@ -647,7 +635,6 @@ class NodeReader:
         return resp
 
     def wait_for_shard(self, shard_id, timeout=None, *, reader=None):
-        from pathlib import Path
         return Path(self._call("wait", shard_id, timeout)["path"])
 
     def release(self, shard_id, *, reader=None):

@@ -287,10 +287,13 @@ def _load_checksum_file(source, policy, session):
     url = f"{source.base_url.rstrip('/')}/{policy.checksum_file}"
     try:
         return _read_checksum_file(source, url, policy, session)
-    except (_Retry, _Fatal, *NETWORK_ERRORS) as e:
-        cause = e.cause if isinstance(e, _Retry) else _describe(e, source.token) if isinstance(e, NETWORK_ERRORS) \
-            else str(e)
-        raise ChecksumFileUnavailable(f"cannot read {redact_url(url)} now ({cause})") from None
+    except _Retry as e:
+        cause = e.cause
+    except _Fatal as e:
+        cause = str(e)
+    except NETWORK_ERRORS as e:
+        cause = _describe(e, source.token)
+    raise ChecksumFileUnavailable(f"cannot read {redact_url(url)} now ({cause})")
 
 
 def _read_checksum_file(source, url, policy, session):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat_like import ByteTokenizer     # the same tokenizer the nanochat-like processes use
 from shardstream import streaming_env
 from shardstream.errors import ConfigError
 from shardstream.loader import (tokenizing_distributed_data_loader_bos_bestfit,
@@ -31,20 +32,6 @@ SCRIPT = Path(__file__).resolve().parent / "nanochat_like.py"
 SHARDS = 9
 BUDGET = 800_000            # ~4.4 shards of ~180 KB; the data is ~1.6 MB
 B, T = 16, 2048             # ~16 batches per shard with the byte tokenizer
-
-
-class ByteTokenizer:
-    def get_bos_token_id(self):
-        return 256
-
-    def get_vocab_size(self):
-        return 257
-
-    def identity(self):
-        return "bytes-v1"
-
-    def encode(self, texts, prepend=None, num_threads=1):
-        return [([] if prepend is None else [prepend]) + list(t.encode()) for t in texts]
 
 
 @pytest.fixture(scope="module")

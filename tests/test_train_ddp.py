@@ -23,6 +23,7 @@ from shardstream.errors import ConfigError
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
 from shardstream.train import parse_args
+from test_train import hashes
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_RE = re.compile(r"^(\[rank \d+\] )?step (\d+)/(\d+) .*\| loss: ([0-9.]+)", re.M)
@@ -76,14 +77,6 @@ def losses(out):
     got = {int(m[1]): float(m[3]) for m in found}
     assert len(got) == len(found), "a step was logged twice"
     return got
-
-
-def hashes(path):
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        s, m, h = line.split()
-        out[(int(s), int(m))] = h
-    return out
 
 
 def gets(srv):
