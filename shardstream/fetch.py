@@ -472,13 +472,14 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
+def _write_sidecar(partial, info):
+    """Write partial's sidecar, before the partial itself exists. No temp file and rename: a sidecar torn
+    by a kill is one whose partial never came (swept as an orphan) or does not parse (the partial is
+    discarded) - and a temp file would be a name no sweep knows."""
+    with open(_sidecar(partial), "w") as f:
+        json.dump(_sidecar_record(info), f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sidecar_record(info):
@@ -727,7 +728,7 @@ class _Transfer:
         self.partial = d / f"{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
         self.pos = 0
         try:
-            _write_json_atomic(_sidecar(self.partial), _sidecar_record(info))
+            _write_sidecar(self.partial, info)
             self.partial.touch()
         except OSError as e:
             raise _DiskError(e) from None

@@ -185,6 +185,17 @@ def test_corrupt_partial_file_is_caught_and_refetched(server, source, tmp_path):
     assert server.stats(name(1)).ranges == [(200_000, size), (0, size)]
 
 
+def test_sidecars_torn_by_a_kill_are_cleaned_up(server, source, tmp_path):
+    # a kill while the sidecar was written (it comes before its partial): one with no partial, one that
+    # does not parse beside an empty partial
+    (tmp_path / f"{name(1)}.111-aaaaaaaa.partial.json").write_text('{"size": 5')
+    (tmp_path / f"{name(1)}.222-bbbbbbbb.partial.json").write_text('{"si')
+    (tmp_path / f"{name(1)}.222-bbbbbbbb.partial").touch()
+    r = fetch_shard(source, 1, tmp_path, FAST)
+    assert r.resumed_from == 0 and same_as_source(server, tmp_path, 1)
+    assert leftovers(tmp_path, 1) == []
+
+
 KILLED_FETCH = """
 import sys
 from shardstream.fetch import FetchPolicy, fetch_shard
