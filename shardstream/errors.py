@@ -67,3 +67,8 @@ class FetchCancelled(FetchError):
 
 class RankLost(ShardStreamError):
     """Another process of a distributed job (the node leader, a local rank) died, hangs, or never showed up."""
+
+
+class UnsafePathError(ConfigError):
+    """Something in the data dir is not what shardstream may write or commit to: a symbolic link planted
+    under one of its bookkeeping names, or a directory (or other non-file) under a shard's final name."""

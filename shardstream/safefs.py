@@ -1,0 +1,59 @@
+"""The data dir is shared ground: open shardstream's own files there without following a planted link.
+
+Every file shardstream writes in a data dir (partials and sidecars, .lock/.lease, status.json,
+events.jsonl) is opened through `open_nofollow`: a symbolic link under that name is refused with an
+`UnsafePathError` naming the path, never written through. `check_not_special` refuses a directory or
+other non-file under a name shardstream is about to commit a shard to.
+"""
+import errno
+import os
+import stat
+
+from .errors import UnsafePathError
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _refuse_link(path):
+    return UnsafePathError(f"{path} is a symbolic link: shardstream never writes through one in its data dir. "
+                           f"Remove it (rm {str(path)!r}) or choose another data dir")
+
+
+def open_nofollow(path, flags, mode=0o644):
+    """os.open(path, flags) that refuses (UnsafePathError) when path is a symbolic link."""
+    try:
+        return os.open(path, flags | NOFOLLOW | CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise _refuse_link(path) from None
+        raise
+
+
+def fopen_nofollow(path, mode="r", buffering=-1):
+    """open(path, mode) for the modes "r", "w", "a" (text) and "rb", "wb", "ab", refusing a symbolic link."""
+    base = mode.replace("b", "")
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[base]
+    fd = open_nofollow(path, flags)
+    try:
+        return os.fdopen(fd, mode, buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_not_special(path, what="shard"):
+    """Raise UnsafePathError when something other than a regular file (a directory, a link, a fifo) sits
+    at path; return quietly when nothing or a regular file is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse_link(path)
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    raise UnsafePathError(f"{path} is {kind}, where the {what} file belongs: move it out of the data dir "
+                          f"(or choose another data dir); nothing was downloaded")
