@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .safefs import open_nofollow
 from .shards import SHARD_RE, shard_name
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class ShardCache:
         sharing the data dir deleted it while no reader held it): the caller must fetch it again."""
         if shard not in self._lease_fds:
             while True:
-                fd = os.open(self.lease_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_nofollow(self.lease_path(shard), os.O_RDWR | os.O_CREAT)
                 fcntl.flock(fd, fcntl.LOCK_SH)  # waits out another process's delete in progress
                 if _is_current(fd, self.lease_path(shard)):
                     break
@@ -402,7 +403,7 @@ def try_lock(path, close=False):
     was free and is released again at once)."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = open_nofollow(path, os.O_RDWR)
         except FileNotFoundError:
             return None
         try:

@@ -281,6 +281,7 @@ class StreamingDownloader:
         self._info = {}                  # shard -> RemoteInfo
         self._info_pending = set()       # shards whose remote_info a worker is asking for
         self._failures = {}              # shard -> _Failure
+        self._troubled = {}              # shard -> (tries failed, last cause) inside its fetch call in flight
         self._skipped = {}               # shard -> reason
         self._blocked = {}               # shard -> why it is waiting for room in the budget
         self._demand = Counter()         # shard -> readers waiting for it
@@ -293,6 +294,7 @@ class StreamingDownloader:
         self._disk_retry_at = 0.0
         self._last_disk_warn = 0.0
         self._retries = self._n_failures = self._waits = 0
+        self._checked = Counter()        # what vouched for each shard downloaded: "sha256", "size+footer"...
         self._wait_seconds = 0.0
         self._downloaded_bytes = 0
         self._rate = deque()             # (monotonic time, bytes)
@@ -589,6 +591,12 @@ class StreamingDownloader:
         if shard in self._blocked and not self.cache.inflight and waited >= self.failure_policy.deadline:
             raise DiskSpaceError(f"{shard_name(shard)} cannot be downloaded: {self._blocked[shard]}")
         f = self._failures.get(shard)
+        if (f is None or f.error is None) and shard in self._troubled and waited >= self.failure_policy.deadline:
+            tries, cause = self._troubled[shard]     # a call that keeps failing (resets, a trickle) meets it too
+            url = redact_url(self._source.url(shard))
+            f = _Failure(attempts=tries, error=TransientFetchError(
+                f"{shard_name(shard)} ({url}): {tries} tries failed while its download was in flight, last: "
+                f"{cause}", shard_id=shard, url=url, attempts=tries, cause=cause))
         if f is None or f.error is None or not (f.permanent or waited >= self.failure_policy.deadline):
             return
         mode = self.failure_policy.mode
@@ -618,7 +626,9 @@ class StreamingDownloader:
     def _why_not_ready(self, shard):
         if shard in self.cache.inflight:
             r, got = self.cache.inflight[shard]
-            return f"downloading, {human_bytes(got)} of {human_bytes(r)}"
+            tries, cause = self._troubled.get(shard, (0, None))
+            trouble = f"; {tries} tries failed, last: {cause}" if tries else ""
+            return f"downloading, {human_bytes(got)} of {human_bytes(r)}{trouble}"
         if shard in self._blocked:
             return f"waiting for room: {self._blocked[shard]}"
         f = self._failures.get(shard)
@@ -907,6 +917,7 @@ class StreamingDownloader:
 
     def _transfer_over(self, shard, nbytes=0):
         """A transfer ended (lock held): measure it when it brought bytes, for the adaptive window."""
+        self._troubled.pop(shard, None)
         now = time.monotonic()
         began = self._begun.pop(shard, None)
         if self._ctl is not None:
@@ -921,7 +932,8 @@ class StreamingDownloader:
         info = self._info[shard]
         try:
             res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
-                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=info)
+                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=info,
+                              on_retry=lambda cause: self._on_retry(shard, cause))
         except FetchCancelled:
             with self._cond:
                 self.cache.abandon(shard)
@@ -961,8 +973,16 @@ class StreamingDownloader:
                 if shard == self.val_shard else "[on demand]"
             logger.info(f"{P} Downloaded {name} ({human_bytes(res.size)}) {where}")
             self._event("downloaded", shard, size=res.size, seconds=round(res.seconds, 4),
-                        attempts=res.attempts, resumed_from=res.resumed_from)
+                        attempts=res.attempts, resumed_from=res.resumed_from, checked=res.checked)
+            if res.checked is not None:
+                self._checked[res.checked] += 1
             self._evict_routine()
+            self._cond.notify_all()
+
+    def _on_retry(self, shard, cause):
+        with self._cond:
+            tries = self._troubled.get(shard, (0, None))[0] + 1
+            self._troubled[shard] = (tries, cause)
             self._cond.notify_all()
 
     def _on_bytes(self, shard, n):

@@ -53,9 +53,11 @@ from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancel
                      TransientFetchError)
 from .checksums import (CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError,
                         ChecksumFileUnavailable)
+from .errors import UnsafePathError
+from .safefs import check_own_file, check_shard_name, fopen_nofollow, open_nofollow
 from .shards import shard_name
 from .source import OBJECT_STORE_KINDS, RemoteInfo, _is_loopback, redact_url
-from .verify import check_parquet, sha256_file, verify_shard
+from .verify import check_parquet, decode_parquet, sha256_file, verify_shard
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ MAX_REDIRECTS = 10
 LOCK_POLL = 0.25            # seconds between checks of `stop` while waiting for another fetcher's lock
 WATCH_POLL = 0.1            # seconds between checks of `stop` while a transfer is in flight
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+VERIFY_LEVELS = ("footer", "decode")
+BYTES_REPORT = 256 << 10    # call on_bytes at least every this many bytes received...
+BYTES_REPORT_SECONDS = 0.5  # ...or this often, so a slow transfer's progress shows
 # What a dropped, reset, stalled or garbled connection raises somewhere between requests and the socket.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
 
@@ -85,6 +90,12 @@ class FetchPolicy:
                                       # final-named file incomplete. For benchmarks and scratch dirs.
     checksum_file: str | None = CHECKSUM_FILE   # read at an http(s) base URL whose shards come without a
                                       # sha256 (checksums.py); None: never look for one
+    require_checksum: bool = False    # refuse (PermanentFetchError) a shard the source gives no sha256/md5 for
+    verify: str = "footer"            # "footer": size, checksum when there is one, parquet footer;
+                                      # "decode": also read and decompress every page before the commit
+    low_speed_limit: int = 1024       # bytes/s: a transfer slower than this for low_speed_time seconds is
+    low_speed_time: float = 30.0      # abandoned and resumed on a new connection (curl's --speed-limit /
+                                      # --speed-time); a trickle counts as a failed try. 0: off
 
     def __post_init__(self):
         for name in ("connect_timeout", "stall_timeout", "backoff_max", "retry_after_max"):
@@ -98,6 +109,11 @@ class FetchPolicy:
                                                or self.checksum_file in (".", "..")):
             raise ConfigError(f"FetchPolicy.checksum_file must be a file name at the source's base URL (like "
                               f"{CHECKSUM_FILE!r}) or None, got {self.checksum_file!r}")
+        if self.verify not in VERIFY_LEVELS:
+            raise ConfigError(f"FetchPolicy.verify must be one of {', '.join(VERIFY_LEVELS)}, got {self.verify!r}")
+        if not (self.low_speed_time >= 0 and self.low_speed_limit >= 0):
+            raise ConfigError(f"FetchPolicy.low_speed_limit and low_speed_time must be >= 0 (0 turns the "
+                              f"low-speed rule off), got {self.low_speed_limit!r} and {self.low_speed_time!r}")
         if self.chunk_bytes < 4096 or self.max_shard_bytes < 1 or self.max_full_downloads < 1:
             raise ConfigError("FetchPolicy: chunk_bytes must be >= 4096, max_shard_bytes and "
                               "max_full_downloads >= 1")
@@ -116,6 +132,9 @@ class FetchResult:
     seconds: float
     resumed_from: int               # bytes of an earlier partial file this call continued from
     already_present: bool = False   # the final file was there; nothing was fetched
+    checked: str | None = None      # what vouched for the bytes: "sha256", "md5" or "size+footer" (the
+                                    # source gave no checksum), "+decode" when every page was read too;
+                                    # None when the file was already there
 
 
 # -----------------------------------------------------------------------------
@@ -219,6 +238,22 @@ def _check_status(resp):
     raise _Fatal(what)
 
 
+def _validator(info):
+    """What an If-Range may carry for info: its strong ETag, else its Last-Modified, else None."""
+    if info.etag and not info.etag.startswith("W/"):
+        return info.etag
+    return info.last_modified or None
+
+
+def _changed_validator(info, resp):
+    """Why resp is not a piece of the file info describes (its ETag or Last-Modified differs), or None."""
+    for what, ours in (("ETag", info.etag), ("Last-Modified", info.last_modified)):
+        theirs = resp.headers.get(what)
+        if ours and theirs and theirs != ours:
+            return f"the server's {what} is now {theirs}, not {ours}: the file changed"
+    return None
+
+
 def _parse_sha256(value):
     if not value:
         return None
@@ -250,8 +285,9 @@ def _head(source, url, policy, session):
         if size is not None and size < 0:
             size = None
         sha = _parse_sha256(first.headers.get("X-Linked-Etag") or last.headers.get("X-Linked-Etag"))
-        etag = first.headers.get("ETag") or last.headers.get("ETag")
-        return RemoteInfo(size=size, sha256=sha, etag=etag)
+        # The Hub's own answer carries the file's ETag; behind any other redirect, the file's server does.
+        etag = (first if first is last or "X-Linked-Size" in first.headers else last).headers.get("ETag")
+        return RemoteInfo(size=size, sha256=sha, etag=etag, last_modified=last.headers.get("Last-Modified"))
     finally:
         for r in {id(r): r for r in (first, last) if r is not None}.values():
             r.close()
@@ -277,7 +313,33 @@ def _probe(source, shard_id, url, policy, session):
         sha = sums.sha256(shard_name(shard_id)) if sums is not None else None
         if sha is not None:
             info = replace(info, sha256=sha, sha256_from=sums.url)
+    if info.sha256 is None and info.md5 is None:
+        _no_checksum(source, policy)
     return info
+
+
+_warned_no_checksum = set()
+_warned_lock = threading.Lock()
+
+
+def _no_checksum(source, policy):
+    """A shard the source gives no checksum for: refused under require_checksum, else said once per source
+    (at WARNING for a network source; a local folder's bytes cross no network)."""
+    how = ("publish a SHA256SUMS next to the shards (sha256sum shard_*.parquet > SHA256SUMS) or use hf://"
+           if source.kind == "http" else
+           "for S3 upload without multipart (so the ETag is the MD5) or use hf://" if source.kind == "s3" else
+           "use a source that lists a checksum (hf://, gs://, a SHA256SUMS at an https mirror)")
+    if policy.require_checksum:
+        raise _Fatal(f"the source gives no sha256 or md5 for this shard and a checksum is required "
+                     f"(--require-checksum / SHARDSTREAM_REQUIRE_CHECKSUM / FetchPolicy.require_checksum): {how}")
+    with _warned_lock:
+        if source.name in _warned_no_checksum:
+            return
+        _warned_no_checksum.add(source.name)
+    logger.log(logging.INFO if source.kind == "file" else logging.WARNING,
+               "%s gives no checksum for its shards: each is checked by its size and parquet footer only, "
+               "which cannot catch a flipped byte inside a data page. To verify every byte, %s; to refuse "
+               "such shards, set require_checksum (--require-checksum)", redact_url(source.name), how)
 
 
 def _load_checksum_file(source, policy, session):
@@ -476,14 +538,22 @@ def _write_sidecar(partial, info):
     """Write partial's sidecar, before the partial itself exists. No temp file and rename: a sidecar torn
     by a kill is one whose partial never came (swept as an orphan) or does not parse (the partial is
     discarded) - and a temp file would be a name no sweep knows."""
-    with open(_sidecar(partial), "w") as f:
+    with fopen_nofollow(_sidecar(partial), "w") as f:
         json.dump(_sidecar_record(info), f)
         f.flush()
         os.fsync(f.fileno())
 
 
+def _sidecar_matches(meta, info):
+    """Whether a sidecar belongs to the file info describes (a sidecar without last_modified predates it)."""
+    want = _sidecar_record(info)
+    if isinstance(meta, dict) and "last_modified" not in meta:
+        want.pop("last_modified")
+    return meta == want
+
+
 def _sidecar_record(info):
-    return {"size": info.size, "sha256": info.sha256, "etag": info.etag}
+    return {"size": info.size, "sha256": info.sha256, "etag": info.etag, "last_modified": info.last_modified}
 
 
 class _HashThread:
@@ -553,11 +623,12 @@ def _write_all(fd, view):
 # The fetch
 
 def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=None, stop=None,
-                on_bytes=None, info=None):
+                on_bytes=None, info=None, on_retry=None):
     """Bring shard_id from source to data_dir/shard_XXXXX.parquet, verified. See the module docstring.
 
     session: a requests.Session (one per thread); stop: a threading.Event that cancels within ~1 s
-    (FetchCancelled, partial kept); on_bytes(n): called as bytes land; info: a RemoteInfo already known.
+    (FetchCancelled, partial kept); on_bytes(n): called as bytes land; info: a RemoteInfo already known;
+    on_retry(cause): called when a try failed and the call tries again (the caller may give up waiting).
     """
     t0 = time.monotonic()
     name = shard_name(shard_id)
@@ -565,12 +636,20 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
     data_dir = ensure_data_dir(data_dir)
     source.check_data_dir(data_dir)
     final = data_dir / name
+    lock_path = data_dir / f"{name}.lock"
+    try:
+        check_shard_name(final)
+        check_own_file(lock_path)
+    except UnsafePathError as e:
+        raise PermanentFetchError(_message(shard_id, url, 0, str(e)), shard_id=shard_id, url=redact_url(url),
+                                  cause=str(e)) from None
     if final.is_file():
         return _present(shard_id, final, t0)
     own = session is None
     session = session or requests.Session()
-    lock = filelock.FileLock(str(data_dir / f"{name}.lock"))
+    lock = filelock.FileLock(str(lock_path))
     try:
+        waited = False
         while True:
             if stop is not None and stop.is_set():
                 raise FetchCancelled(f"shard {shard_id:05d} ({redact_url(url)}): cancelled while waiting "
@@ -579,14 +658,18 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
                 lock.acquire(timeout=LOCK_POLL)
                 break
             except filelock.Timeout:
-                continue
+                if not waited:
+                    waited = True
+                    logger.warning("shard %05d: another process is fetching it (it holds %s); waiting for it "
+                                   "to finish", shard_id, lock_path)
         try:
             if final.is_file():         # another process fetched it while we waited
                 return _present(shard_id, final, t0)
             transfer = _Transfer
             if source.kind in OBJECT_STORE_KINDS:       # s3/gs/local: ranged reads through fsspec
                 from .objectstore import ObjectTransfer as transfer
-            return transfer(source, shard_id, url, final, policy, session, stop, on_bytes, info, t0).run()
+            return transfer(source, shard_id, url, final, policy, session, stop, on_bytes, info, t0,
+                            on_retry).run()
         finally:
             lock.release()
     finally:
@@ -602,10 +685,10 @@ def _present(shard_id, final, t0):
 class _Transfer:
     """The state of one fetch while its lock is held: retries, the partial file, the running hash."""
 
-    def __init__(self, source, shard_id, url, final, policy, session, stop, on_bytes, info, t0):
+    def __init__(self, source, shard_id, url, final, policy, session, stop, on_bytes, info, t0, on_retry=None):
         self.source, self.shard_id, self.url, self.final = source, shard_id, url, final
         self.policy, self.session, self.stop, self.on_bytes = policy, session, stop, on_bytes
-        self.info, self.t0 = info, t0
+        self.info, self.t0, self.on_retry = info, t0, on_retry
         self.attempts = 0               # requests tried
         self.failures = 0               # failed tries in a row without progress
         self.full_downloads = 0         # complete downloads that failed verification
@@ -629,8 +712,10 @@ class _Transfer:
                     if self.policy.max_attempts is not None and self.failures >= self.policy.max_attempts:
                         raise self._error(TransientFetchError, e.cause) from None
                     delay = _backoff(self.policy, self.failures, e.retry_after)
-                    logger.info("shard %05d: %s; resuming at byte %d in %.1fs", self.shard_id,
-                                _scrub(e.cause, self.source.token), self.pos, delay)
+                    cause = _scrub(e.cause, self.source.token)
+                    logger.info("shard %05d: %s; resuming at byte %d in %.1fs", self.shard_id, cause, self.pos, delay)
+                    if self.on_retry is not None:
+                        self.on_retry(cause)
                     if _sleep(delay, self.stop):
                         self._check_stop()
                 except _Corrupt as e:
@@ -698,12 +783,13 @@ class _Transfer:
         best = None
         for p in sorted(d.glob(f"{name}.*.partial")):
             try:
-                with open(_sidecar(p)) as f:
+                with fopen_nofollow(_sidecar(p)) as f:
                     meta = json.load(f)
-                have = p.stat().st_size
+                have = p.lstat().st_size if p.is_file() and not p.is_symlink() else None
             except (OSError, ValueError):
                 meta, have = None, None
-            ok = (meta == _sidecar_record(info) and (info.sha256 or info.etag) is not None
+            meta = meta if have is not None else None
+            ok = (_sidecar_matches(meta, info) and (info.sha256 or _validator(info)) is not None
                   and (info.size is None or have <= info.size))
             if ok and (best is None or have > best[1]):
                 if best is not None:
@@ -729,7 +815,9 @@ class _Transfer:
         self.pos = 0
         try:
             _write_sidecar(self.partial, info)
-            self.partial.touch()
+            os.close(open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT))
+        except UnsafePathError as e:
+            raise _Fatal(str(e)) from None
         except OSError as e:
             raise _DiskError(e) from None
 
@@ -755,13 +843,26 @@ class _Transfer:
     # --- one GET
 
     def _download(self, watch):
-        size = self.info.size
+        info = self.info
+        size = info.size
+        # Without a sha256 at the end, a resume is safe only where the server can say the bytes are of
+        # the same file: If-Range with a strong ETag or Last-Modified, checked again on the answer.
+        guard = info.sha256 is None
+        if guard and self.pos > 0 and _validator(info) is None:
+            logger.info("shard %05d: the source gives no checksum and no validator (strong ETag or "
+                        "Last-Modified) to resume against; starting over from byte 0", self.shard_id)
+            self._discard()
+            self._open_partial()
         start = self.pos
-        headers = {"Range": f"bytes={start}-"} if start > 0 else {}
+        headers = {}
+        if start > 0:
+            headers["Range"] = f"bytes={start}-"
+            if guard:
+                headers["If-Range"] = _validator(info)
         self.attempts += 1
         resp = None
         try:
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT)
         except OSError as e:
             raise _DiskError(e) from None
         try:
@@ -776,6 +877,11 @@ class _Transfer:
                     self._restart(fd, "the server refused to resume (416)")
                     raise _Retry("HTTP 416 on resume")
                 _check_status(resp)
+                changed = _changed_validator(info, resp) if guard else None
+                if changed is not None:
+                    self.info = None    # ask again what the file is now, and start it over
+                    self._discard()
+                    raise _Retry(changed)
                 if resp.status_code == 206:
                     got_start, total = _content_range(resp.headers.get("Content-Range"))
                     if got_start != start:
@@ -786,7 +892,8 @@ class _Transfer:
                         self._discard()
                         raise _Retry(f"the server now says {total} bytes, not {size}; starting over")
                 elif start > 0:
-                    self._restart(fd, f"the server ignored Range (HTTP {resp.status_code})")
+                    self._restart(fd, f"the server sent the whole file (HTTP {resp.status_code}), not the "
+                                      f"range from byte {start}")
                 limit = size if size is not None else self.policy.max_shard_bytes
                 self._stream(resp, fd, limit)
                 if size is None and self.pos >= limit and _more_body(resp):
@@ -805,48 +912,60 @@ class _Transfer:
             os.close(fd)
 
     def _stream(self, resp, fd, limit):
-        """The hot loop: fill a 1 MiB buffer from the socket, write it, hand it to the hashing thread,
-        take the next free buffer. Bytes received before a connection drops are still written (and
-        hashed), so a resume loses nothing."""
+        """The hot loop: read from the socket into a 1 MiB buffer, writing each read to the partial file at
+        once (a kill or a drop loses nothing received), and hand the full buffer to the hashing thread.
+        on_bytes hears of bytes when a read drains the socket, else every BYTES_REPORT bytes or
+        BYTES_REPORT_SECONDS. A transfer slower than
+        low_speed_limit for low_speed_time seconds is abandoned (a _Retry that counts as a failure), so a
+        trickle cannot hold a shard forever."""
         read, body_left = _body_reader(resp)
         chunk = self.policy.chunk_bytes
         on_bytes, stop = self.on_bytes, self.stop
+        floor, window = self.policy.low_speed_limit, self.policy.low_speed_time
         writeback = _sync_file_range if self.policy.fsync else None
         flushed = self.pos
+        now = time.monotonic()
+        window_t, window_pos = now, self.pos
+        reported, reported_t = self.pos, now
         hashing = _HashThread(self.hasher, chunk)
+        mv, fill = hashing.free_buffer(), 0
         try:
-            mv = hashing.free_buffer()
-            while self.pos < limit:
-                want = min(chunk, limit - self.pos, body_left)
-                if want <= 0:
+            while self.pos < limit and body_left > 0:
+                want = min(chunk - fill, limit - self.pos, body_left)
+                n = read(mv[fill:fill + want])     # a drop raises: the bytes so far are on disk already
+                if not n:
                     break
-                fill, err = 0, None
-                try:
-                    while fill < want:
-                        n = read(mv[fill:want])
-                        if not n:
-                            break
-                        fill += n
-                except NETWORK_ERRORS as e:
-                    err = e
-                if fill:
-                    _write_all(fd, mv[:fill])
+                _write_all(fd, mv[fill:fill + n])
+                fill += n
+                self.pos += n
+                self.bytes_downloaded += n
+                body_left -= n
+                if fill == chunk:
                     hashing.submit(mv, fill)
-                    self.pos += fill
-                    self.bytes_downloaded += fill
-                    body_left -= fill
-                    if on_bytes is not None:
-                        on_bytes(fill)
-                    if writeback is not None and self.pos - flushed >= WRITEBACK_BYTES:
-                        writeback(fd, flushed, self.pos - flushed, SYNC_FILE_RANGE_WRITE)   # advisory
-                        flushed = self.pos
-                    mv = hashing.free_buffer()
-                if err is not None:
-                    raise err
-                if fill < want or (stop is not None and stop.is_set()):
+                    mv, fill = hashing.free_buffer(), 0
+                now = time.monotonic()
+                if on_bytes is not None and (n < want or self.pos - reported >= BYTES_REPORT   # drained:
+                                             or now - reported_t >= BYTES_REPORT_SECONDS):  # may block now
+                    on_bytes(self.pos - reported)
+                    reported, reported_t = self.pos, now
+                if writeback is not None and self.pos - flushed >= WRITEBACK_BYTES:
+                    writeback(fd, flushed, self.pos - flushed, SYNC_FILE_RANGE_WRITE)   # advisory
+                    flushed = self.pos
+                if window and now - window_t >= window:
+                    rate = (self.pos - window_pos) / (now - window_t)
+                    if rate < floor:
+                        raise _Retry(f"too slow: {rate:.0f} bytes/s over the last {now - window_t:.0f} s, under "
+                                     f"the floor of {floor} bytes/s (FetchPolicy.low_speed_limit); resuming on "
+                                     f"a new connection")
+                    window_t, window_pos = now, self.pos
+                if stop is not None and stop.is_set():
                     break
         finally:
+            if fill:
+                hashing.submit(mv, fill)
             hashing.close()     # every byte written is hashed before anyone reads self.hasher
+            if on_bytes is not None and self.pos > reported:
+                on_bytes(self.pos - reported)
 
     # --- verify and commit
 
@@ -857,15 +976,31 @@ class _Transfer:
             verify_shard(self.partial, info.size, info.sha256, parquet=False, actual_sha256=digest)
         except CorruptShardError as e:
             raise _Corrupt(f"{e} (the sha256 listed in {info.sha256_from})" if info.sha256_from else str(e)) from None
+        checked = "sha256" if info.sha256 else "md5" if info.md5 else "size"
         if self.policy.verify_parquet:
             try:
                 check_parquet(self.partial)
+                if self.policy.verify == "decode":
+                    decode_parquet(self.partial)
             except CorruptShardError as e:
-                if info.sha256 is not None:     # the bytes are the source's: re-downloading cannot help
-                    self._discard()
+                if info.sha256 is not None or info.md5 is not None:    # the source's own bytes: a new
+                    self._discard()                                     # download cannot help
                     raise _Fatal(f"the source's file is not a valid shard: {e}") from None
                 raise _Corrupt(str(e)) from None
+            checked = "size+footer" if checked == "size" else checked
+            checked += "+decode" if self.policy.verify == "decode" else ""
+        self._commit()
+        size = self.final.stat().st_size
+        logger.debug("shard %05d: verified (%s), %d bytes in %.2fs", self.shard_id, checked, size,
+                     time.monotonic() - self.t0)
+        return FetchResult(self.shard_id, self.final, size, info.sha256 or digest, self.bytes_downloaded,
+                           self.attempts, time.monotonic() - self.t0, self.resumed_from, checked=checked)
+
+    def _commit(self):
+        """fsync, rename to the final name, fsync the dir. A commit that fails takes the partial with it:
+        a verified file is never left behind under a name that is not final."""
         try:
+            check_shard_name(self.final)
             if self.policy.fsync:
                 fd = os.open(self.partial, os.O_RDONLY)
                 try:
@@ -873,15 +1008,18 @@ class _Transfer:
                 finally:
                     os.close(fd)
             os.replace(self.partial, self.final)
-            if self.policy.fsync:
-                _fsync_dir(self.final.parent)
+        except UnsafePathError as e:
+            self._discard()
+            raise _Fatal(str(e)) from None
         except OSError as e:
+            self._discard()
             raise _DiskError(e) from None
         _remove(_sidecar(self.partial))
-        size = self.final.stat().st_size
-        logger.debug("shard %05d: verified, %d bytes in %.2fs", self.shard_id, size, time.monotonic() - self.t0)
-        return FetchResult(self.shard_id, self.final, size, info.sha256 or digest, self.bytes_downloaded,
-                           self.attempts, time.monotonic() - self.t0, self.resumed_from)
+        if self.policy.fsync:
+            try:
+                _fsync_dir(self.final.parent)
+            except OSError as e:
+                raise _DiskError(e) from None
 
 
 def _body_reader(resp):

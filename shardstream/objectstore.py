@@ -32,6 +32,7 @@ import threading
 
 from .errors import ConfigError, TransientFetchError
 from .fetch import WATCH_POLL, _Corrupt, _DiskError, _Fatal, _Retry, _Transfer, _write_all
+from .safefs import open_nofollow
 from .source import RemoteInfo, redact_url
 
 logger = logging.getLogger(__name__)
@@ -228,9 +229,11 @@ class ObjectTransfer(_Transfer):
             raise _Fatal("the store gave no size for the object")
         start = self.pos
         self.attempts += 1
+        if start > 0:
+            self._check_same_object("before resuming at byte %d" % start)
         fs, path = filesystem(self.url, self.source.storage_options)
         try:
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT)
         except OSError as e:
             raise _DiskError(e) from None
         reader = _BlockReader(fs, path, start, size, self.block)
@@ -264,6 +267,16 @@ class ObjectTransfer(_Transfer):
         finally:
             reader.close()
             os.close(fd)
+        self._check_same_object("after reading it")   # blocks read across a change would splice two versions
+
+    def _check_same_object(self, when):
+        """Ranged reads are separate requests: the object must still be the version the partial belongs to
+        (its ETag / generation / mtime). If it changed, start over from a fresh stat."""
+        now = stat_shard(self.source, self.shard_id)
+        if self.info.etag is not None and now.etag != self.info.etag or now.size != self.info.size:
+            self.info = None
+            self._discard()
+            raise _Retry(f"the object changed ({when}): version {now.etag}, size {now.size}; starting over")
 
     def _finish(self):
         md5 = self.info.md5

@@ -2,8 +2,8 @@
 
 Every file shardstream writes in a data dir (partials and sidecars, .lock/.lease, status.json,
 events.jsonl) is opened through `open_nofollow`: a symbolic link under that name is refused with an
-`UnsafePathError` naming the path, never written through. `check_not_special` refuses a directory or
-other non-file under a name shardstream is about to commit a shard to.
+`UnsafePathError` naming the path, never written through. `check_shard_name` refuses a directory or
+other non-file under a shard's final name before anything is downloaded for it.
 """
 import errno
 import os
@@ -43,17 +43,31 @@ def fopen_nofollow(path, mode="r", buffering=-1):
         raise
 
 
-def check_not_special(path, what="shard"):
-    """Raise UnsafePathError when something other than a regular file (a directory, a link, a fifo) sits
-    at path; return quietly when nothing or a regular file is there."""
+def check_own_file(path):
+    """Raise UnsafePathError when something other than a regular file (a symbolic link, a directory, a
+    fifo) sits at path, a name shardstream writes its own bookkeeping to; quiet when nothing is there."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISREG(st.st_mode):
-        return
     if stat.S_ISLNK(st.st_mode):
         raise _refuse_link(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_a_file(path, st, "shardstream's own file")
+
+
+def check_shard_name(path):
+    """Raise UnsafePathError when a directory or other non-file sits under a shard's final name (a link
+    to a regular file is a shard someone placed there, and is read like one)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_a_file(path, st, "shard")
+
+
+def _not_a_file(path, st, what):
     kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-    raise UnsafePathError(f"{path} is {kind}, where the {what} file belongs: move it out of the data dir "
-                          f"(or choose another data dir); nothing was downloaded")
+    return UnsafePathError(f"{path} is {kind}, where the {what} belongs: move it out of the data dir (or choose "
+                           f"another data dir); nothing was downloaded to it")

@@ -59,6 +59,7 @@ class RemoteInfo:
     etag: str | None        # opaque version tag (ETag), used to check a partial file is still valid
     md5: str | None = None  # hex md5 of the bytes when the store gives one (S3's single-part ETag, GCS)
     sha256_from: str | None = field(default=None, compare=False)   # the checksum file sha256 came from
+    last_modified: str | None = None    # HTTP Last-Modified: the validator for a resume when no strong ETag
 
 
 @dataclass(frozen=True)

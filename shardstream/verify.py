@@ -169,3 +169,15 @@ def verify_shard(path, size=None, sha256=None, *, parquet=True, actual_sha256=No
             raise CorruptShardError(f"{path}: sha256 {got[:16]}... does not match the source's {sha256[:16]}...")
     if parquet:
         check_parquet(path)
+
+
+def decode_parquet(path):
+    """Raise CorruptShardError unless every page of every column of path reads and decompresses (with
+    pyarrow's page checksums verified where the writer stored them). Reads one row group at a time, so
+    memory stays at one decoded row group (capped by check_parquet, which callers run first)."""
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptShardError(f"{os.fspath(path)}: a data page does not decode ({type(e).__name__}: {e})") from None

@@ -232,3 +232,129 @@ class EndlessHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"x" * 65536)
         except OSError:
             pass
+
+
+class HostileFile:
+    """One file a HostileServer serves, and how it misbehaves. Tests change the attributes between and
+    during requests (the server reads them per request, under no lock: tests set them before they matter).
+
+    body                 the bytes served now (swap it to replace the file on the server)
+    etag, last_modified  validators sent with every answer (None: not sent)
+    honor_if_range       answer a Range whose If-Range does not match with 200 and the whole body (RFC 9110);
+                         False: serve the range regardless (a server that ignores If-Range)
+    drop_after           on the next GET, send this many body bytes, then hang up (one shot)
+    after_drop           called once right after that drop (e.g. to replace the file)
+    range_shift          serve a 206 whose bytes start this many bytes off from what was asked, with an
+                         honest Content-Range for the asked range (a lying server)
+    trickle              send the body at this many bytes per second (None: at once)
+    hold_after           send this many body bytes, then keep the connection open sending nothing, until
+                         `release` is set
+    """
+
+    def __init__(self, body, etag=None, last_modified=None):
+        self.body, self.etag, self.last_modified = body, etag, last_modified
+        self.honor_if_range = True
+        self.drop_after = None
+        self.after_drop = None
+        self.range_shift = 0
+        self.trickle = None
+        self.hold_after = None
+        self.release = threading.Event()
+        self.gets = []                  # the request headers of every GET, in order
+
+
+class HostileServer(TinyServer):
+    """A TinyServer serving {name: HostileFile} at /<name> (anything else: 404). For the branches of a resume
+    the ShardServer never takes: files replaced between tries, validators, lying ranges, trickles."""
+
+    def __init__(self, files):
+        self.files = files
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _file(self):
+                return outer.files.get(self.path.lstrip("/").split("?")[0])
+
+            def _validators(self, f):
+                if f.etag is not None:
+                    self.send_header("ETag", f.etag)
+                if f.last_modified is not None:
+                    self.send_header("Last-Modified", f.last_modified)
+
+            def do_HEAD(self):
+                f = self._file()
+                if f is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(f.body)))
+                self._validators(f)
+                self.end_headers()
+
+            def do_GET(self):
+                f = self._file()
+                if f is None:
+                    self.send_error(404)
+                    return
+                f.gets.append(dict(self.headers))
+                body, start = f.body, 0
+                rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+                if rng and not (f.honor_if_range and if_range is not None
+                                and if_range not in (f.etag, f.last_modified)):
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    data = body[start + f.range_shift:] + body[:f.range_shift]
+                else:
+                    self.send_response(200)
+                    data = body
+                self.send_header("Content-Length", str(len(data)))
+                self._validators(f)
+                self.end_headers()
+                try:
+                    self._send(f, data)
+                except OSError:
+                    pass
+
+            def _send(self, f, data):
+                if f.drop_after is not None:
+                    n, f.drop_after = f.drop_after, None
+                    self.wfile.write(data[:n])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    if f.after_drop is not None:
+                        f.after_drop()
+                        f.after_drop = None
+                    return
+                if f.hold_after is not None:
+                    self.wfile.write(data[:f.hold_after])
+                    self.wfile.flush()
+                    f.release.wait(30)
+                    self.close_connection = True
+                    return
+                if f.trickle is None:
+                    self.wfile.write(data)
+                    return
+                step = max(1, int(f.trickle // 10))
+                for i in range(0, len(data), step):
+                    if f.release.is_set():
+                        break
+                    self.wfile.write(data[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.release.set()
+        super().__exit__(*exc)
