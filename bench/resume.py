@@ -37,6 +37,7 @@ from shardstream.sample import make_sample  # noqa: E402
 from shardstream.server import ShardServer  # noqa: E402
 from shardstream.shards import shard_name  # noqa: E402
 from shardstream.source import Source  # noqa: E402
+from shardstream.status import read_events  # noqa: E402
 from shardstream.tokenizer import train_tokenizer_from_shards  # noqa: E402
 
 B, T = 4, 256
@@ -52,6 +53,13 @@ def first_batch(srv, n, data, tok, budget, state=None, retain=0):
                     buffer_size=200, resume_state_dict=state, streaming_downloader=dl)
     x, y, st = next(gen)
     return time.monotonic() - t0, (x.clone(), y.clone(), st), gen, dl
+
+
+def downloads_since_start(data):
+    """Shards this run's downloader downloaded so far (events.jsonl since its last "start" event)."""
+    evs = read_events(data)
+    starts = [i for i, e in enumerate(evs) if e["event"] == "start"]
+    return [e["shard"] for e in evs[starts[-1] if starts else 0:] if e["event"] == "downloaded"]
 
 
 def main(argv=None):
@@ -92,24 +100,28 @@ def main(argv=None):
                 gen.close()
                 dl.stop()
                 t_same, b_same, gen, dl = first_batch(srv, n, data, tok, budget, batch_k[2], retain=retain)
+                got = downloads_since_start(data)
                 gen.close()
                 dl.stop()
-                rows += [(f"fresh start, retain={retain}", t_fresh, t_fresh),
-                         (f"resume at batch {k}, same dir, retain={retain}", t_same, t_fresh)]
+                rows += [(f"fresh start, retain={retain}", t_fresh, t_fresh, None),
+                         (f"resume at batch {k}, same dir, retain={retain}", t_same, t_fresh, got)]
                 batches.append((b_same, batch_k))
             t_empty, b_empty, gen, dl = first_batch(srv, n, work / "elsewhere", tok, budget, batch_k[2])
+            got = downloads_since_start(work / "elsewhere")
             gen.close()
             dl.stop()
-            rows.append((f"resume at batch {k}, empty data dir", t_empty, rows[0][1]))
+            rows.append((f"resume at batch {k}, empty data dir", t_empty, rows[0][1], got))
             batches.append((b_empty, batch_k))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     exact = all(torch.equal(b[0], want[0]) and torch.equal(b[1], want[1]) for b, want in batches)
-    print(f"\n{'first batch after':<42} {'seconds':>8} {'/ fresh':>8} {'/ 1 shard':>9}")
-    for name, t, fresh in rows:
-        print(f"{name:<42} {t:>8.2f} {t / fresh:>8.2f} {t / args.shard_seconds:>9.2f}")
+    print(f"\n{'first batch after':<42} {'seconds':>8} {'/ fresh':>8} {'/ 1 shard':>9}  downloads before it")
+    for name, t, fresh, got in rows:
+        print(f"{name:<42} {t:>8.2f} {t / fresh:>8.2f} {t / args.shard_seconds:>9.2f}  "
+              f"{'' if got is None else f'{len(got)} {sorted(got)}'}")
     print(f"RESULT resume: first batch after resume {rows[1][1]:.2f}s (retain=0), {rows[3][1]:.2f}s (retain=2) "
-          f"vs fresh {rows[0][1]:.2f}s; resumed batches equal the originals: {'yes' if exact else 'NO'}")
+          f"vs fresh {rows[0][1]:.2f}s; downloads before it {len(rows[1][3])} / {len(rows[3][3])}; resumed "
+          f"batches equal the originals: {'yes' if exact else 'NO'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(rows=rows, batch=k, exact=exact, shard_seconds=args.shard_seconds),

@@ -361,8 +361,9 @@ class ShardCache:
         self.consumed.pop(shard, None)
         return True
 
-    def release(self, shard, reader):
-        """End one lease. Returns True when no reader holds the shard any more (it is consumed)."""
+    def release(self, shard, reader, consumed=True):
+        """End one lease. Returns True when no reader holds the shard any more (then it is consumed, unless
+        `consumed` is False: a reader that stopped mid-shard, or read it only to rebuild a resume)."""
         c = self.leases.get(shard)
         if not c or c[reader] <= 0:
             return None
@@ -375,7 +376,8 @@ class ShardCache:
         fd = self._lease_fds.pop(shard, None)
         if fd is not None:
             os.close(fd)                        # the shared lock goes with it
-        self.consumed[shard] = None
+        if consumed:
+            self.consumed[shard] = None
         return True
 
     def leased(self):

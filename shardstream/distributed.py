@@ -383,8 +383,8 @@ class NodeLeader:
         self._pos[reader] = pos
         return pos
 
-    def release(self, shard_id, *, reader=0):
-        self.downloader.release(shard_id, reader=reader)
+    def release(self, shard_id, *, reader=0, consumed=True):
+        self.downloader.release(shard_id, reader=reader, consumed=consumed)
 
     # --- start / stop
     def __enter__(self):
@@ -479,7 +479,7 @@ class NodeLeader:
                 path = self.wait_for_shard(shard, req.get("timeout"), reader=reader)
                 resp = {"ok": True, "path": str(path)}
             elif op == "release":
-                self.release(shard, reader=reader)
+                self.release(shard, reader=reader, consumed=req.get("consumed", True) is not False)
                 resp = {"ok": True}
             else:
                 raise ConfigError(f"unknown request {op!r} from reader {reader}")
@@ -608,7 +608,7 @@ class NodeReader:
         return st
 
     # --- requests
-    def _call(self, op, shard_id, timeout=None):
+    def _call(self, op, shard_id, timeout=None, **extra):
         if self._stopped:
             raise DownloaderStopped(f"{self!r} was stopped")
         self._ready()
@@ -616,7 +616,7 @@ class NodeReader:
         with self._lock:
             seq = self._seq
             self._seq += 1
-            self.store.set(f"{g}/r{me}/q{seq}", {"op": op, "shard": shard_id, "timeout": timeout})
+            self.store.set(f"{g}/r{me}/q{seq}", {"op": op, "shard": shard_id, "timeout": timeout, **extra})
             self.store.add(f"{g}/requests", 1)
         key = f"{g}/r{me}/a{seq}"
         poll, last_check = POLL_MIN, time.monotonic()
@@ -637,8 +637,8 @@ class NodeReader:
     def wait_for_shard(self, shard_id, timeout=None, *, reader=None):
         return Path(self._call("wait", shard_id, timeout)["path"])
 
-    def release(self, shard_id, *, reader=None):
-        self._call("release", shard_id)
+    def release(self, shard_id, *, reader=None, consumed=True):
+        self._call("release", shard_id, consumed=bool(consumed))
 
     mark_consumed = release
 

@@ -456,17 +456,19 @@ class StreamingDownloader:
             raise ConfigError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
         return self._wait(shard_id, timeout, reader=reader, lease=True)
 
-    def release(self, shard_id, *, reader=0):
+    def release(self, shard_id, *, reader=0, consumed=True):
         """The reader is done with shard_id: end its lease. Once no reader holds it, it is consumed and
-        deleted as soon as it falls beyond `retain` (and outside the window)."""
+        deleted as soon as it falls beyond `retain` (and outside the window). consumed=False: the reader
+        stopped before the shard's end (or read it only to rebuild a resume): it stays on disk for the
+        read to come, going only when the budget needs its room."""
         self._check_shard(shard_id)
         with self._cond:
             self._raise_if_crashed()
-            done = self.cache.release(shard_id, reader)
+            done = self.cache.release(shard_id, reader, consumed)
             if done is None:
                 raise ConfigError(f"release({shard_id}): reader {reader!r} holds no lease on {shard_name(shard_id)} "
                                   f"(wait_for_shard({shard_id}) first, and release each lease once)")
-            if done:
+            if done and consumed:
                 self._event("consumed", shard_id)
             self._evict_routine()
             self._cond.notify_all()

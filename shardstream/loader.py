@@ -151,9 +151,14 @@ class ShardPlan:
         (logger.debug if quiet or self.split == "val" else logger.info)("Reading %s", shard_name(shard_id))
         return path
 
-    def release(self, pq_idx):
+    def release(self, pq_idx, consumed=True):
+        """Hand the shard back; consumed=False when it was not read to its end (a stop mid-shard, a
+        resume's re-read of buffered documents), so the downloader keeps it for the read to come."""
         if self.downloader is not None:
-            self.downloader.release(self.shard_ids[pq_idx])
+            if consumed:
+                self.downloader.release(self.shard_ids[pq_idx])
+            else:
+                self.downloader.release(self.shard_ids[pq_idx], consumed=False)
 
 
 PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)
@@ -244,6 +249,7 @@ def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
                 logger.warning("skipping %s: %s", shard_name(plan.shard_ids[pq_idx]), e)
                 pq_idx, rg_idx, row = pq_idx + 1, rank, 0
                 continue
+            read_to_end = False
             try:
                 pf = _open_parquet(path)
                 num_rg = pf.num_row_groups
@@ -272,8 +278,9 @@ def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
                         row = end
                     row = 0
                     rg_idx += world
+                read_to_end = True
             finally:
-                plan.release(pq_idx)
+                plan.release(pq_idx, consumed=read_to_end)
             pq_idx, rg_idx, row = pq_idx + 1, rank, 0
         if fresh_epoch and not produced:
             raise ConfigError(f"rank {rank} of {world} gets no documents from the {plan.split!r} split: its "
@@ -486,8 +493,9 @@ def parse_resume_state(state, fingerprint, rank, world, n_shards):
     return ResumePoint(cursor=cursor, last=last, anchor=anchor, replay=replay)
 
 
-def rebuild_buffer(packer, docs, plan, tokenize):
-    """Re-read and re-tokenize the anchor's buffered documents, adding them in stream order."""
+def rebuild_buffer(packer, docs, plan, tokenize, cursor):
+    """Re-read and re-tokenize the anchor's buffered documents, adding them in stream order. A shard the
+    stream (at cursor) goes on reading is handed back unconsumed: it must not be deleted and fetched again."""
     by_shard = {}
     for entry in docs:
         epoch, pq_idx, rg_idx, row, mask = entry
@@ -502,7 +510,7 @@ def rebuild_buffer(packer, docs, plan, tokenize):
             for rg_idx in sorted(by_shard[pq_idx]):
                 texts[pq_idx, rg_idx] = _read_texts(pf, rg_idx, path)
         finally:
-            plan.release(pq_idx)
+            plan.release(pq_idx, consumed=pq_idx != cursor[1])     # the stream resumes in cursor[1] only
     for epoch, pq_idx, rg_idx, row, mask in docs:   # sorted by stream position when saved
         rg_texts = texts[int(pq_idx), int(rg_idx)]
         m = int(mask, 16)
@@ -617,7 +625,7 @@ def _generate(tokenizer, bos, B, T, plan, rank, world, fingerprint, start, devic
     cursor, last = start.cursor, start.last
     anchor, replay = start.anchor, start.replay
     if anchor is not None:
-        rebuild_buffer(packer, anchor["docs"], plan, tokenize)
+        rebuild_buffer(packer, anchor["docs"], plan, tokenize, cursor)
     emitter = BatchEmitter(B, T, device)
     feed = Prefetcher(lambda stop, at=cursor: iter_doc_batches(plan, at, rank, world, batch_size, stop),
                       tokenize, prefetch)

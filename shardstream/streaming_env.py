@@ -415,8 +415,8 @@ class _Reporting:
             self._shared.report(shard_id)
         return path
 
-    def release(self, shard_id):
-        self._shared.downloader.release(shard_id)
+    def release(self, shard_id, consumed=True):
+        self._shared.downloader.release(shard_id, consumed=consumed)
 
 
 def env_downloader(split, resuming=False):
