@@ -1,5 +1,4 @@
-"""Multi-epoch: bytes downloaded over 3 epochs of a dataset 1.5x the disk budget, plan-aware (Belady) vs
-delete-on-consume.
+"""Multi-epoch: bytes downloaded in 3 epochs of a dataset 1.5x the disk budget, plan-aware vs delete-on-consume.
 
     python bench/epochs.py            # 18 train shards of ~0.3 MB, budget = 12 shards (val included)
     python bench/epochs.py --smoke    # 9 shards (CI)

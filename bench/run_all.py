@@ -1,4 +1,4 @@
-"""The performance suite (issue 7): every benchmark in one command, then one table of figures vs targets.
+"""The performance suite: every benchmark in one command, then one table of figures vs targets.
 
     ./run bench run_all              # from a fresh clone (sets up .venv); <= 10 minutes on 2 cores
     python bench/run_all.py          # the same, in a ready environment

@@ -9,8 +9,8 @@ caps all connections together at W MB/s (set_rate). The trainer calls wait_for_s
 release(i) for every train shard in order and "trains" on each for bytes/R seconds (a sleep).
 
 Three ways to get the data, measured in the same run on the same shards:
-- adaptive:  StreamingDownloader(prefetch="auto", initial_buffer=1) under a budget (this issue);
-- fixed-5:   StreamingDownloader(buffer_size=5, initial_buffer=5), the seed's Step 1, same budget;
+- adaptive:  StreamingDownloader(prefetch="auto", initial_buffer=1) under a budget: the window sized from measured rates;
+- fixed-5:   StreamingDownloader(buffer_size=5, initial_buffer=5): a fixed window, same budget;
 - all-first: download every shard first (4 workers, like `python -m nanochat.dataset -n N -w 4`), then
              train from the local dir: nanochat today.
 
@@ -18,7 +18,7 @@ Figures per case: time to first batch (and / one shard's download time at W), da
 time after the first batch, achieved MB/s (train bytes the trainer read / wall time), link MB/s (bytes
 downloaded / time from start to the last download: the share of W the downloader used), peak bytes on
 disk (sampled every 20 ms from the directory, partial files included) against the budget, waits.
-Targets (issue 7): W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
+Targets: W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
 first batch <= 1.2x one shard's download; peak disk <= budget. One PNG per streaming case (disk, shards
 ahead, waits over time: shardstream.timeline) goes to bench/out/. --json writes the figures.
 """

@@ -10,8 +10,10 @@ package, so this command looks for bench/ next to the package directory.
 import argparse
 import ast
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import ConfigError
@@ -21,7 +23,7 @@ BENCH_DIR = REPO_ROOT / "bench"
 
 
 def list_benches(bench_dir=BENCH_DIR):
-    """{name: first line of its docstring} of bench/<name>.py scripts."""
+    """{name: the first paragraph of its docstring, on one line} of bench/<name>.py scripts."""
     if not bench_dir.is_dir():
         raise ConfigError(f"no bench/ directory at {bench_dir}: the benchmarks live in a checkout of the "
                           f"shardstream repository (git clone it and run `shardstream bench` from there)")
@@ -33,7 +35,7 @@ def list_benches(bench_dir=BENCH_DIR):
             doc = ast.get_docstring(ast.parse(p.read_text())) or ""
         except SyntaxError:
             doc = "(does not parse)"
-        out[p.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+        out[p.stem] = " ".join(doc.strip().split("\n\n")[0].split())     # whole, never cut at a line end
     return out
 
 
@@ -58,8 +60,11 @@ def cli(argv):
         benches = list_benches()
         if not args.names:
             print("benchmarks (run with `shardstream bench NAME [--quick]`):")
+            width = max(shutil.get_terminal_size((100, 24)).columns, 60)
             for name, doc in benches.items():
-                print(f"  {name:<16} {doc}")
+                # wrapped at word boundaries to the terminal, continuation lines under the description
+                print(textwrap.fill(doc, width, initial_indent=f"  {name:<16} ", subsequent_indent=" " * 19,
+                                    break_long_words=False, break_on_hyphens=False))
             return 0
         for name in args.names:             # check them all before running any
             if name.removesuffix(".py") not in benches:

@@ -1,12 +1,15 @@
 """`shardstream demo`: the offline end-to-end demo (the README's first command).
 
 1. Sample shards in nanochat's layout (more bytes than the disk budget the run gets).
-2. A BPE tokenizer trained on the first shard (nanochat's tok_train step; the trainer reuses it).
-3. The local Hub-like server serving the shards with a bandwidth cap.
+2. The local Hub-like server serving the shards with a bandwidth cap.
+3. A BPE tokenizer trained on the first shard (nanochat's tok_train step), with that shard's token count,
+   both recorded for the server's source, so the trainer reuses them and every shard, shard 0 included,
+   comes through the StreamingDownloader (and its event log).
 4. The reference trainer (train.py) in streaming mode, in this process: a tiny GPT trains while a
    StreamingDownloader keeps a few shards ahead of it and deletes the ones read, inside the budget.
 5. A summary (steps, loss, shards streamed, peak disk vs budget vs dataset, time to the first step vs
-   downloading everything first, data wait) and a PNG timeline drawn from the downloader's event log.
+   downloading everything first, data wait) and a PNG timeline drawn from the downloader's event log,
+   with the trainer's steps and loss (from its step lines) on the same time axis.
 
 Everything lands under --out (default ./demo_out). The sample is kept between runs when its parameters
 are unchanged; the data dir, checkpoints, tokenizer and timeline are made afresh every run.
@@ -15,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -94,8 +98,23 @@ def steps_to_read_every_shard(shard_yield, tokens_per_step, shards):
     return steps
 
 
+class StepLog(logging.Handler):
+    """(time, steps done, train loss) from the trainer's step lines, for the timeline's training panel."""
+    LINE = re.compile(r"step (\d+)/\d+ .*?\| loss: ([0-9.]+)")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.points = []
+
+    def emit(self, record):
+        m = self.LINE.match(record.getMessage())
+        if m:   # the line names the step just done, counting from 0
+            self.points.append((record.created, int(m.group(1)) + 1, float(m.group(2))))
+
+
 def run_demo(args):
     from .server import ShardServer
+    from .source import make_source
     from .timeline import plot_timeline
     from .train import parse_args, prepare_tokenizer, train
 
@@ -111,23 +130,27 @@ def run_demo(args):
         raise ConfigError(f"a budget of {args.budget_shards} shards ({budget:,} bytes) holds the whole dataset "
                           f"({dataset_bytes:,} bytes): lower --budget-shards or raise --shards")
 
-    # nanochat trains its tokenizer before base_train (tok_train); so does the demo, from the first shard.
-    tokenizer, shard_yield = prepare_tokenizer(tok, args.vocab, lambda: sample / shard_name(0), "demo-sample",
-                                               T=args.seq_len, threads=2)
-    tokens_per_step = args.batch * args.seq_len
-    steps = args.steps if args.steps > 0 else steps_to_read_every_shard(shard_yield, tokens_per_step, args.shards)
-    if steps < 10:
-        raise ConfigError(f"the sample is too small for a demo run ({steps} steps of {tokens_per_step:,} tokens "
-                          f"read it all): raise --chars-per-shard or --shards, or lower --batch/--seq-len")
-    print(f"[demo] dataset: {args.shards} shards, {dataset_bytes / 1e6:.2f} MB; disk budget {budget / 1e6:.2f} MB "
-          f"({args.budget_shards:g} shards); server capped at {args.rate:g} MB/s; {steps} steps of "
-          f"{tokens_per_step:,} tokens")
-
-    # torch's imports (its optimizers pull in torch._dynamo: ~2 s) happen before the trainer's clock starts:
-    # downloading everything first would pay them too, so they are no part of "time to first step".
-    import torch
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     with ShardServer(sample, rate=args.rate) as srv:
+        # nanochat trains its tokenizer before base_train (tok_train); so does the demo, from the first shard.
+        # Keyed to the source the trainer reads (train.py's data key: the source's identity), so the trainer
+        # reuses the shard's token count too instead of fetching shard 0 outside the downloader.
+        data_key = make_source(srv.url, dataset_shards=args.shards).identity()["source"]
+        tokenizer, shard_yield = prepare_tokenizer(tok, args.vocab, lambda: sample / shard_name(0), data_key,
+                                                   T=args.seq_len, threads=2)
+        tokens_per_step = args.batch * args.seq_len
+        steps = args.steps if args.steps > 0 else steps_to_read_every_shard(shard_yield, tokens_per_step,
+                                                                            args.shards)
+        if steps < 10:
+            raise ConfigError(f"the sample is too small for a demo run ({steps} steps of {tokens_per_step:,} "
+                              f"tokens read it all): raise --chars-per-shard or --shards, or lower --batch/--seq-len")
+        print(f"[demo] dataset: {args.shards} shards, {dataset_bytes / 1e6:.2f} MB; disk budget "
+              f"{budget / 1e6:.2f} MB ({args.budget_shards:g} shards); server capped at {args.rate:g} MB/s; "
+              f"{steps} steps of {tokens_per_step:,} tokens")
+
+        # torch's imports (its optimizers pull in torch._dynamo: ~2 s) happen before the trainer's clock
+        # starts: downloading everything first would pay them too, so they are no part of "time to first step".
+        import torch
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
         argv = [f"--depth={args.depth}", f"--max_seq_len={args.seq_len}", f"--device_batch_size={args.batch}",
                 f"--num_iterations={steps}", f"--vocab_size={args.vocab}", "--streaming_mode=True",
                 f"--streaming_buffer_size={args.buffer}", f"--streaming_total_shards={args.shards}",
@@ -139,15 +162,22 @@ def run_demo(args):
         print("[demo] training: python -m scripts.base_train " + " ".join(argv))
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
+        # the step lines feed the timeline's training panel: let them through even where INFO is off
+        train_log, step_log = logging.getLogger("shardstream.train"), StepLog()
+        level = train_log.level
+        train_log.setLevel(logging.INFO)
+        train_log.addHandler(step_log)
         try:
             result = train(parse_args(argv))
         finally:
             torch.set_num_threads(threads)
+            train_log.removeHandler(step_log)
+            train_log.setLevel(level)
     if result.exit_code != 0:
         print(f"[demo] training stopped ({result.signal or 'exit code %d' % result.exit_code})")
         return result.exit_code
 
-    timeline = plot_timeline(data / "events.jsonl", out / "timeline.png",
+    timeline = plot_timeline(data / "events.jsonl", out / "timeline.png", progress=step_log.points,
                              title=f"shardstream demo: {args.shards} shards ({dataset_bytes / 1e6:.2f} MB) streamed "
                                    f"through a {budget / 1e6:.2f} MB budget at {args.rate:g} MB/s")
     print(summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_step))
@@ -159,14 +189,23 @@ def summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_ste
     first_loss, last_loss = result.losses[0][1], result.losses[-1][1]
     val = f", val {result.val_losses[-1][1]:.3f}" if result.val_losses else ""
     all_first = dataset_bytes / (args.rate * 1e6)
+    # what the event log shows fetched, so the shard count and the downloads agree on a short run too
+    train_shards = result.total_shards - 1
+    fetched = set(timeline.downloaded_shards) - {timeline.val_shard}
+    streamed = (f"all {train_shards} train shards" if len(fetched) >= train_shards else
+                f"{len(fetched)} of {train_shards} train shards")
+    if timeline.val_shard in timeline.downloaded_shards:
+        streamed += " + the val shard"
+    extra = st.downloaded_bytes - timeline.downloaded_bytes
+    cut = f" ({extra / 1e6:.2f} MB of it in transfers that did not finish)" if extra > 10_000 else ""
     lines = [
         "",
         "=" * 30 + " shardstream demo: summary " + "=" * 30,
         f"training     {result.step} steps of {tokens_per_step:,} tokens (depth {args.depth}), "
         f"{result.wall_seconds:.1f}s in all",
         f"loss         {first_loss:.3f} -> {last_loss:.3f} (train){val}",
-        f"streamed     {result.total_shards - 1} train shards + the val shard: {timeline.downloads} downloads, "
-        f"{timeline.deletions} deletions, {st.downloaded_bytes / 1e6:.2f} MB over the wire",
+        f"streamed     {streamed}: {timeline.downloads} downloads, "
+        f"{timeline.deletions} deletions, {st.downloaded_bytes / 1e6:.2f} MB over the wire{cut}",
         f"disk         peak {timeline.peak_bytes_on_disk / 1e6:.2f} MB on disk, budget {budget / 1e6:.2f} MB, "
         f"dataset {dataset_bytes / 1e6:.2f} MB ({timeline.peak_bytes_on_disk / dataset_bytes:.0%} of it at most)",
         f"first step   after {result.seconds_to_first_step:.1f}s; downloading everything first would take "

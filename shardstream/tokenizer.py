@@ -249,16 +249,32 @@ class Tokenizer:
 
 
 def train_tokenizer(texts, vocab_size, pattern=SPLIT_PATTERN, special_tokens=None):
-    """Train a BPE with rustbpe on an iterable of strings. vocab_size counts the special tokens too."""
+    """Train a BPE with rustbpe on an iterable of strings. vocab_size counts the special tokens too.
+
+    Too little text can give fewer merges than asked for: the tokenizer comes out smaller, with a warning."""
     import rustbpe
     specials = list(special_tokens if special_tokens is not None else SPECIAL_TOKENS)
     n_merges_vocab = vocab_size - len(specials)
     if n_merges_vocab < 256:
         raise ConfigError(f"vocab_size {vocab_size} is too small: it must be at least "
                           f"{256 + len(specials)} (256 bytes + {len(specials)} special tokens)")
+    chars = [0]
+
+    def counted():
+        for text in texts:
+            chars[0] += len(text)
+            yield text
+
     tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(iter(texts), n_merges_vocab, pattern=pattern)
+    tok.train_from_iterator(counted(), n_merges_vocab, pattern=pattern)
     ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
+    if len(ranks) < n_merges_vocab:
+        # rustbpe stops early when the text runs out of pairs; the model then gets the smaller vocab: say so
+        logger.warning("tokenizer: vocab size %d asked for (%s merges), but only %s merges were learned, so the "
+                       "vocab is %s: the training text (%s characters) has too few distinct pairs to learn more "
+                       "merges. Train on more text, or ask for a vocab size of at most %s (what this text gives).",
+                       vocab_size, f"{n_merges_vocab - 256:,}", f"{len(ranks) - 256:,}",
+                       f"{len(ranks) + len(specials):,}", f"{chars[0]:,}", f"{len(ranks) + len(specials):,}")
     return Tokenizer.from_ranks(tok.get_pattern(), ranks, specials)
 
 

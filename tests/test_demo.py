@@ -9,7 +9,11 @@ SMALL = ["--shards", "5", "--chars-per-shard", "300000", "--budget-shards", "3",
          "--buffer", "1", "--batch", "8", "--seq-len", "64", "--vocab", "512"]
 
 
-def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys):
+def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monkeypatch):
+    import shardstream.timeline as timeline
+    drawn = []
+    plot = timeline.plot_timeline
+    monkeypatch.setattr(timeline, "plot_timeline", lambda *a, **kw: drawn.append(plot(*a, **kw)) or drawn[-1])
     out = tmp_path / "demo_out"
     assert cli(["--out", str(out), "--steps", "30"] + SMALL) == 0
     text = capsys.readouterr().out
@@ -25,6 +29,14 @@ def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys):
     events = [json.loads(line) for line in (out / "data" / "events.jsonl").read_text().splitlines()]
     assert max(e["bytes_on_disk"] for e in events) <= int(budget * 1e6) + 10_000
     assert (out / "checkpoints" / "step_000030.pt").is_file()
+    # every shard came through the downloader, shard 0 and the val shard included, and the summary counts
+    # each fetch; the timeline labels the val shard and draws the trainer's steps on its time axis
+    fetched = sorted(e["shard"] for e in events if e["event"] == "downloaded")
+    assert fetched == [0, 1, 2, 3, 4]
+    assert re.search(r"streamed +all 4 train shards \+ the val shard: 5 downloads,", text)
+    [tl] = drawn
+    assert tl.downloaded_shards[0] == 0 and sorted(tl.downloaded_shards) == fetched and tl.val_shard == 4
+    assert tl.panels[-1] == "training" and tl.steps == 30
     # a second run reuses the sample and starts its data dir afresh
     assert cli(["--out", str(out), "--steps", "10"] + SMALL) == 0
     assert "reusing the sample shards" in capsys.readouterr().out

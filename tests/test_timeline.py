@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from shardstream.errors import ConfigError
-from shardstream.timeline import load_events, plot_timeline, wait_spans
+from shardstream.timeline import draw_timeline, load_events, plot_timeline, summarize, wait_spans
 
 MB = 10**6
 
@@ -75,3 +75,98 @@ def test_timeline_command_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert out.is_file() and "peak 3.0 MB" in r.stdout
+
+
+def streaming_run(val=6, found=()):
+    """The downloader's events for train shards 0-2 and the val shard, fetched one after the other
+    (shard 0 first, as the initial buffer), or found on disk when it started; the reader waits for shard 1."""
+    evs = [{"t": 50.0, "event": "start", "val_shard": val, "bytes_on_disk": 0, "budget": 3 * MB, "ahead": 0},
+           {"t": 50.01, "event": "scan", "found": list(found), "bytes_on_disk": MB * len(found), "budget": 3 * MB,
+            "ahead": 0}]
+    t = 50.02
+    for shard in [s for s in (0, val, 1, 2) if s not in found]:
+        evs.append({"t": t, "event": "download_start", "shard": shard, "bytes_on_disk": 0, "budget": 3 * MB,
+                    "ahead": 0, "reader_shard": None})
+        t += 1.0
+        evs.append({"t": t, "event": "downloaded", "shard": shard, "bytes_on_disk": MB, "budget": 3 * MB,
+                    "ahead": 1, "reader_shard": 0, "seconds": 1.0})
+    evs += [{"t": t + 0.1, "event": "wait_start", "shard": 1, "reader_shard": 1, "ahead": 0},
+            {"t": t + 0.6, "event": "wait_end", "shard": 1, "reader_shard": 1, "ahead": 0, "seconds": 0.5},
+            {"t": t + 0.7, "event": "evicted", "shard": 0, "reader_shard": 1, "ahead": 1}]
+    return evs
+
+
+def _axis(fig, ylabel):
+    [ax] = [a for a in fig.axes if a.get_ylabel() == ylabel]
+    return ax
+
+
+def test_every_download_is_counted_and_marked_shard_0_and_val_included():
+    import matplotlib.pyplot as plt
+    evs = streaming_run()
+    s = summarize(evs)
+    assert s.downloads == 4 and s.downloaded_shards == (0, 6, 1, 2) and s.val_shard == 6
+    fig = draw_timeline(evs, s)
+    try:
+        ax = _axis(fig, "shard")
+        dots = [c for c in ax.collections if c.get_label() == "download (start to end)"][0].get_offsets()
+        rows = sorted(int(y) for _, y in dots)
+        assert rows == [0, 1, 2, 3]                   # the val shard's row sits just above train shard 2
+        assert (1.02, 0.0) in [tuple(round(v, 2) for v in p) for p in dots]     # shard 0's, 1 s after the start
+        [bars] = [c for c in ax.collections if c.get_gid() == "download spans"]
+        assert len(bars.get_segments()) == 4
+        assert [tuple(round(x, 2) for x, _ in seg) for seg in bars.get_segments()][0] == (0.02, 1.02)
+        ticks = dict(zip(ax.get_yticks(), [t.get_text() for t in ax.get_yticklabels()]))
+        assert ticks == {0: "0", 1: "1", 2: "2", 3: "val"}
+    finally:
+        plt.close(fig)
+
+
+def test_the_val_shard_gets_its_own_row_whatever_its_id():
+    import matplotlib.pyplot as plt
+    evs = streaming_run(val=6542)
+    s = summarize(evs)
+    fig = draw_timeline(evs, s)
+    try:
+        ax = _axis(fig, "shard")
+        ticks = dict(zip(ax.get_yticks(), [t.get_text() for t in ax.get_yticklabels()]))
+        assert ticks[3] == "val" and "6542" not in ticks.values() and max(ticks) == 3
+    finally:
+        plt.close(fig)
+
+
+def test_shards_found_on_disk_at_start_are_marked_not_counted():
+    import matplotlib.pyplot as plt
+    evs = streaming_run(found=(0,))           # e.g. the trainer fetched shard 0 for its tokenizer first
+    s = summarize(evs)
+    assert s.on_disk_at_start == (0,) and s.downloaded_shards == (6, 1, 2) and s.downloads == 3
+    fig = draw_timeline(evs, s)
+    try:
+        ax = _axis(fig, "shard")
+        [ring] = [c for c in ax.collections if c.get_label() == "on disk at start"]
+        assert [tuple(round(v, 2) for v in p) for p in ring.get_offsets()] == [(0.01, 0.0)]
+    finally:
+        plt.close(fig)
+
+
+def test_training_panel_shares_the_time_axis(tmp_path):
+    import matplotlib.pyplot as plt
+    evs = streaming_run()
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in evs))
+    progress = [(53.5, 1, 6.9), (54.0, 10, 5.0), (55.0, 30, 4.1)]
+    s = plot_timeline(path, tmp_path / "t.png", progress=progress)
+    assert s.panels == ("disk", "ahead", "shards", "training") and s.steps == 30
+    assert plot_timeline(path, tmp_path / "u.png").panels == ("disk", "ahead", "shards")
+    fig = draw_timeline(evs, s, progress)
+    try:
+        steps, loss = _axis(fig, "steps done"), _axis(fig, "train loss")
+        [line] = steps.get_lines()
+        assert list(line.get_xdata()) == pytest.approx([3.5, 4.0, 5.0])     # seconds since the first event
+        assert list(line.get_ydata()) == [1, 10, 30]
+        assert list(loss.get_lines()[0].get_ydata()) == [6.9, 5.0, 4.1]
+        assert steps.get_shared_x_axes().joined(steps, _axis(fig, "shard"))
+        # the reader's wait is shaded on the training panel too
+        assert any(p.get_facecolor()[:3] == pytest.approx((1.0, 0.647, 0.0), abs=0.01) for p in steps.patches)
+    finally:
+        plt.close(fig)

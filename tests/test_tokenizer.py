@@ -96,3 +96,24 @@ def test_bad_inputs(tok, tmp_path):
         tok.encode(42)
     with pytest.raises(ConfigError, match="no tokenizer"):
         Tokenizer.load(tmp_path / "missing")
+
+
+def test_warns_when_the_text_gives_fewer_merges_than_asked(caplog):
+    # five distinct texts cannot fill a vocab of 4096: rustbpe stops early, and the user must hear of it
+    with caplog.at_level("WARNING", logger="shardstream.tokenizer"):
+        small = train_tokenizer(TEXTS, vocab_size=4096)
+    got = small.get_vocab_size()
+    assert got < 4096
+    [rec] = [r for r in caplog.records if r.name == "shardstream.tokenizer" and r.levelname == "WARNING"]
+    msg = rec.getMessage()
+    assert "vocab size 4096 asked for (3,831 merges)" in msg
+    assert f"only {got - 256 - len(SPECIAL_TOKENS):,} merges were learned, so the vocab is {got:,}" in msg
+    assert f"({sum(map(len, TEXTS)):,} characters)" in msg
+    assert "too few distinct pairs" in msg and "more text" in msg and f"at most {got:,}" in msg
+    # asking for exactly what the text gives (or less) reaches the vocab: no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shardstream.tokenizer"):
+        exact = train_tokenizer(TEXTS, vocab_size=got)
+        train_tokenizer(TEXTS, vocab_size=300)
+    assert exact.get_vocab_size() == got
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
