@@ -61,7 +61,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .cache import ReadPlan, ShardCache, choose_evictions
+from . import schedule
+from .cache import ReadPlan, ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
                      TransientFetchError)
@@ -76,8 +77,6 @@ logger = logging.getLogger(__name__)
 P = "[StreamingDownloader]"
 SHA_AUTO_LIMIT = 2 << 30        # verify_existing="auto": hash shards found on disk when they total <= 2 GiB
 RATE_WINDOW = 5.0               # seconds of transfer history behind "download MB/s (recent)"
-VAL_AFTER = 2                   # fixed window: the val shard is fetched after this many window shards
-                                # (after the initial buffer; then it is first in line until it is on disk)
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +246,7 @@ class StreamingDownloader:
             raise ConfigError(f"initial_buffer={window.initial_buffer} is more than total_shards={total_shards}")
         self.total_shards = total_shards
         self.plan = plan
-        # Where the window starts before any reader asks (see _reader_pos): start_at's first read, else the
+        # Where the window starts before any reader asks (see schedule.reader_pos): start_at's first read, else the
         # plan's start when start() fills an initial buffer, else nowhere yet (None): a run resuming with
         # initial_buffer=0 prefetches nothing until its reader's first request anchors the window there.
         if start_at is not None:
@@ -279,6 +278,7 @@ class StreamingDownloader:
         self._state = "created"
         self._events = None
         self._info = {}                  # shard -> RemoteInfo
+        self._sizes = {}                 # shard -> its remote size (None: the source did not say)
         self._info_pending = set()       # shards whose remote_info a worker is asking for
         self._failures = {}              # shard -> _Failure
         self._troubled = {}              # shard -> (tries failed, last cause) inside its fetch call in flight
@@ -592,16 +592,15 @@ class StreamingDownloader:
             raise DiskSpaceError(str(self._disk_error))
         if shard in self._blocked and not self.cache.inflight and waited >= self.failure_policy.deadline:
             raise DiskSpaceError(f"{shard_name(shard)} cannot be downloaded: {self._blocked[shard]}")
-        f = self._failures.get(shard)
-        if (f is None or f.error is None) and shard in self._troubled and waited >= self.failure_policy.deadline:
-            tries, cause = self._troubled[shard]     # a call that keeps failing (resets, a trickle) meets it too
-            url = redact_url(self._source.url(shard))
-            f = _Failure(attempts=tries, error=TransientFetchError(
-                f"{shard_name(shard)} ({url}): {tries} tries failed while its download was in flight, last: "
-                f"{cause}", shard_id=shard, url=url, attempts=tries, cause=cause))
-        if f is None or f.error is None or not (f.permanent or waited >= self.failure_policy.deadline):
+        verdict = schedule.failure_verdict(self._snapshot(), shard, waited, self.failure_policy)
+        if verdict is None:             # "wait" keeps waiting: the reader's loop warns every warn_every s
             return
-        mode = self.failure_policy.mode
+        f, mode = verdict.failure, verdict.mode
+        if verdict.in_flight:
+            url = redact_url(self._source.url(shard))
+            f = _Failure(attempts=f.attempts, error=TransientFetchError(
+                f"{shard_name(shard)} ({url}): {f.attempts} tries failed while its download was in flight, last: "
+                f"{f.error}", shard_id=shard, url=url, attempts=f.attempts, cause=f.error))
         if mode == "fail":
             raise self._failure_error(shard, f)
         if mode == "skip":
@@ -612,7 +611,6 @@ class StreamingDownloader:
                          f"Training goes on without it (failure policy 'skip').")
             self._event("skipped", shard, error=reason)
             raise ShardSkipped(f"{shard_name(shard)} was skipped: {reason}", shard_id=shard, cause=f.error)
-        # "wait": keep waiting; the reader's loop warns every warn_every seconds
 
     def _failure_error(self, shard, f):
         e = f.error
@@ -643,38 +641,32 @@ class StreamingDownloader:
     # -------------------------------------------------------------------------
     # the window
 
-    def _reader_pos(self):
-        """The slowest reader's plan position; before any reader asks, the position before the window's
-        start (-1 when it has none yet)."""
-        if self._cursor:
-            return min(self._cursor.values())
-        return -1 if self._start_pos is None else self._start_pos - 1
-
-    def _anchored(self):
-        """Whether the window has a place in the plan yet (a reader asked, start_at, or an initial buffer)."""
-        return bool(self._cursor) or self._start_pos is not None
+    def _snapshot(self):
+        """What the scheduler (schedule.py) needs to know, lock held. Mappings are the live ones: the
+        scheduler only reads them, and it runs under the same lock."""
+        c = self.cache
+        return schedule.Snapshot(
+            plan=self.plan, val_shard=self.val_shard, cursors=self._cursor, start_pos=self._start_pos,
+            initial=self._initial, initial_buffer=self.window.initial_buffer, window=self._win,
+            window_base=self._win_base, adaptive=self._ctl is not None, verified=len(self._verified),
+            files=c.files, partials=c.partials, inflight=c.inflight.keys(), leased=c.leased(),
+            consumed=tuple(c.consumed), demand=tuple(sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))),
+            sizes=self._sizes, probing=self._info_pending, failures=self._failures, troubled=self._troubled,
+            skipped=self._skipped.keys(), blocked=self._blocked.keys(), budget=c.budget, used_bytes=c.used_bytes(),
+            retain=self.window.retain, parallel=self._parallel_limit(), max_shard_bytes=self._max_shard_bytes)
 
     def _reader_shard(self):
-        if not self._cursor:
-            return None
-        return self.plan.at(self._reader_pos())
+        return schedule.reader_shard(self._snapshot())
 
     def _ahead(self):
-        return self.plan.ahead(self._reader_pos(), self._win) if self._anchored() else []
+        return schedule.ahead(self._snapshot())
 
     def _update_window(self):
         """Adaptive prefetch: ask the controller for the window's size, within what the budget holds beside
         the val shard and the leased shards (lock held)."""
         if self._ctl is None:
             return
-        room = None
-        if self.cache.budget is not None and self._max_shard_bytes:
-            val = self._info.get(self.val_shard)
-            pinned = (val.size or 0) if val is not None else self._max_shard_bytes
-            pinned += sum(self.cache.files.get(s, self._max_shard_bytes) for s in self.cache.leased()
-                          if s != self.val_shard)
-            room = int((self.cache.budget - pinned) // self._max_shard_bytes)
-        w = self._ctl.window(room)
+        w = self._ctl.window(schedule.window_room(self._snapshot()))
         self._win_base = w.base
         if w.size != self._win:
             logger.info(f"{P} Window {self._win} -> {w.size} shards ahead ({w.reason})")
@@ -689,69 +681,15 @@ class StreamingDownloader:
             return self.workers
         return min(self._ctl.parallel(self.workers), self.workers)
 
-    def _priority(self):
-        """Shards to have on disk, most urgent first: waited for, next VAL_AFTER in window, val, the rest.
-        While start() fills the initial buffer, only its shards. Adaptive: the val shard comes after the
-        shards the measured rates say the reader needs (before the margin), so it never starves them."""
-        order = sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))
-        if self._initial:
-            order += list(self._initial)
-        elif self._anchored():
-            win = self._ahead()
-            k = VAL_AFTER if self._ctl is None else max(1, self._win_base or self._win)
-            if self._ctl is None:
-                if len(self._verified) >= self.window.initial_buffer + VAL_AFTER:
-                    k = 0                       # its turn came: a reader faster than the link must not starve it
-                elif not self._cursor:          # the initial buffer is not "next"
-                    k += self.window.initial_buffer
-            if any(s in self._blocked for s in win[:k]):
-                k = 0                           # they wait for room; the budget always holds the val shard
-            order += win[:k] + [self.val_shard] + win[k:]
-        seen, out = set(), []
-        for s in order:
-            if s not in seen:
-                seen.add(s)
-                out.append(s)
-        return out
-
-    def _protected(self, for_demand=False):
-        prot = self.cache.leased() | {self.val_shard} | set(self._demand)
-        if not for_demand:
-            prot |= set(self._ahead())
-        return prot
-
-    def _next_read(self, shard):
-        """How many plan positions until any reader reads shard again (None: never, as the plan says)."""
-        best = None
-        for c in (self._cursor.values() or (self._reader_pos(),)):
-            d = self.plan.next_read(shard, c)
-            if d is not None and (best is None or d < best):
-                best = d
-        return best
-
     def _evict_routine(self, keep=None):
-        """Delete consumed shards beyond `retain`; with a budget, keep those a later epoch reads again
-        (Belady evicts them when the room is needed). `keep`: a shard a reader is asking for right now."""
-        evict, _ = choose_evictions(self.cache.entries(), protected=self._protected() | {keep},
-                                    consumed=list(self.cache.consumed), retain=self.window.retain,
-                                    next_read=self._next_read, keep_rereads=self.cache.budget is not None)
-        for s in evict:
-            self._delete(s, "consumed" if s in self.cache.consumed else "unneeded")
+        """Carry out schedule.routine_evictions. `keep`: a shard a reader is asking for right now."""
+        for e in schedule.routine_evictions(self._snapshot(), keep):
+            self._delete(e.shard, e.why)
 
     def _make_room(self, shard, size):
         """Evict what must go so that a download of shard (size bytes) fits the budget. False: it does not."""
-        if self.cache.budget is None:
-            return True
-        extra = max(size, self.cache.partials.get(shard, 0)) - self.cache.partials.get(shard, 0)
-        need = self.cache.used_bytes() + extra + self._val_room(shard) - self.cache.budget
-        entries = self.cache.entries()
-        entries.pop(shard, None)
-        demand = shard in self._demand
-        evict, ok = choose_evictions(entries, protected=self._protected(for_demand=demand),
-                                     consumed=list(self.cache.consumed), retain=self.window.retain,
-                                     next_read=self._next_read, need_bytes=max(0, need),
-                                     keep_rereads=True, horizon=None if demand else self._next_read(shard))
-        if not ok:
+        evict, room = schedule.make_room(self._snapshot(), shard, size)
+        if evict is None:
             if shard not in self._blocked:
                 logger.info(f"{P} {shard_name(shard)} waits for room: the budget "
                             f"({human_bytes(self.cache.budget)}) is full of shards in use or ahead")
@@ -760,26 +698,14 @@ class StreamingDownloader:
                                     f"{shard_name(shard)} needs {human_bytes(size)} more (release shards, or raise "
                                     f"max_cache_bytes)")
             return False
-        for s in evict:
-            self._delete(s, "consumed" if s in self.cache.consumed else "budget")
-        if not self.cache.fits(extra + self._val_room(shard)):     # another process's reader holds what was chosen
+        for e in evict:
+            self._delete(e.shard, e.why)
+        if self.cache.budget is not None and not self.cache.fits(room):    # another process's reader
             self._blocked[shard] = (f"the room {shard_name(shard)} needs is held by readers in another process "
                                     f"sharing {self._data_dir}")
             return False
         self._blocked.pop(shard, None)
         return True
-
-    def _val_room(self, shard):
-        """Bytes kept free for the val shard while it is not on disk yet (the budget check promised it room
-        beside two train shards; the window must not fill it first). 0 when shard is the val shard."""
-        val = self.val_shard
-        f = self._failures.get(val)
-        if shard == val or val in self.cache.files or val in self.cache.inflight or val in self._skipped \
-                or (f is not None and f.retry_at == float("inf")):
-            return 0
-        info = self._info.get(val)
-        size = info.size if info is not None and info.size is not None else self._max_shard_bytes
-        return max(0, size - self.cache.partials.get(val, 0))
 
     def _delete(self, shard, reason):
         freed = self.cache.delete(shard)
@@ -829,7 +755,7 @@ class StreamingDownloader:
                 if kind == "info":
                     self._info_pending.add(shard)
                     return job
-                size = self._size_of(self._info[shard])
+                size = schedule.fetch_size(self._snapshot(), shard)
                 if not self._disk_ok(shard, size, now) or not self._make_room(shard, size):
                     self._cond.wait(0.25)
                     continue
@@ -842,31 +768,13 @@ class StreamingDownloader:
         return None
 
     def _pick(self, now):
-        """The most urgent shard to work on: ("info", shard) to ask its size first, or ("fetch", shard)
-        while fewer than the allowed transfers run (at the limit, only size questions go out)."""
+        """schedule.next_action as a job: ("info", shard) to ask its size first, or ("fetch", shard)."""
         if now < self._disk_retry_at:
             return None
-        slots = self._parallel_limit() - len(self.cache.inflight)
-        for s in self._priority():
-            if s in self.cache.files or s in self.cache.inflight or s in self._skipped:
-                continue
-            f = self._failures.get(s)
-            if f is not None and f.retry_at > now:
-                continue
-            if s in self._info_pending:         # its size comes soon: it keeps its turn
-                slots -= 1
-                continue
-            if s not in self._info:
-                return "info", s
-            if slots + (s in self._demand) > 0:    # a reader waits for it: one transfer beyond the limit
-                return "fetch", s
-        return None
-
-    def _size_of(self, info):
-        if info.size is not None:
-            return info.size
-        known = [i.size for i in self._info.values() if i.size is not None]
-        return max(known) if known else 0
+        action = schedule.next_action(self._snapshot(), now)
+        if action is None:
+            return None
+        return ("info" if action.kind is schedule.JobKind.PROBE else "fetch"), action.shard
 
     def _disk_ok(self, shard, size, now):
         dp = self.disk_policy
@@ -913,6 +821,7 @@ class StreamingDownloader:
 
     def _note_info(self, shard, info):
         self._info[shard] = info
+        self._sizes[shard] = info.size
         if shard in self.plan and info.size and info.size > self._max_shard_bytes:
             self._max_shard_bytes = info.size
             self._update_window()
@@ -1013,7 +922,7 @@ class StreamingDownloader:
             logger.error(f"{P} {shard_name(shard)} failed permanently: {e}")
             self._event("failed", shard, error=f"{type(e).__name__}: {e}", attempts=f.attempts)
         else:
-            cap = fp.retry_max if f.permanent else min(fp.retry_max, fp.retry_initial * 2 ** (f.rounds - 1))
+            cap = schedule.backoff_cap(fp, f)
             delay = random.uniform(cap / 2, cap)
             f.retry_at = time.monotonic() + delay
             self._retries += 1
@@ -1077,15 +986,12 @@ class StreamingDownloader:
             logger.info(f"{P} Found {len(found)} shards already downloaded"
                         + (f" ({len(partials)} partial downloads to resume)" if partials else ""))
             self._event("scan", found=found, partials=sorted(partials))
-            budget = self.cache.budget
-            if budget is not None and self.cache.used_bytes() > budget:
-                evict, _ = choose_evictions(self.cache.entries(), protected=self._protected(),
-                                            next_read=self._next_read,
-                                            need_bytes=self.cache.used_bytes() - budget)
+            evict = schedule.over_budget_evictions(self._snapshot())
+            if evict:
                 logger.warning(f"{P} The data dir holds {human_bytes(self.cache.used_bytes())} of shards, over the "
-                               f"budget of {human_bytes(budget)}: deleting {len(evict)} not needed soon")
-                for s in evict:
-                    self._delete(s, "budget")
+                               f"budget of {human_bytes(self.cache.budget)}: deleting {len(evict)} not needed soon")
+                for e in evict:
+                    self._delete(e.shard, e.why)
 
     def _check_budget(self):
         """A budget must hold the val shard plus two train shards, or the window cannot move."""
@@ -1093,7 +999,7 @@ class StreamingDownloader:
         if budget is None:
             return
         sizes = {}
-        first = self.plan.at(max(0, self._reader_pos() + 1))
+        first = self.plan.at(max(0, schedule.reader_pos(self._snapshot()) + 1))
         for s in (first, self.val_shard):
             info = self._info.get(s)
             if info is None:
