@@ -12,22 +12,31 @@ of the listed names, sizes and ETags. Either way the revision goes into Source.i
 fingerprints hold, and every fetch holds the shard against the listing (Source.check_pinned).
 
 The shards must be shard_00000.parquet .. shard_{T-1}.parquet with no gap (the last one is val); other
-files are ignored. dataset_shards=T given by hand uses the first T (it may not exceed the listing).
+files are ignored, and so are lookalikes such as shard_000003.parquet (shard 3 is read from
+shard_00003.parquet, so no other file's size may be pinned for it). dataset_shards=T given by hand uses
+the first T (it may not exceed the listing).
+A listing is untrusted input: a name that is not a plain file name (a path step, a separator, a control
+character) or a size that is no non-negative int is a ConfigError, for every kind of source; hub.py
+checks the Hub's answers themselves (paging, entries).
 Plain http(s) base URLs cannot be listed: their count is the known dataset's (make_source).
 """
 import argparse
 import hashlib
 import logging
 import os
+import re
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .shards import SHARD_RE, shard_name
-from .source import Source, _is_loopback, hf_endpoint, hub_resolve_url, make_source, redact_url, source_kind
+from .source import (HF_DEFAULT_ENDPOINT, Source, _is_loopback, hf_endpoint, hub_resolve_url, make_source,
+                     redact_url, source_kind, url_origin, url_problem)
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_GAPS = 5             # missing shard ids named in the error
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_RESOLVE_RE = re.compile(r"^/datasets/([^/]+)/([^/]+)/resolve/([^/]+)(/.*)?$")
 
 
 def open_listed_source(kind, url, dataset_shards=None, *, token=None, allow_insecure=False, storage_options=None):
@@ -38,13 +47,13 @@ def open_listed_source(kind, url, dataset_shards=None, *, token=None, allow_inse
         endpoint = hf_endpoint()
         _check_endpoint(endpoint, allow_insecure)
         token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
-        sha = resolve_revision(repo, revision, token)
-        files = list_tree(repo, sha, folder, token)
+        sha = resolve_revision(repo, revision, token, allow_insecure=allow_insecure)
+        files = list_tree(repo, sha, folder, token, allow_insecure=allow_insecure)
         base = hub_resolve_url(repo, sha, endpoint) + (f"/{folder}" if folder else "")
         listing = shards_from_listing(files, url, dataset_shards)
         if revision != sha:
             logger.info("%s: revision %s is commit %s; every shard is read at that commit", url, revision, sha)
-        return Source(base, len(listing), token=token, token_host=urlsplit(endpoint).hostname if token else None,
+        return Source(base, len(listing), token=token, token_origin=url_origin(endpoint) if token else None,
                       allow_insecure=allow_insecure, kind="hf", revision=sha, listing=listing)
     from .objectstore import list_folder
     if kind == "file":
@@ -67,13 +76,24 @@ def _file_url(url):
 
 def shards_from_listing(files, where, dataset_shards=None):
     """The listing's shards 0..T-1 as a tuple of RemoteInfo (T = dataset_shards, else as many as listed).
-    ConfigError when there are none, when one is missing, or when dataset_shards asks for more."""
+    ConfigError when there are none, when one is missing, when dataset_shards asks for more, for a name that
+    is not a plain file name and for a shard's size that is no non-negative int."""
+    where = redact_url(where)
     found = {}
     for name, info in files.items():
-        m = SHARD_RE.match(name)
-        if m:
-            found[int(m.group(1))] = info
-    where = redact_url(where)
+        why = _not_plain(name)
+        if why:
+            raise ConfigError(f"source {where!r} lists {name!r}, which is not a plain file name ({why}): a "
+                              f"listing names the files directly in its folder, so this one is broken or "
+                              f"hostile; remove or rename that file, or list another folder")
+        m = SHARD_RE.fullmatch(name)
+        if not m or name != shard_name(int(m.group(1))):
+            continue            # a lookalike (shard_000003.parquet): not the file its shard is read from
+        size = info.size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ConfigError(f"source {where!r} lists {name} with size {size!r}, not a size in bytes: the "
+                              f"listing is broken; check the store")
+        found[int(m.group(1))] = info
     if not found:
         raise ConfigError(f"source {where!r} holds no shard_XXXXX.parquet files (listed {len(files)} other "
                           f"file(s)): check the bucket/prefix/folder")
@@ -94,6 +114,19 @@ def shards_from_listing(files, where, dataset_shards=None):
     return tuple(found[i] for i in range(count))
 
 
+def _not_plain(name):
+    """Why name is not a plain file name (None when it is): empty, . or .., a / or \\, a control character."""
+    if not isinstance(name, str) or not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it is a path step"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if _CONTROL_RE.search(name):
+        return "it holds a control character"
+    return None
+
+
 def listing_revision(listing):
     """A short digest of the listed sizes and ETags: changes when any shard is replaced, added or removed."""
     h = hashlib.sha256()
@@ -105,9 +138,11 @@ def listing_revision(listing):
 def _check_endpoint(endpoint, allow_insecure):
     """The Hub's endpoint must be https (plain http only to loopback, or with allow_insecure): the token
     goes there."""
+    why = url_problem(endpoint)
+    if why:
+        raise ConfigError(f"HF_ENDPOINT={redact_url(endpoint)!r}: {why}; set it to the Hub's URL (default "
+                          f"{HF_DEFAULT_ENDPOINT}) or a mirror's, like https://HOST[:PORT]")
     p = urlsplit(endpoint)
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise ConfigError(f"HF_ENDPOINT={endpoint!r} is not an http(s) URL (default {'https://huggingface.co'})")
     if p.scheme == "http" and not allow_insecure and not _is_loopback(p.hostname):
         raise ConfigError(f"HF_ENDPOINT={redact_url(endpoint)!r} uses plain http to a non-loopback host: use "
                           f"https, or opt out with allow_insecure=True (--allow-insecure)")
@@ -134,8 +169,7 @@ def cli(argv):
         from .shards import DEFAULT_DATASET, get_dataset
         url = f"hf://datasets/{get_dataset(args.dataset or DEFAULT_DATASET).repo}"
     if source_kind(url) == "http":
-        raise ConfigError(f"{redact_url(url)} is a plain http(s) base URL, which cannot be listed: for the Hub "
-                          f"give hf://datasets/ORG/NAME (its tree API lists the shards)")
+        raise ConfigError(_unlistable(url))
     source = make_source(url, allow_insecure=args.allow_insecure)
     total = sum(info.size or 0 for info in source.listing)
     print(f"{source.identity()['source']}: {source.dataset_shards} shards "
@@ -146,3 +180,17 @@ def cli(argv):
             print(f"{shard_name(i)}  {info.size:>15,}  {check}".rstrip())
     print(f"total {total:,} bytes ({total / 1e9:.3f} GB) in {source.dataset_shards} shards")
     return 0
+
+
+def _unlistable(url):
+    """What to give `shardstream ls` instead of an http(s) base URL (which has no listing API)."""
+    p = urlsplit(url)
+    origin = redact_url(f"{p.scheme}://{p.netloc}")
+    m = _RESOLVE_RE.match(p.path)
+    hf = (f"hf://datasets/{m.group(1)}/{m.group(2)}" + (f"@{m.group(3)}" if m.group(3) != "main" else "")
+          + (m.group(4) or "").rstrip("/")) if m else "hf://datasets/ORG/NAME"
+    hub = ("" if url_origin(url) == url_origin(HF_DEFAULT_ENDPOINT) else
+           f"; for this server set HF_ENDPOINT={origin} too: `HF_ENDPOINT={origin} shardstream ls {hf}`")
+    return (f"{redact_url(url)} is a plain http(s) base URL, which cannot be listed (it has no listing API). "
+            f"List one of these instead: {hf} (the Hub, or a Hub-like server such as `shardstream serve`{hub}), "
+            f"s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, or a local dir")

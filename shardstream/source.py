@@ -2,8 +2,14 @@
 
 A Source is a base URL plus the dataset's shard count. `base_url + "/" + shard_name(i)` is the shard.
 The default is the Hub's resolve URL of climbmix (HF_ENDPOINT overrides the host). HF_TOKEN is sent as a
-bearer token only to the host the token belongs to (the Hub's host, or the host given with token=), and
-never appears in a repr, log line or error.
+bearer token only to the origin the token belongs to: scheme, host and port exactly (HF_ENDPOINT's, or the
+source's own with token=), never to another port of the same host; it never appears in a repr, log line
+or error.
+
+The URL-safety rules live here: a source URL is checked before any I/O (`check_url`: parses, has a host,
+a port in 1-65535, no control characters), the loopback rule for plain http (`_is_loopback`), what a
+server-sent URL may be followed to (`follow_problem`: redirects, next-page links), redaction
+(`redact_url`) and the token's origin (`url_origin`, `token_headers`).
 
 Kinds of source, one per URL form make_source takes:
 
@@ -19,6 +25,7 @@ a digest of the listed ETags) goes into identity(), so a resume against changed 
 """
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +36,11 @@ from .shards import DEFAULT_DATASET, get_dataset, shard_name
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 KINDS = ("http", "hf", "s3", "gs", "file")
 OBJECT_STORE_KINDS = ("s3", "gs", "file")      # read through fsspec (objectstore.py), not HTTP
+DEFAULT_PORTS = {"http": 80, "https": 443}
+URL_FORMS = ("https://HOST[:PORT]/PATH, hf://datasets/ORG/NAME[@REV][/DIR], s3://BUCKET/PREFIX, "
+             "gs://BUCKET/PREFIX or a local dir")
+_HOST_RE = re.compile(r"[\w-]+(\.[\w-]+)*\.?")     # a DNS name (IDNA letters too); IP literals apart
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def hf_endpoint():
@@ -40,15 +52,115 @@ def hub_resolve_url(repo, revision="main", endpoint=None):
 
 
 def redact_url(url):
-    """A URL safe to print: no user:password, no query string (signed CDN URLs carry secrets there)."""
+    """A URL safe to print: no user:password, no query string (signed CDN URLs carry secrets there).
+    A malformed URL is shown as written, less those parts, so an error can name it."""
+    url = str(url)
     try:
         p = urlsplit(url)
+        port = p.port
     except ValueError:
-        return "<unparseable url>"
+        bare = re.split(r"[?#]", url, maxsplit=1)[0]
+        return _CONTROL_RE.sub("?", re.sub(r"^([^:/?#]*://)[^/?#]*@", r"\1", bare))
     host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urlunsplit((p.scheme, host, p.path, "", ""))
+    if ":" in host:
+        host = f"[{host}]"          # an IPv6 literal keeps its brackets
+    if port is not None:
+        host = f"{host}:{port}"
+    text = f"{p.scheme}://{host}{p.path}" if "://" in url else urlunsplit((p.scheme, host, p.path, "", ""))
+    return _CONTROL_RE.sub("?", text)
+
+
+def url_problem(url):
+    """What makes url unfit to connect to over http(s), in words, or None: not parseable, no host, a host
+    that is no DNS name or IP address, a port outside 1-65535, control characters (urlsplit would drop
+    some silently, so the URL used would not be the one given)."""
+    if _CONTROL_RE.search(url):
+        return "it contains control characters (percent-encode them)"
+    try:
+        p = urlsplit(url)
+    except ValueError as e:
+        return f"it is not a valid URL ({e})"
+    if p.scheme.lower() not in DEFAULT_PORTS:
+        return "it is not an http(s) URL"
+    if not p.hostname:
+        return "it has no host"
+    if not _valid_host(p.hostname):
+        return f"{p.hostname!r} is not a host name or IP address"
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raw = p.netloc.rpartition("@")[2].rpartition("]")[2].rpartition(":")[2]
+        return f"port {raw!r} is not a port number in 1-65535 (leave it out for the scheme's default)"
+    return None
+
+
+def _valid_host(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST_RE.fullmatch(host))
+
+
+def check_url(url, what="source"):
+    """ConfigError, naming url and the forms expected, when a source URL cannot be used (before any I/O):
+    for http(s) see url_problem; s3://, gs:// must parse and name a bucket. Returns urlsplit(url)."""
+    shown = redact_url(url)
+    try:
+        p = urlsplit(url)
+    except ValueError as e:
+        raise ConfigError(f"{what} {shown!r} is not a valid URL ({e}): give {URL_FORMS}") from None
+    scheme = p.scheme.lower()
+    if scheme in DEFAULT_PORTS:
+        why = url_problem(url)
+        if why:
+            raise ConfigError(f"{what} {shown!r}: {why}; give a URL like {URL_FORMS}")
+    elif scheme in ("s3", "gs") and not p.netloc:
+        raise ConfigError(f"{what} {shown!r} names no bucket: write {scheme}://BUCKET/PREFIX")
+    return p
+
+
+def follow_problem(url, allow_insecure=False):
+    """Why a URL a server sent (a redirect, a next-page link) may not be followed, as words that read
+    after "refused a redirect to", or None when it may: http(s) only, well-formed (url_problem), and plain
+    http only to loopback unless allow_insecure."""
+    shown = redact_url(url)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in DEFAULT_PORTS:
+        return f"a non-http(s) URL ({shown})"
+    why = url_problem(url)
+    if why:
+        return f"a malformed URL ({shown}: {why})"
+    if scheme == "http" and not allow_insecure and not _is_loopback(urlsplit(url).hostname):
+        return (f"plain http on a non-loopback host ({shown}): https is required unless you opt out with "
+                f"--allow-insecure")
+    return None
+
+
+def url_origin(url):
+    """'scheme://host:port' of an http(s) URL with the port filled in from the scheme (https://h and
+    https://h:443 are one origin); None for anything else, a malformed URL or port 0."""
+    try:
+        p = urlsplit(url)
+        port = p.port
+    except (ValueError, TypeError, AttributeError):
+        return None
+    scheme = p.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not p.hostname or port == 0:
+        return None
+    host = f"[{p.hostname}]" if ":" in p.hostname else p.hostname
+    return f"{scheme}://{host}:{port or DEFAULT_PORTS[scheme]}"
+
+
+def token_headers(token, token_origin, url):
+    """{"Authorization": "Bearer <token>"} when url is at exactly token_origin (scheme, host and port;
+    see url_origin), else {}: another port of the same host is another server."""
+    origin = url_origin(url) if token and token_origin else None
+    if origin is not None and origin == url_origin(token_origin):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -72,17 +184,20 @@ class Source:
     base_url: str
     dataset_shards: int
     token: str | None = field(default=None, repr=False, compare=False)
-    token_host: str | None = None       # the only host the token is ever sent to
+    token_host: str | None = None       # the token's host (a bare host means the base URL's origin, if it
+                                        # is on that host, else https://host); kept in step with token_origin
     allow_insecure: bool = False        # permit plain http to non-loopback hosts
     kind: str = "http"                  # one of KINDS (see the module docstring)
     revision: str | None = None         # hf: the commit sha; s3/gs/file: "etags-<digest of the listing>"
     listing: tuple = field(default=(), repr=False, compare=False)   # RemoteInfo per shard id, as listed
     storage_options: dict | None = field(default=None, repr=False, compare=False)  # fsspec's (endpoint_url...)
+    token_origin: str | None = field(default=None, compare=False)  # the only origin (scheme://host:port)
+                                        # the token is ever sent to; from token_host when not given
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"source kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        p = urlsplit(self.base_url)
+        p = check_url(self.base_url)
         if self.kind in ("http", "hf"):
             if p.scheme not in ("http", "https") or not p.hostname:
                 raise ConfigError(f"source {redact_url(self.base_url)!r} is not an http(s) URL: give a base URL "
@@ -99,6 +214,25 @@ class Source:
         if self.listing and len(self.listing) != self.dataset_shards:
             raise ConfigError(f"source {self.name}: the listing holds {len(self.listing)} shards, "
                               f"dataset_shards says {self.dataset_shards}")
+        origin = self.token_origin or self._origin_of_token_host()
+        if origin is not None and url_origin(origin) is None:
+            raise ConfigError(f"token_origin {redact_url(origin)!r} is not an http(s) origin: write "
+                              f"scheme://host[:port], e.g. https://huggingface.co")
+        object.__setattr__(self, "token_origin", url_origin(origin) if origin else None)
+        if self.token_origin and not self.token_host:
+            object.__setattr__(self, "token_host", urlsplit(self.token_origin).hostname)
+
+    def _origin_of_token_host(self):
+        """token_host as an origin: itself when it is one, the base URL's origin when that is on the
+        host, else https on the host (the default port)."""
+        host = self.token_host
+        if not host:
+            return None
+        if "://" in host:
+            return host
+        if (urlsplit(self.base_url).hostname or "") == host.lower() and url_origin(self.base_url):
+            return url_origin(self.base_url)
+        return f"https://{host}"
 
     @property
     def name(self):
@@ -124,10 +258,9 @@ class Source:
         return f"{self.base_url.rstrip('/')}/{shard_name(shard_id)}"
 
     def headers_for(self, url):
-        """Request headers for url: Authorization only when url's host is the token's host."""
-        if self.token and self.token_host and (urlsplit(url).hostname or "").lower() == self.token_host.lower():
-            return {"Authorization": f"Bearer {self.token}"}
-        return {}
+        """Request headers for url: Authorization only when url is at exactly the token's origin (scheme,
+        host and port), so a redirect or link to another port of the same host gets none."""
+        return token_headers(self.token, self.token_origin, url)
 
     def identity(self):
         """What a resume state records about the source (no secrets). "source" carries the revision (the
@@ -182,8 +315,9 @@ def _is_loopback(host):
 
 
 def source_kind(url):
-    """Which kind of source a URL names (see the module docstring); ConfigError for other schemes."""
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    """Which kind of source a URL names (see the module docstring); ConfigError for other schemes and for a
+    URL that cannot be used (check_url), before any I/O."""
+    scheme = check_url(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https"):
         return "http"
     if scheme in ("hf", "s3", "gs", "file"):
@@ -203,9 +337,9 @@ def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=No
     url: any form in the module docstring. hf://, s3://, gs:// and local dirs are listed now (listing.py):
     the Hub revision is pinned to its commit, and dataset_shards, when None, is the listed count. For an
     http(s) base URL dataset_shards defaults to the known dataset's count. HF_TOKEN (or token=) goes to
-    the Hub's host when the source is on the Hub's host; an explicit token= goes to the source's own
-    host. storage_options go to fsspec for s3/gs (e.g. {"endpoint_url": ...}; the usual AWS_* / GOOGLE_*
-    variables work too).
+    the Hub's origin when the source is at it (scheme, host and port exactly); an explicit token= goes to
+    the source's own origin. storage_options go to fsspec for s3/gs (e.g. {"endpoint_url": ...}; the
+    usual AWS_* / GOOGLE_* variables work too).
     """
     url = url or os.environ.get("SHARDSTREAM_SOURCE")
     if url is None:
@@ -217,12 +351,12 @@ def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=No
                                   storage_options=storage_options)
     if dataset_shards is None:
         dataset_shards = get_dataset(dataset).num_shards
-    host = urlsplit(url).hostname
-    hub_host = urlsplit(hf_endpoint()).hostname
     if token is None:
+        # HF_TOKEN only when the source is at the Hub's exact origin (a malformed HF_ENDPOINT has none)
         token = os.environ.get("HF_TOKEN") or None
-        token_host = hub_host if (token and host == hub_host) else None
+        hub = url_origin(hf_endpoint())
+        token_origin = hub if (token and hub and url_origin(url) == hub) else None
     else:
-        token_host = host
-    return Source(url.rstrip("/"), int(dataset_shards), token=token, token_host=token_host,
+        token_origin = url_origin(url)
+    return Source(url.rstrip("/"), int(dataset_shards), token=token, token_origin=token_origin,
                   allow_insecure=allow_insecure)
