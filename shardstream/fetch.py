@@ -43,7 +43,7 @@ import uuid
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import filelock
 import requests
@@ -56,7 +56,7 @@ from .checksums import (CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, Check
 from .errors import UnsafePathError
 from .safefs import check_own_file, check_shard_name, fopen_nofollow, open_nofollow
 from .shards import shard_name
-from .source import OBJECT_STORE_KINDS, RemoteInfo, _is_loopback, redact_url
+from .source import OBJECT_STORE_KINDS, RemoteInfo, follow_problem, redact_url
 from .verify import check_parquet, decode_parquet, sha256_file, verify_shard
 
 logger = logging.getLogger(__name__)
@@ -172,14 +172,15 @@ def _describe(e, token=None):
 # HTTP: requests with redirects followed by hand
 
 def _redirect_target(source, url, location):
-    """Where a redirect may go: http(s) only, and plain http only to loopback unless allowed."""
-    target = urljoin(url, location)
-    p = urlsplit(target)
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise _Fatal(f"refused a redirect to a non-http(s) URL ({redact_url(target)})")
-    if p.scheme == "http" and not source.allow_insecure and not _is_loopback(p.hostname):
-        raise _Fatal(f"refused a redirect to plain http on a non-loopback host ({redact_url(target)}): "
-                     f"https is required unless you opt out with --allow-insecure")
+    """Where a redirect may go (source.follow_problem): http(s) only, well-formed, and plain http only to
+    loopback unless allowed."""
+    try:
+        target = urljoin(url, location)
+    except ValueError:
+        target = location
+    why = follow_problem(target, source.allow_insecure)
+    if why:
+        raise _Fatal(f"refused a redirect to {why}")
     return target
 
 
@@ -191,8 +192,13 @@ def _request(session, source, method, url, policy, headers=None, follow=True):
     try:
         for _ in range(MAX_REDIRECTS + 1):
             h = {"Accept-Encoding": "identity", **(headers or {}), **source.headers_for(url)}
-            resp = session.request(method, url, headers=h, allow_redirects=False, stream=True,
-                                   timeout=(policy.connect_timeout, policy.stall_timeout))
+            try:
+                resp = session.request(method, url, headers=h, allow_redirects=False, stream=True,
+                                       timeout=(policy.connect_timeout, policy.stall_timeout))
+            except ValueError as e:     # requests parses a Location even when it does not follow it
+                if isinstance(e, requests.RequestException):
+                    raise
+                raise _Fatal(f"refused a redirect to a malformed URL ({e})") from None
             if first is None:
                 first = resp
             if not (follow and resp.is_redirect and "Location" in resp.headers):

@@ -84,7 +84,11 @@ def remote_info_of(kind, entry):
     For S3 the md5 comes from HeadObject only (stat_shard), since a listing does not say whether the
     ETag is an MD5."""
     size = entry.get("size")
-    size = int(size) if size is not None else None
+    try:
+        size = int(size) if size is not None and not isinstance(size, bool) else None
+    except (TypeError, ValueError):
+        raise ConfigError(f"the store listed {entry.get('name')!r} with size {size!r}, not a number of bytes: "
+                          f"the listing is malformed") from None
     if kind == "s3":
         etag = entry.get("ETag") or entry.get("etag") or None
         return RemoteInfo(size=size, sha256=None, etag=etag)
@@ -124,8 +128,19 @@ def list_folder(kind, url, storage_options=None):
     except TRANSIENT_ERRORS as e:
         raise TransientFetchError(f"source {redact_url(url)!r}: listing failed ({type(e).__name__}: {e})",
                                   url=redact_url(url), cause=str(e)) from None
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: remote_info_of(kind, e)
-            for e in entries if e.get("type") == "file"}
+    prefix = path.rstrip("/") + "/"
+    out = {}
+    for e in entries:
+        if not isinstance(e, dict) or e.get("type") != "file":
+            continue
+        full = str(e.get("name", "")).rstrip("/")
+        # the name below the listed folder, whole: listing.py refuses one that is not a plain base name
+        name = full[len(prefix):] if full.startswith(prefix) else full.lstrip("/").removeprefix(path.lstrip("/") + "/")
+        if name in out:
+            raise ConfigError(f"source {redact_url(url)!r}: the listing names {name!r} twice: a listing that "
+                              f"contradicts itself is not trusted")
+        out[name] = remote_info_of(kind, e)
+    return out
 
 
 def stat_shard(source, shard_id):

@@ -492,9 +492,6 @@ def test_a_malformed_redirect_from_the_hubs_api_is_a_clear_error(monkeypatch, lo
     assert TOKEN not in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason="fetch.py must catch requests' ValueError on a malformed Location and "
-                                       "use source.follow_problem in _redirect_target (the lead applies it; "
-                                       "then drop this mark)")
 @pytest.mark.parametrize("location", BAD_LOCATIONS[:3])
 def test_a_malformed_redirect_location_is_a_clear_fetch_error(tmp_path, location):
     from shardstream.errors import PermanentFetchError
