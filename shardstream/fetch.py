@@ -1,75 +1,66 @@
-"""One shard from a source to disk, never wrong: the transfer layer every downloader calls.
+"""One shard from a source to disk, never wrong: the transfer loop every downloader calls.
 
     result = fetch_shard(source, 7, "/data", FetchPolicy(), stop=stop_event, on_bytes=bar.update)
 
-How a fetch goes:
+How a fetch goes (the source's side of each step is a transport, transport.py: httptransport.py for
+http(s) and the Hub, objectstore.py for s3/gs/local folders through fsspec):
 1. If `shard_00007.parquet` is there it is done (a file under its final name is always verified).
 2. Take the per-shard lock `shard_00007.parquet.lock` (filelock), so two processes never fetch the same
-   shard at once: the second waits, then finds the final file.
-3. HEAD the URL without following redirects: size (X-Linked-Size, else Content-Length), sha256
-   (X-Linked-Etag), ETag. A partial file from an earlier try (`shard_00007.parquet.<unique>.partial`, with
-   a `.partial.json` sidecar recording the size/sha256/etag it belongs to) is resumed when the sidecar
-   matches, else deleted.
-4. GET with `Range: bytes=<have>-`, streaming 1 MiB chunks into the partial file and into a sha256.
-   Redirects are followed by hand: only to http(s), and the bearer token only to its own host. A dropped
-   connection, a stall (no byte for stall_timeout), 5xx or 429 is retried with exponential backoff and full
-   jitter (Retry-After honoured), continuing from the bytes already written. A server that ignores Range
-   (200 instead of 206) is restarted cleanly from byte 0.
-5. Verify: byte count == size, sha256 == X-Linked-Etag, parquet footer with a `text` column. A bad file is
-   deleted and fetched again; a size/sha256 that never matches becomes PermanentFetchError.
-6. fsync the file, rename it to its final name, fsync the directory.
+   shard at once: the second waits (and says so once), then finds the final file.
+3. Probe: what the source says the shard is (size, sha256 or md5, validators), held against the listing
+   the Source was pinned to (Source.check_pinned: a shard changed since the run started is a
+   PermanentFetchError). A partial file from an earlier try (`shard_00007.parquet.<unique>.partial`, with
+   a `.partial.json` sidecar recording what it belongs to) is resumed when the sidecar matches and the
+   transport can resume it safely, else deleted.
+4. Receive the bytes from where the partial ends into the partial file (each read written at once) and a
+   sha256 on a helper thread. A dropped connection, a stall, 5xx or 429 is retried with exponential
+   backoff and full jitter (Retry-After honoured), continuing from the bytes on disk; a transfer slower
+   than FetchPolicy.low_speed_limit for low_speed_time is abandoned and resumed the same way. A source
+   whose file changed, or that lies about a range, starts the shard over (never a splice).
+5. Verify: byte count == size, sha256 / md5 when the source gives one, parquet footer with a `text`
+   column (FetchPolicy.verify="decode": every page decoded too). A bad file is deleted and fetched again;
+   a size/checksum that never matches becomes PermanentFetchError. FetchResult.checked says what vouched
+   for it; a source without checksums is said once at WARNING (FetchPolicy.require_checksum refuses it).
+6. fsync the file, rename it to its final name, fsync the directory (a failed commit removes the partial).
 
-Errors name the shard, the URL without secrets, attempts and cause, and never the token.
-
-Sources of kind s3/gs/file (source.py) take the same path with objectstore.ObjectTransfer: a stat through
-fsspec instead of the HEAD, ranged reads instead of the GET; partial files, retries, verify and commit are
-the ones here. For every kind, what the source says is held against the listing the Source was pinned to
-(Source.check_pinned): a shard that changed since the run started is a PermanentFetchError.
+Errors name the shard, the URL without secrets, attempts and cause, and never the token. Nothing is
+written through a symbolic link planted in the data dir (safefs.py), nor committed over a directory.
 """
 import ctypes
 import errno
 import hashlib
-import http.client
 import json
 import logging
 import os
 import queue
 import random
-import re
-import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
 
 import filelock
 import requests
-import urllib3
 
+from .checksums import CHECKSUM_FILE
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
-                     TransientFetchError)
-from .checksums import (CHECKSUM_FILE, CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError,
-                        ChecksumFileUnavailable)
-from .errors import UnsafePathError
+                     TransientFetchError, UnsafePathError)
+from .httptransport import HttpTransport
+from .objectstore import ObjectTransport
 from .safefs import check_own_file, check_shard_name, fopen_nofollow, open_nofollow
 from .shards import shard_name
-from .source import OBJECT_STORE_KINDS, RemoteInfo, follow_problem, redact_url
+from .source import OBJECT_STORE_KINDS, redact_url
+from .transport import Fatal, Retry, scrub
 from .verify import check_parquet, decode_parquet, sha256_file, verify_shard
 
 logger = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 10
 LOCK_POLL = 0.25            # seconds between checks of `stop` while waiting for another fetcher's lock
 WATCH_POLL = 0.1            # seconds between checks of `stop` while a transfer is in flight
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 VERIFY_LEVELS = ("footer", "decode")
 BYTES_REPORT = 256 << 10    # call on_bytes at least every this many bytes received...
 BYTES_REPORT_SECONDS = 0.5  # ...or this often, so a slow transfer's progress shows
-# What a dropped, reset, stalled or garbled connection raises somewhere between requests and the socket.
-NETWORK_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
 
 
 @dataclass(frozen=True)
@@ -138,187 +129,23 @@ class FetchResult:
 
 
 # -----------------------------------------------------------------------------
-# Internal outcomes of one try (turned into the public errors, with shard/URL, at the top)
-
-class _Retry(Exception):
-    """This try failed in a way worth retrying."""
-
-    def __init__(self, cause, retry_after=None, progressed=False):
-        super().__init__(cause)
-        self.cause, self.retry_after, self.progressed = cause, retry_after, progressed
-
-
-class _Fatal(Exception):
-    """This try failed in a way retrying cannot fix."""
-
+# Outcomes of one try (transport.Retry / Fatal, and these), turned into the public errors at the top
 
 class _Corrupt(Exception):
     """A complete download failed verification."""
 
 
-def _scrub(text, token=None):
-    """Error text safe to show: no token, no query strings (signed CDN URLs carry secrets there)."""
-    text = str(text)
-    if token:
-        text = text.replace(token, "<redacted>")
-    return re.sub(r"(https?://[^\s'\"?]*)\?[^\s'\"]*", r"\1?<redacted>", text)
+def transport_for(source):
+    """The transport class (transport.py) for source's kind: fsspec's ranged reads, or HTTP."""
+    return ObjectTransport if source.kind in OBJECT_STORE_KINDS else HttpTransport
 
 
-def _describe(e, token=None):
-    return _scrub(f"{type(e).__name__}: {e}", token)
-
-
-# -----------------------------------------------------------------------------
-# HTTP: requests with redirects followed by hand
-
-def _redirect_target(source, url, location):
-    """Where a redirect may go (source.follow_problem): http(s) only, well-formed, and plain http only to
-    loopback unless allowed."""
-    try:
-        target = urljoin(url, location)
-    except ValueError:
-        target = location
-    why = follow_problem(target, source.allow_insecure)
-    if why:
-        raise _Fatal(f"refused a redirect to {why}")
-    return target
-
-
-def _request(session, source, method, url, policy, headers=None, follow=True):
-    """One request, following up to MAX_REDIRECTS redirects by hand when follow is set (so the bearer
-    token is sent only to its host, and only http(s) targets are followed). Returns (first, last)
-    responses; first is closed unless it is last."""
-    first = None
-    try:
-        for _ in range(MAX_REDIRECTS + 1):
-            h = {"Accept-Encoding": "identity", **(headers or {}), **source.headers_for(url)}
-            try:
-                resp = session.request(method, url, headers=h, allow_redirects=False, stream=True,
-                                       timeout=(policy.connect_timeout, policy.stall_timeout))
-            except ValueError as e:     # requests parses a Location even when it does not follow it
-                if isinstance(e, requests.RequestException):
-                    raise
-                raise _Fatal(f"refused a redirect to a malformed URL ({e})") from None
-            if first is None:
-                first = resp
-            if not (follow and resp.is_redirect and "Location" in resp.headers):
-                return first, resp
-            url = _redirect_target(source, url, resp.headers["Location"])
-            if resp is not first:
-                resp.close()
-        raise _Fatal(f"more than {MAX_REDIRECTS} redirects")
-    except BaseException:
-        if first is not None:
-            first.close()
-        raise
-
-
-def _retry_after(resp):
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def _check_status(resp):
-    """Raise _Fatal / _Retry for an error status; return for 2xx."""
-    code = resp.status_code
-    if 200 <= code < 300:
-        return
-    what = f"HTTP {code} {resp.reason or ''}".strip()
-    if code in (404, 410):
-        raise _Fatal(f"{what}: the shard does not exist at this source")
-    if code in (401, 403):
-        raise _Fatal(f"{what}: not authorized (for a gated repo set HF_TOKEN to a token that has access)")
-    if code == 429 or code == 408 or code >= 500:
-        raise _Retry(what, retry_after=_retry_after(resp))
-    if 300 <= code < 400:
-        raise _Fatal(f"{what}: redirect without a usable Location")
-    raise _Fatal(what)
-
-
-def _validator(info):
-    """What an If-Range may carry for info: its strong ETag, else its Last-Modified, else None."""
-    if info.etag and not info.etag.startswith("W/"):
-        return info.etag
-    return info.last_modified or None
-
-
-def _changed_validator(info, resp):
-    """Why resp is not a piece of the file info describes (its ETag or Last-Modified differs), or None."""
-    for what, ours in (("ETag", info.etag), ("Last-Modified", info.last_modified)):
-        theirs = resp.headers.get(what)
-        if ours and theirs and theirs != ours:
-            return f"the server's {what} is now {theirs}, not {ours}: the file changed"
-    return None
-
-
-def _parse_sha256(value):
-    if not value:
-        return None
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    value = value.strip('"')
-    return value.lower() if SHA256_RE.match(value) else None
-
-
-def _head(source, url, policy, session):
-    """HEAD without following the first redirect (the Hub puts X-Linked-* on it); follow on only when
-    the size is not there yet."""
-    first, last = None, None
-    try:
-        first, _ = _request(session, source, "HEAD", url, policy, follow=False)
-        last = first
-        if first.is_redirect and "X-Linked-Size" not in first.headers and "Location" in first.headers:
-            _, last = _request(session, source, "HEAD",
-                               _redirect_target(source, url, first.headers["Location"]), policy)
-        if not (first.is_redirect and "X-Linked-Size" in first.headers):    # that one is the Hub's answer
-            _check_status(last)
-        size = first.headers.get("X-Linked-Size") or last.headers.get("X-Linked-Size") \
-            or (last.headers.get("Content-Length") if last.status_code == 200 else None)
-        try:
-            size = int(size) if size is not None else None
-        except ValueError:
-            size = None
-        if size is not None and size < 0:
-            size = None
-        sha = _parse_sha256(first.headers.get("X-Linked-Etag") or last.headers.get("X-Linked-Etag"))
-        # The Hub's own answer carries the file's ETag; behind any other redirect, the file's server does.
-        etag = (first if first is last or "X-Linked-Size" in first.headers else last).headers.get("ETag")
-        return RemoteInfo(size=size, sha256=sha, etag=etag, last_modified=last.headers.get("Last-Modified"))
-    finally:
-        for r in {id(r): r for r in (first, last) if r is not None}.values():
-            r.close()
-
-
-def _probe(source, shard_id, url, policy, session):
-    """What the source says about one shard now: a HEAD for http(s) and the Hub, a stat through fsspec
-    for s3/gs/local (objectstore.py). Held against the listing the source was pinned to: a shard that
-    changed since is a _Fatal naming what changed."""
-    if source.kind in OBJECT_STORE_KINDS:
-        from .objectstore import stat_shard
-        info = stat_shard(source, shard_id)
-    else:
-        info = _head(source, url, policy, session)
-    info, changed = source.check_pinned(shard_id, info)
+def _probe(source, transport, shard_id, policy):
+    """What the source says about one shard now (the transport's HEAD or stat), held against the listing
+    the source was pinned to: a shard that changed since is a Fatal naming what changed."""
+    info, changed = source.check_pinned(shard_id, transport.probe())
     if changed:
-        raise _Fatal(changed)
-    if info.sha256 is None and source.kind not in OBJECT_STORE_KINDS and policy.checksum_file:
-        try:
-            sums = CHECKSUMS.get(source.base_url, lambda: _load_checksum_file(source, policy, session))
-        except ChecksumFileError as e:
-            raise _Fatal(f"{e}; or skip the check with FetchPolicy(checksum_file=None)") from None
-        sha = sums.sha256(shard_name(shard_id)) if sums is not None else None
-        if sha is not None:
-            info = replace(info, sha256=sha, sha256_from=sums.url)
+        raise Fatal(changed)
     if info.sha256 is None and info.md5 is None:
         _no_checksum(source, policy)
     return info
@@ -336,7 +163,7 @@ def _no_checksum(source, policy):
            "for S3 upload without multipart (so the ETag is the MD5) or use hf://" if source.kind == "s3" else
            "use a source that lists a checksum (hf://, gs://, a SHA256SUMS at an https mirror)")
     if policy.require_checksum:
-        raise _Fatal(f"the source gives no sha256 or md5 for this shard and a checksum is required "
+        raise Fatal(f"the source gives no sha256 or md5 for this shard and a checksum is required "
                      f"(--require-checksum / SHARDSTREAM_REQUIRE_CHECKSUM / FetchPolicy.require_checksum): {how}")
     with _warned_lock:
         if source.name in _warned_no_checksum:
@@ -348,49 +175,12 @@ def _no_checksum(source, policy):
                "such shards, set require_checksum (--require-checksum)", redact_url(source.name), how)
 
 
-def _load_checksum_file(source, policy, session):
-    """(redacted url, text) of the checksum file at source's base URL, or None when it has none (a 4xx,
-    or a reply too large to be one). 5xx, 429, a refused redirect or a dropped connection raise
-    ChecksumFileUnavailable: the shard goes on without, and the file is asked for again later."""
-    url = f"{source.base_url.rstrip('/')}/{policy.checksum_file}"
-    try:
-        return _read_checksum_file(source, url, policy, session)
-    except _Retry as e:
-        cause = e.cause
-    except _Fatal as e:
-        cause = str(e)
-    except NETWORK_ERRORS as e:
-        cause = _describe(e, source.token)
-    raise ChecksumFileUnavailable(f"cannot read {redact_url(url)} now ({cause})")
-
-
-def _read_checksum_file(source, url, policy, session):
-    first, last = _request(session, source, "GET", url, policy)
-    try:
-        code = last.status_code
-        if 400 <= code < 500 and code not in (408, 429):
-            logger.debug("no checksum file at %s (HTTP %d)", redact_url(url), code)
-            return None
-        _check_status(last)
-        data = bytearray()
-        for chunk in last.iter_content(1 << 16):
-            data += chunk
-            if len(data) > MAX_CHECKSUM_FILE_BYTES:     # what answers there is not a checksum file
-                logger.warning("ignoring %s: over %d bytes, not a checksum file; shards are checked by size "
-                               "and parquet footer only", redact_url(url), MAX_CHECKSUM_FILE_BYTES)
-                return None
-        logger.info("verifying shards against %s", redact_url(url))
-        return redact_url(url), data.decode("utf-8", errors="replace")
-    finally:
-        for r in {id(r): r for r in (first, last)}.values():
-            r.close()
-
-
 def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None):
-    """Size, sha256 and ETag of shard_id at source (a HEAD, retried like a fetch)."""
+    """Size, sha256 and ETag of shard_id at source (a HEAD or stat, retried like a fetch)."""
     url = source.url(shard_id)
     own = session is None
     session = session or requests.Session()
+    transport = transport_for(source)(source, shard_id, policy, session)
     failures = attempts = 0
     try:
         while True:
@@ -399,15 +189,15 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
                                      shard_id=shard_id, url=redact_url(url), attempts=attempts)
             attempts += 1
             try:
-                return _probe(source, shard_id, url, policy, session)
-            except _Fatal as e:
+                return _probe(source, transport, shard_id, policy)
+            except Fatal as e:
                 raise _permanent(source, shard_id, url, attempts, str(e)) from None
-            except (_Retry, *NETWORK_ERRORS) as e:
-                cause = e.cause if isinstance(e, _Retry) else _describe(e, source.token)
+            except Retry as e:
+                cause = e.cause
                 failures += 1
                 if policy.max_attempts is not None and failures >= policy.max_attempts:
                     raise _transient(source, shard_id, url, attempts, cause) from None
-                delay = _backoff(policy, failures, getattr(e, "retry_after", None))
+                delay = _backoff(policy, failures, e.retry_after)
                 logger.info("shard %05d: HEAD failed (%s); retrying in %.1fs", shard_id, cause, delay)
                 if _sleep(delay, stop):
                     raise FetchCancelled(f"shard {shard_id:05d} ({redact_url(url)}): cancelled",
@@ -439,13 +229,13 @@ def _message(shard_id, url, attempts, cause):
 
 
 def _permanent(source, shard_id, url, attempts, cause):
-    cause = _scrub(cause, source.token)
+    cause = scrub(cause, source.token)
     return PermanentFetchError(_message(shard_id, url, attempts, cause), shard_id=shard_id,
                                url=redact_url(url), attempts=attempts, cause=cause)
 
 
 def _transient(source, shard_id, url, attempts, cause):
-    cause = _scrub(cause, source.token)
+    cause = scrub(cause, source.token)
     return TransientFetchError(_message(shard_id, url, attempts, cause), shard_id=shard_id,
                                url=redact_url(url), attempts=attempts, cause=cause)
 
@@ -453,22 +243,12 @@ def _transient(source, shard_id, url, attempts, cause):
 # -----------------------------------------------------------------------------
 # Stop watchdog: a read blocked in a stall returns as soon as stop is set
 
-def _shutdown(resp):
-    conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 class _StopWatch:
-    """While a transfer runs, poll `stop`; when it is set, shut the live connection down."""
+    """While a transfer runs, poll `stop`; when it is set, abort the live body (its read returns)."""
 
     def __init__(self, stop):
         self.stop = stop
-        self.resp = None
+        self.body = None
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = None
@@ -480,19 +260,19 @@ class _StopWatch:
         while not self.done.wait(WATCH_POLL):
             if self.stop.is_set():
                 with self.lock:
-                    if self.resp is not None:
-                        _shutdown(self.resp)
-                        self.resp = None
+                    if self.body is not None:
+                        self.body.abort()
+                        self.body = None
 
-    def watch(self, resp):
+    def watch(self, body):
         with self.lock:
-            self.resp = resp
+            self.body = body
         if self.stop is not None and self.stop.is_set():
-            _shutdown(resp)
+            body.abort()
 
     def unwatch(self):
         with self.lock:
-            self.resp = None
+            self.body = None
 
     def close(self):
         self.done.set()
@@ -610,6 +390,18 @@ SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_BYTES = 8 << 20         # start writeback every this many bytes received
 
 
+def _md5_file(path):
+    """Hex md5 of a file (S3's single-part ETag and GCS's md5Hash are md5s of the bytes)."""
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise _DiskError(e) from None
+    return h.hexdigest()
+
+
 class _DiskError(Exception):
     def __init__(self, err):
         super().__init__(err)
@@ -671,11 +463,9 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
         try:
             if final.is_file():         # another process fetched it while we waited
                 return _present(shard_id, final, t0)
-            transfer = _Transfer
-            if source.kind in OBJECT_STORE_KINDS:       # s3/gs/local: ranged reads through fsspec
-                from .objectstore import ObjectTransfer as transfer
-            return transfer(source, shard_id, url, final, policy, session, stop, on_bytes, info, t0,
-                            on_retry).run()
+            transport = transport_for(source)(source, shard_id, policy, session)
+            return _Transfer(source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0,
+                             on_retry).run()
         finally:
             lock.release()
     finally:
@@ -689,11 +479,12 @@ def _present(shard_id, final, t0):
 
 
 class _Transfer:
-    """The state of one fetch while its lock is held: retries, the partial file, the running hash."""
+    """The state of one fetch while its lock is held: retries, the partial file, the running hash. The
+    source's side of each try is the transport's (transport.py)."""
 
-    def __init__(self, source, shard_id, url, final, policy, session, stop, on_bytes, info, t0, on_retry=None):
-        self.source, self.shard_id, self.url, self.final = source, shard_id, url, final
-        self.policy, self.session, self.stop, self.on_bytes = policy, session, stop, on_bytes
+    def __init__(self, source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0, on_retry=None):
+        self.source, self.transport, self.shard_id, self.url, self.final = source, transport, shard_id, url, final
+        self.policy, self.stop, self.on_bytes = policy, stop, on_bytes
         self.info, self.t0, self.on_retry = info, t0, on_retry
         self.attempts = 0               # requests tried
         self.failures = 0               # failed tries in a row without progress
@@ -713,12 +504,17 @@ class _Transfer:
                 self._check_stop()
                 try:
                     return self._try(watch)
-                except _Retry as e:
+                except Retry as e:
+                    if e.reprobe:       # the file changed at the source: ask what it is now, start over
+                        self.info = None
+                        self._discard()
+                    elif e.restart:     # the bytes kept are no good
+                        self._discard()
                     self.failures = 0 if e.progressed else self.failures + 1
                     if self.policy.max_attempts is not None and self.failures >= self.policy.max_attempts:
                         raise self._error(TransientFetchError, e.cause) from None
                     delay = _backoff(self.policy, self.failures, e.retry_after)
-                    cause = _scrub(e.cause, self.source.token)
+                    cause = scrub(e.cause, self.source.token)
                     logger.info("shard %05d: %s; resuming at byte %d in %.1fs", self.shard_id, cause, self.pos, delay)
                     if self.on_retry is not None:
                         self.on_retry(cause)
@@ -732,8 +528,8 @@ class _Transfer:
                         raise self._error(PermanentFetchError, f"{e} (still wrong after {self.full_downloads} "
                                           f"full downloads)") from None
                     logger.warning("shard %05d: downloaded file is corrupt (%s); deleted, fetching again",
-                                   self.shard_id, _scrub(e, self.source.token))
-                except _Fatal as e:
+                                   self.shard_id, scrub(e, self.source.token))
+                except Fatal as e:
                     self._discard()     # nothing worth resuming from a source that refuses the shard
                     raise self._error(PermanentFetchError, str(e)) from None
                 except _DiskError as e:
@@ -744,13 +540,10 @@ class _Transfer:
     def _try(self, watch):
         if self.info is None:
             self.attempts += 1
-            try:
-                self.info = _probe(self.source, self.shard_id, self.url, self.policy, self.session)
-            except NETWORK_ERRORS as e:
-                raise _Retry(f"HEAD failed: {_describe(e, self.source.token)}") from None
+            self.info = _probe(self.source, self.transport, self.shard_id, self.policy)
         size = self.info.size
         if size is not None and size > self.policy.max_shard_bytes:
-            raise _Fatal(f"the source says {size} bytes, over the per-shard cap of {self.policy.max_shard_bytes} "
+            raise Fatal(f"the source says {size} bytes, over the per-shard cap of {self.policy.max_shard_bytes} "
                          f"(FetchPolicy.max_shard_bytes)")
         if self.partial is not None and not self.partial.exists():
             logger.warning("shard %05d: partial file %s vanished; starting over", self.shard_id, self.partial.name)
@@ -767,7 +560,7 @@ class _Transfer:
                                  shard_id=self.shard_id, url=redact_url(self.url), attempts=self.attempts)
 
     def _error(self, cls, cause):
-        cause = _scrub(cause, self.source.token)
+        cause = scrub(cause, self.source.token)
         return cls(_message(self.shard_id, self.url, self.attempts, cause), shard_id=self.shard_id,
                    url=redact_url(self.url), attempts=self.attempts, cause=cause)
 
@@ -795,7 +588,7 @@ class _Transfer:
             except (OSError, ValueError):
                 meta, have = None, None
             meta = meta if have is not None else None
-            ok = (_sidecar_matches(meta, info) and (info.sha256 or _validator(info)) is not None
+            ok = (_sidecar_matches(meta, info) and self.transport.can_resume(info)
                   and (info.size is None or have <= info.size))
             if ok and (best is None or have > best[1]):
                 if best is not None:
@@ -823,7 +616,7 @@ class _Transfer:
             _write_sidecar(self.partial, info)
             os.close(open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT))
         except UnsafePathError as e:
-            raise _Fatal(str(e)) from None
+            raise Fatal(str(e)) from None
         except OSError as e:
             raise _DiskError(e) from None
 
@@ -837,7 +630,7 @@ class _Transfer:
         self.partial, self.pos, self.hasher = None, 0, None
 
     def _restart(self, fd, why):
-        """Drop what the partial holds and write from byte 0 again."""
+        """Drop what the partial holds and write from byte 0 again (the source sends the whole file)."""
         logger.info("shard %05d: %s; restarting from byte 0", self.shard_id, why)
         try:
             os.ftruncate(fd, 0)
@@ -850,23 +643,14 @@ class _Transfer:
 
     def _download(self, watch):
         info = self.info
-        size = info.size
-        # Without a sha256 at the end, a resume is safe only where the server can say the bytes are of
-        # the same file: If-Range with a strong ETag or Last-Modified, checked again on the answer.
-        guard = info.sha256 is None
-        if guard and self.pos > 0 and _validator(info) is None:
+        if self.pos > 0 and not self.transport.can_resume(info):
             logger.info("shard %05d: the source gives no checksum and no validator (strong ETag or "
                         "Last-Modified) to resume against; starting over from byte 0", self.shard_id)
             self._discard()
             self._open_partial()
         start = self.pos
-        headers = {}
-        if start > 0:
-            headers["Range"] = f"bytes={start}-"
-            if guard:
-                headers["If-Range"] = _validator(info)
         self.attempts += 1
-        resp = None
+        body = None
         try:
             fd = open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT)
         except OSError as e:
@@ -874,57 +658,41 @@ class _Transfer:
         try:
             os.lseek(fd, self.pos, os.SEEK_SET)
             try:
-                first, resp = _request(self.session, self.source, "GET", self.url, self.policy, headers)
-                if first is not resp:
-                    first.close()
-                watch.watch(resp)
+                body = self.transport.open(info, start)
+                watch.watch(body)
                 self._check_stop()
-                if resp.status_code == 416 and start > 0:
-                    self._restart(fd, "the server refused to resume (416)")
-                    raise _Retry("HTTP 416 on resume")
-                _check_status(resp)
-                changed = _changed_validator(info, resp) if guard else None
-                if changed is not None:
-                    self.info = None    # ask again what the file is now, and start it over
-                    self._discard()
-                    raise _Retry(changed)
-                if resp.status_code == 206:
-                    got_start, total = _content_range(resp.headers.get("Content-Range"))
-                    if got_start != start:
-                        self._restart(fd, f"the server sent a range starting at {got_start}, not {start}")
-                        raise _Retry("wrong Content-Range")
-                    if total is not None and size is not None and total != size:
-                        self.info = None    # the file changed under us: ask again, start over
-                        self._discard()
-                        raise _Retry(f"the server now says {total} bytes, not {size}; starting over")
-                elif start > 0:
-                    self._restart(fd, f"the server sent the whole file (HTTP {resp.status_code}), not the "
-                                      f"range from byte {start}")
-                limit = size if size is not None else self.policy.max_shard_bytes
-                self._stream(resp, fd, limit)
-                if size is None and self.pos >= limit and _more_body(resp):
-                    raise _Fatal(f"the body is larger than the per-shard cap of {limit} bytes "
-                                 f"(FetchPolicy.max_shard_bytes)")
-            except NETWORK_ERRORS as e:
+                if body.start != start:         # the whole file came instead of the range
+                    self._restart(fd, f"the source sent the file from byte {body.start}, not {start}")
+                limit = info.size if info.size is not None else self.policy.max_shard_bytes
+                self._stream(body, fd, limit)
+                if info.size is None and self.pos >= limit and body.more():
+                    raise Fatal(f"the body is larger than the per-shard cap of {limit} bytes "
+                                f"(FetchPolicy.max_shard_bytes)")
                 self._check_stop()
-                raise _Retry(_describe(e, self.source.token), progressed=self.pos > start) from None
+                if info.size is None or self.pos >= info.size:
+                    body.done()
+            except Retry as e:
+                self._check_stop()              # a stop aborts the read: that is no failure
+                if e.progressed is None:
+                    e.progressed = self.pos > start
+                raise
             self._check_stop()
-            if size is not None and self.pos < size:
-                raise _Retry(f"connection ended after {self.pos} of {size} bytes", progressed=self.pos > start)
+            if info.size is not None and self.pos < info.size:
+                raise Retry(f"connection ended after {self.pos} of {info.size} bytes", progressed=self.pos > start)
         finally:
             watch.unwatch()
-            if resp is not None:
-                resp.close()
+            if body is not None:
+                body.close()
             os.close(fd)
 
-    def _stream(self, resp, fd, limit):
+    def _stream(self, body, fd, limit):
         """The hot loop: read from the socket into a 1 MiB buffer, writing each read to the partial file at
         once (a kill or a drop loses nothing received), and hand the full buffer to the hashing thread.
         on_bytes hears of bytes when a read drains the socket, else every BYTES_REPORT bytes or
         BYTES_REPORT_SECONDS. A transfer slower than
-        low_speed_limit for low_speed_time seconds is abandoned (a _Retry that counts as a failure), so a
+        low_speed_limit for low_speed_time seconds is abandoned (a Retry that counts as a failure), so a
         trickle cannot hold a shard forever."""
-        read, body_left = _body_reader(resp)
+        read, body_left = body.readinto, body.length
         chunk = self.policy.chunk_bytes
         on_bytes, stop = self.on_bytes, self.stop
         floor, window = self.policy.low_speed_limit, self.policy.low_speed_time
@@ -960,9 +728,9 @@ class _Transfer:
                 if window and now - window_t >= window:
                     rate = (self.pos - window_pos) / (now - window_t)
                     if rate < floor:
-                        raise _Retry(f"too slow: {rate:.0f} bytes/s over the last {now - window_t:.0f} s, under "
+                        raise Retry(f"too slow: {rate:.0f} bytes/s over the last {now - window_t:.0f} s, under "
                                      f"the floor of {floor} bytes/s (FetchPolicy.low_speed_limit); resuming on "
-                                     f"a new connection")
+                                     f"a new connection", progressed=False)
                     window_t, window_pos = now, self.pos
                 if stop is not None and stop.is_set():
                     break
@@ -982,6 +750,10 @@ class _Transfer:
             verify_shard(self.partial, info.size, info.sha256, parquet=False, actual_sha256=digest)
         except CorruptShardError as e:
             raise _Corrupt(f"{e} (the sha256 listed in {info.sha256_from})" if info.sha256_from else str(e)) from None
+        if info.md5 is not None:
+            got = _md5_file(self.partial)
+            if got != info.md5.lower():
+                raise _Corrupt(f"{self.partial}: md5 {got} does not match the source's {info.md5}")
         checked = "sha256" if info.sha256 else "md5" if info.md5 else "size"
         if self.policy.verify_parquet:
             try:
@@ -991,7 +763,7 @@ class _Transfer:
             except CorruptShardError as e:
                 if info.sha256 is not None or info.md5 is not None:    # the source's own bytes: a new
                     self._discard()                                     # download cannot help
-                    raise _Fatal(f"the source's file is not a valid shard: {e}") from None
+                    raise Fatal(f"the source's file is not a valid shard: {e}") from None
                 raise _Corrupt(str(e)) from None
             checked = "size+footer" if checked == "size" else checked
             checked += "+decode" if self.policy.verify == "decode" else ""
@@ -1016,7 +788,7 @@ class _Transfer:
             os.replace(self.partial, self.final)
         except UnsafePathError as e:
             self._discard()
-            raise _Fatal(str(e)) from None
+            raise Fatal(str(e)) from None
         except OSError as e:
             self._discard()
             raise _DiskError(e) from None
@@ -1027,30 +799,3 @@ class _Transfer:
             except OSError as e:
                 raise _DiskError(e) from None
 
-
-def _body_reader(resp):
-    """(readinto, bytes the body may still give): straight from the socket's buffered reader when the
-    body has a Content-Length (no copies, no per-chunk bookkeeping), else through http.client/urllib3."""
-    hr = getattr(resp.raw, "_fp", None)
-    if isinstance(hr, http.client.HTTPResponse) and not hr.chunked and hr.length is not None \
-            and hasattr(hr.fp, "readinto1"):
-        return hr.fp.readinto1, hr.length
-    reader = hr if hasattr(hr, "readinto") else resp.raw
-    return reader.readinto, float("inf")
-
-
-def _content_range(value):
-    """'bytes 100-199/1000' -> (100, 1000); total None for '*'; (None, None) when unparseable."""
-    m = re.match(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", value or "")
-    if not m:
-        return None, None
-    return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
-
-
-def _more_body(resp):
-    """After reading up to the cap: does the body go on?"""
-    reader = getattr(resp.raw, "_fp", None) or resp.raw
-    try:
-        return bool(reader.read(1))
-    except NETWORK_ERRORS:
-        return False

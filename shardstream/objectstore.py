@@ -14,29 +14,29 @@ What each store's metadata becomes (RemoteInfo):
             object they belong to, and shows a changed object (Source.check_pinned)
     md5     S3's ETag when it is the MD5 of the bytes (single-part upload, not SSE-KMS / SSE-C, asked
             of HeadObject), GCS's md5Hash: checked after the download, like the Hub's sha256
-A transfer (ObjectTransfer, a fetch._Transfer) reads the object in blocks of BLOCK_CHUNKS x chunk_bytes
-with cat_file(start=, end=) on a helper thread, one block ahead of the writer. A block that does not come
-within stall_timeout is a stall: the try is retried from the bytes on disk with half the block size.
-Setting `stop` returns within ~0.1 s; the helper thread is left to finish its call and its bytes dropped.
+The transport (ObjectTransport, see transport.py; fetch.py runs the transfer) reads the object in blocks
+of BLOCK_CHUNKS x chunk_bytes with cat_file(start=, end=) on a helper thread, one block ahead of the
+writer. A block that does not come within stall_timeout is a stall: the try is retried from the bytes on
+disk with half the block size. The object is stat'ed again before a resume and after its last block: a
+changed version is never spliced. An abort (stop) returns within ~0.1 s; the helper thread is left to
+finish its call and its bytes dropped.
 """
 import asyncio
 import base64
-import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 import queue
 import re
 import threading
 
 from .errors import ConfigError, TransientFetchError
-from .fetch import WATCH_POLL, _Corrupt, _DiskError, _Fatal, _Retry, _Transfer, _write_all
-from .safefs import open_nofollow
 from .source import RemoteInfo, redact_url
+from .transport import Body, Fatal, Retry
 
 logger = logging.getLogger(__name__)
 
+WATCH_POLL = 0.1                # seconds between looks at a block queue (so an abort is seen soon)
 BLOCK_CHUNKS = 8                # a ranged read is this many FetchPolicy.chunk_bytes (8 MiB by default)
 EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}      # kind -> (module, pip extra)
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -145,7 +145,7 @@ def list_folder(kind, url, storage_options=None):
 
 def stat_shard(source, shard_id):
     """What the store says about shard_id now (fetch._probe calls this instead of a HEAD). Raises
-    _Fatal for a missing or forbidden object, _Retry for a failure worth retrying."""
+    Fatal for a missing or forbidden object, Retry for a failure worth retrying."""
     url = source.url(shard_id)
     fs, path = filesystem(url, source.storage_options)
     try:
@@ -161,19 +161,19 @@ def stat_shard(source, shard_id):
 
 
 def _classify(e, what):
-    """A store's exception as fetch's outcome of one try: _Fatal, _Retry, or e itself (a bug)."""
+    """A store's exception as the outcome of one try: Fatal, Retry, or e itself (a bug)."""
     if isinstance(e, FileNotFoundError):
-        return _Fatal(f"{what}: the object does not exist at this source")
+        return Fatal(f"{what}: the object does not exist at this source")
     if isinstance(e, PermissionError):
-        return _Fatal(f"{what}: not authorized ({e}): check the store's credentials (AWS_* variables, "
+        return Fatal(f"{what}: not authorized ({e}): check the store's credentials (AWS_* variables, "
                       f"GOOGLE_APPLICATION_CREDENTIALS) or storage_options")
     if isinstance(e, TRANSIENT_ERRORS):
-        return _Retry(f"{what} failed: {type(e).__name__}: {e}")
+        return Retry(f"{what} failed: {type(e).__name__}: {e}")
     return e
 
 
 # -----------------------------------------------------------------------------
-# The transfer: fetch._Transfer with ranged reads instead of a GET
+# The transport: ranged reads instead of a GET
 
 class _Stalled(Exception):
     pass
@@ -231,78 +231,79 @@ class _BlockReader:
         self.cancelled.set()        # not joined: a read in flight finishes (or times out) on its own
 
 
-class ObjectTransfer(_Transfer):
-    """fetch._Transfer for s3/gs/local sources: the stat is fetch._probe's, the GET is ranged reads."""
+class ObjectTransport:
+    """One fetch call's store side (transport.py): a stat for what the object is, ranged reads for its
+    bytes. Ranged reads are separate requests, so the object must still be the version the bytes kept
+    belong to (its ETag / generation / mtime): it is stat'ed again before a resume and after the last
+    block, and a change is a Retry(reprobe=True)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.block = self.policy.chunk_bytes * BLOCK_CHUNKS
+    def __init__(self, source, shard_id, policy, session=None):
+        self.source, self.shard_id, self.policy = source, shard_id, policy
+        self.url = source.url(shard_id)
+        self.block = policy.chunk_bytes * BLOCK_CHUNKS
+        self.info = None
 
-    def _download(self, watch):
-        size = self.info.size
-        if size is None:
-            raise _Fatal("the store gave no size for the object")
-        start = self.pos
-        self.attempts += 1
+    def probe(self):
+        return stat_shard(self.source, self.shard_id)
+
+    def can_resume(self, info):
+        return True                     # the version is checked again before the bytes are continued
+
+    def open(self, info, start):
+        if info.size is None:
+            raise Fatal("the store gave no size for the object")
+        self.info = info
         if start > 0:
-            self._check_same_object("before resuming at byte %d" % start)
+            self.check_same_object(f"before resuming at byte {start}")
         fs, path = filesystem(self.url, self.source.storage_options)
-        try:
-            fd = open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT)
-        except OSError as e:
-            raise _DiskError(e) from None
-        reader = _BlockReader(fs, path, start, size, self.block)
-        try:
-            os.lseek(fd, start, os.SEEK_SET)
-            while self.pos < size:
-                try:
-                    data = reader.next(self.policy.stall_timeout, self.stop)
-                except _Stalled:
-                    self.block = max(self.policy.chunk_bytes, self.block // 2)
-                    raise _Retry(f"no data for {self.policy.stall_timeout:g}s (next reads: "
-                                 f"{self.block} bytes)", progressed=self.pos > start) from None
-                except Exception as e:
-                    err = _classify(e, "read")
-                    if isinstance(err, _Retry):
-                        err.progressed = self.pos > start
-                    raise err from None
-                if data is None:
-                    self._check_stop()
-                if not data:
-                    self.info = None    # shorter than it said: ask again (a change is then named)
-                    raise _Retry(f"the object ended at byte {self.pos}, not {size}", progressed=self.pos > start)
-                data = data[:size - self.pos]
-                _write_all(fd, data)
-                self.hasher.update(data)
-                self.pos += len(data)
-                self.bytes_downloaded += len(data)
-                if self.on_bytes is not None:
-                    self.on_bytes(len(data))
-            self._check_stop()
-        finally:
-            reader.close()
-            os.close(fd)
-        self._check_same_object("after reading it")   # blocks read across a change would splice two versions
+        return ObjectBody(self, _BlockReader(fs, path, start, info.size, self.block), start, info.size)
 
-    def _check_same_object(self, when):
-        """Ranged reads are separate requests: the object must still be the version the partial belongs to
-        (its ETag / generation / mtime). If it changed, start over from a fresh stat."""
+    def check_same_object(self, when):
         now = stat_shard(self.source, self.shard_id)
-        if self.info.etag is not None and now.etag != self.info.etag or now.size != self.info.size:
-            self.info = None
-            self._discard()
-            raise _Retry(f"the object changed ({when}): version {now.etag}, size {now.size}; starting over")
+        info = self.info
+        if info.etag is not None and now.etag != info.etag or now.size != info.size:
+            raise Retry(f"the object changed ({when}): version {now.etag}, size {now.size}; starting over",
+                        reprobe=True)
 
-    def _finish(self):
-        md5 = self.info.md5
-        if md5 is not None and self.pos == self.info.size:
-            h = hashlib.md5(usedforsecurity=False)
+
+class ObjectBody(Body):
+    """The blocks of [start, size) as one stream of bytes."""
+
+    def __init__(self, transport, reader, start, size):
+        self.transport, self.reader, self.start, self.size = transport, reader, start, size
+        self.length = size - start
+        self.pos = start
+        self.buf = memoryview(b"")
+        self.aborted = threading.Event()
+
+    def readinto(self, mv):
+        t = self.transport
+        while not self.buf:
+            if self.pos >= self.size:
+                return 0
             try:
-                with open(self.partial, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-            except OSError as e:
-                raise _DiskError(e) from None
-            if h.hexdigest() != md5.lower():
-                raise _Corrupt(f"{self.partial}: md5 {h.hexdigest()} does not match the store's {md5}")
-        return super()._finish()
+                data = self.reader.next(t.policy.stall_timeout, self.aborted)
+            except _Stalled:
+                t.block = max(t.policy.chunk_bytes, t.block // 2)
+                raise Retry(f"no data for {t.policy.stall_timeout:g}s (next reads: {t.block} bytes)") from None
+            except Exception as e:
+                raise _classify(e, "read") from None
+            if data is None:            # aborted: the transfer stops
+                return 0
+            if not data:                # shorter than it said: ask again (a change is then named)
+                raise Retry(f"the object ended at byte {self.pos}, not {self.size}", reprobe=True)
+            self.buf = memoryview(data)[:self.size - self.pos]
+        n = min(len(mv), len(self.buf))
+        mv[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        self.pos += n
+        return n
+
+    def done(self):
+        self.transport.check_same_object("after reading it")   # blocks read across a change would splice
+
+    def abort(self):
+        self.aborted.set()
+
+    def close(self):
+        self.reader.close()
