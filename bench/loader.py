@@ -15,7 +15,8 @@ rustbpe on shard 0) and the same tokenizer thread count for all three:
   uses its encode_arrays: numpy ids without a Python int per token, so it can beat raw encode);
 - loader/list: the same loader given a tokenizer with nanochat's interface only (encode returning
   lists, as nanochat's own tokenizer): what a nanochat tokenizer gets.
-"raw encode_arrays" (our tokenizer's numpy path, the ceiling for the loader's own path) is printed too.
+"raw encode_arrays" (our tokenizer's numpy path, the ceiling for the loader's own path) is printed too, with
+the path it takes (tiktoken's encode_to_numpy, or the list fallback on a tiktoken without a matching one).
 Both loaders are timed in steady state (from their first batch to the last), and three figures are given:
 "tokenized" (tokens the pipeline encoded per second: the unit of raw encode, so the ratio is the share of
 the tokenizer's speed a loader keeps), "delivered" (B*T tokens per batch per second; lower than
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checko
 
 from shardstream.loader import tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_fn  # noqa: E402
 from shardstream.sample import make_sample  # noqa: E402
-from shardstream.tokenizer import train_tokenizer_from_shards  # noqa: E402
+from shardstream.tokenizer import array_encoder, train_tokenizer_from_shards  # noqa: E402
 
 
 class CountingTokenizer:
@@ -208,7 +209,8 @@ def main(argv=None):
     list_counter = CountingTokenizer(tok)
     total_tokens = sum(map(len, tok.encode(texts, prepend=tok.get_bos_token_id(), num_threads=args.threads)))
     print(f"tokenizer {tok.identity()} vocab {tok.get_vocab_size()}; {len(texts):,} docs, {total_tokens:,} tokens "
-          f"({total_tokens / len(texts):.0f}/doc)")
+          f"({total_tokens / len(texts):.0f}/doc); encode_arrays via "
+          f"{'encode_to_numpy' if array_encoder(tok.enc)[1] else 'lists (fallback)'}")
 
     ok = True
     for B, T in configs:

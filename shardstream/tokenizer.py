@@ -12,8 +12,16 @@ get_vocab_size, encode_special, get_special_tokens) plus identity(): a short sta
 pattern, the merges and the special tokens, which resume fingerprints record, and encode_arrays(): the
 ids of each text as a numpy array straight from tiktoken's buffer, without building Python lists (about a
 quarter of encode's CPU time goes to those lists; the loader uses encode_arrays when a tokenizer has it).
+
+Only tiktoken's public API is used: the Encoding constructor's arguments (pattern, merges, specials) are
+kept beside the Encoding (identity and save read them, not the Encoding's private fields), and a pickled
+Encoding (nanochat's tokenizer.pkl) is read back as those arguments, which is its pickle state.
+tests/test_library_contracts.py pins what is assumed of tiktoken.
 """
+import codecs
+import copyreg
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -27,8 +35,6 @@ import numpy as np
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-_NO_SPECIALS = frozenset()
 
 # GPT-4 style pre-tokenizer split (contractions, letter runs, numbers in groups of at most two digits as
 # nanochat does for small vocabs, punctuation runs, newlines, whitespace).
@@ -54,31 +60,46 @@ BOS = "<|bos|>"
 TOKENIZER_FILE = "tokenizer.pkl"
 
 
-class Tokenizer:
-    """A tiktoken Encoding with nanochat's tokenizer interface."""
+# tiktoken.Encoding's constructor arguments: what a Tokenizer keeps, saves and hashes
+ENCODING_ARGS = ("name", "pat_str", "mergeable_ranks", "special_tokens")
 
-    def __init__(self, enc, bos_token=BOS):
+
+class Tokenizer:
+    """A tiktoken Encoding with nanochat's tokenizer interface.
+
+    parts: the arguments enc was built with (ENCODING_ARGS); read from enc's pickle state when not given."""
+
+    def __init__(self, enc, bos_token=BOS, parts=None):
         self.enc = enc
+        self._parts = dict(parts) if parts is not None else encoding_parts(enc)
         self.bos_token = bos_token
         self._bos_id = self.encode_special(bos_token)
         self._identity = None
+        self._reset()
+
+    def _reset(self):
         self._pool = None           # persistent encode threads (tiktoken's batch call makes a pool per call)
+        self._pool_size = 0
         self._pool_lock = threading.Lock()
+        self._to_array = None       # encode_arrays' per-text encoder, chosen on first use
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_pool"] = None
-        del state["_pool_lock"]
-        return state
+        # pickle the constructor's arguments, not the Encoding: rebuilt through the public constructor
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("enc", "_pool", "_pool_size", "_pool_lock", "_to_array")}
 
     def __setstate__(self, state):
+        state = dict(state)
+        enc = state.pop("enc", None)        # a Tokenizer pickled before parts were kept carries its Encoding
+        if "_parts" not in state:
+            state["_parts"] = encoding_parts(enc)
         self.__dict__.update(state)
-        self._pool_lock = threading.Lock()
+        self.enc = enc if enc is not None else _build_encoding(self._parts)
+        self._reset()
 
     @classmethod
     def from_ranks(cls, pattern, mergeable_ranks, special_tokens=None, name="shardstream"):
         """Build from a split pattern and {token_bytes: rank}; specials get ids after the merges."""
-        import tiktoken
         specials = special_tokens if special_tokens is not None else SPECIAL_TOKENS
         if isinstance(specials, dict):
             special_ids = dict(specials)
@@ -87,10 +108,10 @@ class Tokenizer:
             special_ids = {s: offset + i for i, s in enumerate(specials)}
         if BOS not in special_ids:
             raise ConfigError(f"special tokens must include {BOS!r} (documents are delimited by it)")
-        enc = tiktoken.Encoding(name=name, pat_str=pattern,
-                                mergeable_ranks={bytes(k): int(v) for k, v in mergeable_ranks.items()},
-                                special_tokens=special_ids)
-        return cls(enc)
+        parts = {"name": name, "pat_str": pattern,
+                 "mergeable_ranks": {bytes(k): int(v) for k, v in mergeable_ranks.items()},
+                 "special_tokens": special_ids}
+        return cls(_build_encoding(parts), parts=parts)
 
     # -- nanochat's interface -------------------------------------------------------------------------
     def get_bos_token_id(self):
@@ -140,21 +161,18 @@ class Tokenizer:
     __call__ = encode
 
     def encode_arrays(self, texts, num_threads=8):
-        """list of str -> list of read-only numpy uint32 arrays: the ids encode(texts) gives, no specials
-        added, encoded in parallel with num_threads without creating a Python int per token."""
+        """list of str -> list of numpy uint32 arrays (read-only: most are views of tiktoken's buffer): the ids
+        encode(texts) gives, no specials added, encoded in parallel with num_threads without creating a
+        Python int per token."""
         if not isinstance(texts, (list, tuple)):
             raise ConfigError(f"encode_arrays takes a list of str, got {type(texts).__name__}")
-        return self._encode_batch(list(texts), num_threads, self._encode_array)
-
-    def _encode_array(self, text):
-        # with no special tokens allowed, tiktoken's core encodes special-token text as ordinary text,
-        # exactly as encode_ordinary does; a string it cannot take (lone surrogates) goes the list way,
-        # where tiktoken repairs it
-        try:
-            buf = self.enc._core_bpe.encode_to_tiktoken_buffer(text, _NO_SPECIALS)
-        except UnicodeEncodeError:
-            return np.array(self.enc.encode_ordinary(text), dtype=np.uint32)
-        return np.frombuffer(buf, dtype=np.uint32)
+        if self._to_array is None:
+            self._to_array, numpy_path = array_encoder(self.enc)
+            if not numpy_path:
+                logger.warning("tiktoken %s has no encode_to_numpy that gives encode_ordinary's ids (it needs "
+                               "tiktoken >= 0.11): encode_arrays copies lists instead, about 10%% slower",
+                               _tiktoken_version())
+        return self._encode_batch(list(texts), num_threads, self._to_array)
 
     def _encode_batch(self, texts, num_threads, encode=None):
         """encode (default encode_ordinary) over texts on num_threads threads of a pool kept between calls;
@@ -164,10 +182,11 @@ class Tokenizer:
         if num_threads <= 1 or len(texts) <= 1:
             return [encode(t) for t in texts]
         with self._pool_lock:
-            if self._pool is None or self._pool._max_workers < num_threads:
+            if self._pool is None or self._pool_size < num_threads:
                 if self._pool is not None:
                     self._pool.shutdown(wait=False)
                 self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="shardstream-encode")
+                self._pool_size = num_threads
             pool = self._pool
         pieces = min(len(texts), 2 * num_threads)
         total = sum(map(len, texts))
@@ -192,14 +211,16 @@ class Tokenizer:
     def identity(self):
         """A short stable hash of pattern + merges + special tokens (recorded in resume fingerprints)."""
         if self._identity is None:
+            # the same bytes as ever (old resume states record this hash): keep the order and encodings
+            parts = self._parts
             h = hashlib.sha256()
-            h.update(self.enc._pat_str.encode())
+            h.update(parts["pat_str"].encode())
             h.update(b"\0")
-            for tok, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            for tok, rank in sorted(parts["mergeable_ranks"].items(), key=lambda kv: kv[1]):
                 h.update(rank.to_bytes(4, "little"))
                 h.update(len(tok).to_bytes(2, "little"))
                 h.update(tok)
-            for s, i in sorted(self.enc._special_tokens.items()):
+            for s, i in sorted(parts["special_tokens"].items()):
                 h.update(f"\0{s}={i}".encode())
             self._identity = "bpe-" + h.hexdigest()[:16]
         return self._identity
@@ -209,9 +230,9 @@ class Tokenizer:
         """Write <directory>/tokenizer.pkl atomically (plain data: pattern, ranks, specials)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        data = {"format": "shardstream-bpe/1", "pattern": self.enc._pat_str,
-                "mergeable_ranks": dict(self.enc._mergeable_ranks),
-                "special_tokens": dict(self.enc._special_tokens)}
+        data = {"format": "shardstream-bpe/1", "pattern": self._parts["pat_str"],
+                "mergeable_ranks": dict(self._parts["mergeable_ranks"]),
+                "special_tokens": dict(self._parts["special_tokens"])}
         path = directory / TOKENIZER_FILE
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=TOKENIZER_FILE + ".", suffix=".tmp")
         try:
@@ -239,13 +260,103 @@ class Tokenizer:
             raise ConfigError(f"no tokenizer at {path}: train one with train_tokenizer_from_shards(...) "
                               f"and save it there")
         with open(path, "rb") as f:
-            obj = pickle.load(f)
+            try:
+                obj = _Unpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+                raise ConfigError(f"{path} is not a tokenizer file this version understands ({e})") from None
         if isinstance(obj, dict) and obj.get("format") == "shardstream-bpe/1":
             return cls.from_ranks(obj["pattern"], obj["mergeable_ranks"], obj["special_tokens"])
-        import tiktoken
-        if isinstance(obj, tiktoken.Encoding):
-            return cls(obj)
+        if isinstance(obj, _EncodingState):
+            parts = _state_parts(obj, path)
+            return cls(_build_encoding(parts), parts=parts)
         raise ConfigError(f"{path} is not a tokenizer file this version understands")
+
+
+def array_encoder(enc):
+    """(text -> numpy uint32 ids equal to enc.encode_ordinary(text), True when it is tiktoken's numpy path).
+
+    tiktoken's public encode_to_numpy(text, disallowed_special=()) skips the Python list; the ids' list
+    copied into an array is the fallback where that gives other ids (tiktoken 0.9 and 0.10 encode
+    special-token text there as the special token) or is missing (before 0.9). A probe text holding every
+    special token decides, once per Encoding."""
+    ordinary = enc.encode_ordinary
+
+    def via_list(text):
+        return np.array(ordinary(text), dtype=np.uint32)
+
+    to_numpy = getattr(enc, "encode_to_numpy", None)
+    probe = "a " + " ".join(sorted(enc.special_tokens_set)) + " b"
+    try:
+        same = to_numpy is not None and to_numpy(probe, disallowed_special=()).tolist() == ordinary(probe)
+    except Exception:       # noqa: BLE001 - any failure of the probe means: do not use it
+        same = False
+    if not same:
+        return via_list, False
+
+    def via_numpy(text):
+        # a string tiktoken's core cannot take (lone surrogates) goes the list way, where tiktoken repairs it
+        try:
+            return to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            return via_list(text)
+
+    return via_numpy, True
+
+
+def _tiktoken_version():
+    import tiktoken
+    return getattr(tiktoken, "__version__", "?")
+
+
+def _build_encoding(parts):
+    import tiktoken
+    return tiktoken.Encoding(**{k: parts[k] for k in ENCODING_ARGS})
+
+
+class _EncodingState:
+    """Stands in for tiktoken.Encoding while unpickling: keeps the state pickle hands it, which tiktoken
+    makes the Encoding constructor's keyword arguments (its __setstate__ is __init__(**state))."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads tokenizer.pkl: plain data, or a pickled tiktoken Encoding read as its state; any other class
+    is refused (a tokenizer file runs no code)."""
+
+    # what pickle itself writes for an object (protocols 0 and 1) and for bytes (protocols 0 to 2), in its
+    # Python 2 spelling too (protocols 0 to 2 write that)
+    ALLOWED = {("copyreg", "_reconstructor"): copyreg._reconstructor, ("copy_reg", "_reconstructor"):
+               copyreg._reconstructor, ("builtins", "object"): object, ("__builtin__", "object"): object,
+               ("_codecs", "encode"): codecs.encode}
+
+    def find_class(self, module, name):
+        if name == "Encoding" and module.split(".")[0] == "tiktoken":
+            return _EncodingState
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[module, name]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _state_parts(obj, where):
+    state = getattr(obj, "state", None)
+    if isinstance(state, str):
+        raise ConfigError(f"{where} is tiktoken's registered encoding {state!r}, pickled by name only: a "
+                          f"Tokenizer needs an Encoding built from its own arguments (train one with "
+                          f"train_tokenizer_from_shards(...))")
+    if not isinstance(state, dict) or not set(ENCODING_ARGS) <= set(state):
+        # tiktoken changed how an Encoding pickles: tests/test_library_contracts.py says so first
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{where}: a pickled tiktoken Encoding whose state is not its constructor's "
+                          f"arguments {ENCODING_ARGS} (got {got})")
+    return {k: state[k] for k in ENCODING_ARGS}
+
+
+def encoding_parts(enc):
+    """The constructor arguments (ENCODING_ARGS) of a tiktoken Encoding, read from its pickle state
+    (tiktoken has no public getter for the pattern)."""
+    return _state_parts(_Unpickler(io.BytesIO(pickle.dumps(enc))).load(), f"tiktoken Encoding {enc.name!r}")
 
 
 def train_tokenizer(texts, vocab_size, pattern=SPLIT_PATTERN, special_tokens=None):

@@ -1,6 +1,7 @@
 """The tokenizer: trains offline with rustbpe, encodes with tiktoken, round-trips, is deterministic."""
 import pickle
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -51,6 +52,51 @@ def test_threads_do_not_change_tokens(tok):
     assert tok.encode([], num_threads=4) == []
     clone = pickle.loads(pickle.dumps(tok))         # the thread pool is not pickled; a new one starts
     assert clone.encode(texts, num_threads=2) == one_by_one
+
+
+def test_encode_arrays_give_encodes_ids(tok):
+    # the loader's numpy path must give the list path's ids exactly (exact resume depends on it)
+    texts = [t * (i % 7 + 1) for i, t in enumerate(TEXTS)] + \
+        ["", "<|bos|> is text here", "a<|user_start|>b", "lone \ud800 surrogate", "日本語 🙂"]
+    want = tok.encode(texts, num_threads=1)
+    for threads in (1, 2, 3, 8):
+        arrays = tok.encode_arrays(texts, num_threads=threads)
+        assert all(a.dtype == np.uint32 for a in arrays)
+        assert [a.tolist() for a in arrays] == want
+    clone = pickle.loads(pickle.dumps(tok))
+    assert [a.tolist() for a in clone.encode_arrays(texts, num_threads=2)] == want
+    assert clone.identity() == tok.identity() and clone.get_special_tokens() == tok.get_special_tokens()
+    with pytest.raises(ConfigError, match="list of str"):
+        tok.encode_arrays("one text")
+
+
+def test_a_tokenizer_pickled_with_its_encoding_still_loads(tok):
+    # Tokenizers pickled before they kept the Encoding's arguments carry the Encoding itself
+    old = Tokenizer.__new__(Tokenizer)
+    old.__setstate__({"enc": tok.enc, "bos_token": BOS, "_bos_id": tok.get_bos_token_id(), "_identity": None,
+                      "_pool": None})
+    assert old.identity() == tok.identity()
+    assert [a.tolist() for a in old.encode_arrays(TEXTS[:5], num_threads=2)] == tok.encode(TEXTS[:5])
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (self.marker.touch, ())
+
+
+def test_a_tokenizer_file_runs_no_code(tmp_path):
+    marker = tmp_path / "ran"
+    with open(tmp_path / TOKENIZER_FILE, "wb") as f:
+        pickle.dump({"format": "shardstream-bpe/1", "pattern": _RunsCode(marker)}, f)
+    with pytest.raises(ConfigError, match="not a tokenizer file"):
+        Tokenizer.load(tmp_path)
+    assert not marker.exists()
+    (tmp_path / TOKENIZER_FILE).write_bytes(pickle.dumps(["not", "a", "tokenizer"]))
+    with pytest.raises(ConfigError, match="not a tokenizer file"):
+        Tokenizer.load(tmp_path)
 
 
 def test_training_is_deterministic(tok):
