@@ -15,7 +15,6 @@ Retry(reprobe=True), a lying Content-Range or a 416 a Retry(restart=True), a 200
 import http.client
 import logging
 import re
-import socket
 import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
@@ -105,7 +104,7 @@ class HttpTransport:
 
 
 class HttpBody(Body):
-    """A GET's body, read straight from the socket's buffered reader where it can be (see _body_reader)."""
+    """A GET's body, read as it arrives (see _body_reader)."""
 
     def __init__(self, resp, start, token):
         self.resp, self.start, self.token = resp, start, token
@@ -300,25 +299,25 @@ def _read_checksum_file(source, url, policy, session):
 
 
 def _shutdown(resp):
-    conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
+    """End a read blocked in a stall (urllib3's HTTPResponse.shutdown: SHUT_RD on the live socket)."""
+    try:
+        resp.raw.shutdown()
+    except (RuntimeError, ValueError, OSError):    # released already, or no socket
+        pass
 
 
 def _body_reader(resp):
-    """(readinto, bytes the body may still give): straight from the socket's buffered reader when the
-    body has a Content-Length (no copies, no per-chunk bookkeeping), else through http.client/urllib3."""
-    hr = getattr(resp.raw, "_fp", None)
-    if isinstance(hr, http.client.HTTPResponse) and not hr.chunked and hr.length is not None \
-            and hasattr(hr.fp, "readinto1"):
-        return hr.fp.readinto1, hr.length
-    reader = hr if hasattr(hr, "readinto") else resp.raw
-    return reader.readinto, float("inf")
+    """(readinto, bytes the body may still give): urllib3's read1, which returns what has arrived (the
+    stall and low-speed rules need that), the bytes as sent (no content decoding)."""
+    read1, length = resp.raw.read1, resp.raw.length_remaining
+
+    def readinto(b):
+        data = read1(len(b), decode_content=False)
+        n = len(data)
+        b[:n] = data
+        return n
+
+    return readinto, float("inf") if length is None else length
 
 
 def _content_range(value):
@@ -331,8 +330,7 @@ def _content_range(value):
 
 def _more_body(resp):
     """After reading up to the cap: does the body go on?"""
-    reader = getattr(resp.raw, "_fp", None) or resp.raw
     try:
-        return bool(reader.read(1))
+        return bool(resp.raw.read(1, decode_content=False))
     except NETWORK_ERRORS:
         return False

@@ -6,10 +6,9 @@ tiktoken / rustbpe (shardstream/tokenizer.py): the Encoding's constructor argume
 encode_to_numpy matching encode_ordinary (the loader's numpy path), the identity hash old resume states
 record, rustbpe's training API and determinism.
 
-requests / urllib3 / http.client (shardstream/httptransport.py, which came out of fetch.py): the body fast
-path _body_reader (resp.raw._fp, an http.client.HTTPResponse, whose .fp has readinto1), the stop watchdog
-_shutdown (resp.raw.connection / ._connection and its .sock), the cap probe _more_body (resp.raw._fp.read(1));
-and the public urllib3 calls that can replace them (HTTPResponse.read1 >= 2.2, .shutdown >= 2.3).
+requests / urllib3 (shardstream/httptransport.py): the public urllib3 calls the transport reads bodies
+with: HTTPResponse.read1 (>= 2.2: what has arrived, bytes as sent, chunks de-framed), .length_remaining,
+.read(1) for the cap probe, and .shutdown (>= 2.3: ends a read blocked in a stall).
 """
 import gzip
 import hashlib
@@ -18,7 +17,6 @@ import http.server
 import inspect
 import io
 import pickle
-import socket
 import threading
 import time
 
@@ -165,7 +163,7 @@ def test_rustbpe_training_is_stable_across_versions(tok):
 
 
 # -----------------------------------------------------------------------------
-# requests / urllib3 / http.client: what httptransport.py reaches into
+# requests / urllib3: the public calls httptransport.py reads bodies with
 
 BODY = hashlib.sha256(b"seed").digest() * (3 * 2 ** 20 // 32)     # 3 MiB
 STALL_SENT = 1000
@@ -242,32 +240,29 @@ def read_all(read, mv, left=float("inf")):
     return bytes(out)
 
 
-def test_body_fast_path_reads_the_socket_file_under_urllib3(url):
-    # _body_reader: resp.raw._fp is http.client's response; with a Content-Length it is not chunked, its
-    # .length is the body's, and .fp (the socket's buffered reader) has readinto1, which gives the body
-    with get(url, "/body") as resp:
-        assert isinstance(resp.raw, urllib3.response.HTTPResponse)
-        hr = resp.raw._fp
-        assert isinstance(hr, http.client.HTTPResponse)
-        assert hr.chunked is False and hr.length == len(BODY)
-        assert isinstance(hr.fp, io.BufferedReader) and callable(hr.fp.readinto1)
-        mv = memoryview(bytearray(1 << 20))
-        assert read_all(hr.fp.readinto1, mv, hr.length) == BODY
-
-
-def test_chunked_body_takes_http_clients_readinto(url):
-    # _body_reader's fallback: a chunked body is flagged, has no length, and http.client de-chunks it
+def test_read1_de_chunks_a_chunked_body(url):
+    # _body_reader on a chunked body (no length): read1 gives the body's bytes, the chunk framing gone
     with get(url, "/chunked") as resp:
-        hr = resp.raw._fp
-        assert hr.chunked is True and hr.length is None and callable(hr.readinto)
-        assert read_all(hr.readinto, memoryview(bytearray(1 << 20))) == BODY
+        assert resp.raw.length_remaining is None
+        assert read_all(lambda b: _copy_into(b, resp.raw.read1(len(b), decode_content=False)),
+                        memoryview(bytearray(1 << 20))) == BODY
 
 
-def test_the_fast_path_and_read1_give_the_bytes_as_sent(url):
-    # shards are written as the server sent them: no content decoding on either path
-    with get(url, "/gzip") as resp:
-        hr = resp.raw._fp
-        assert gzip.decompress(read_all(hr.fp.readinto1, memoryview(bytearray(4096)), hr.length)) == BODY[:10_000]
+def test_length_remaining_is_the_content_length(url):
+    with get(url, "/body") as resp:
+        assert resp.raw.length_remaining == len(BODY)
+
+
+def test_cap_probe_reads_one_byte(url):
+    # _more_body: resp.raw.read(1) after the cap says whether the body goes on
+    with get(url, "/body") as resp:
+        resp.raw.read(len(BODY) - 1, decode_content=False)
+        assert resp.raw.read(1, decode_content=False) == BODY[-1:]
+        assert resp.raw.read(1, decode_content=False) == b""
+
+
+def test_read1_gives_the_bytes_as_sent(url):
+    # shards are written as the server sent them: no content decoding
     with get(url, "/gzip") as resp:
         raw = read_all(lambda b: _copy_into(b, resp.raw.read1(len(b), decode_content=False)),
                        memoryview(bytearray(4096)))
@@ -279,19 +274,8 @@ def _copy_into(b, data):
     return len(data)
 
 
-def test_cap_probe_reads_one_byte_through_http_client(url):
-    # _more_body: resp.raw._fp.read(1) says whether the body goes on
-    with get(url, "/body") as resp:
-        hr = resp.raw._fp
-        hr.read(len(BODY) - 1)
-        assert hr.read(1) == BODY[-1:]
-        assert hr.read(1) == b""
-
-
 def test_public_read1_reads_what_has_arrived(url):
     # the public replacement for the fast path (urllib3 >= 2.2): at most n bytes, without waiting for n
-    if not hasattr(urllib3.response.HTTPResponse, "read1"):
-        pytest.skip(f"urllib3 {urllib3.__version__} has no HTTPResponse.read1 (the transport does not use it yet)")
     with get(url, "/stall") as resp:
         t0 = time.monotonic()
         assert resp.raw.read1(1 << 20, decode_content=False) == BODY[:STALL_SENT]
@@ -322,24 +306,8 @@ def _blocked_read_returns_after(resp, read, stop):
     return time.monotonic() - t0
 
 
-def test_stop_watchdog_shuts_the_live_socket_down(url):
-    # _shutdown: resp.raw.connection (urllib3's public property; ._connection is the same object) holds
-    # the live socket as .sock; shutting it down ends a read blocked in a stall
-    with get(url, "/stall") as resp:
-        conn = resp.raw.connection
-        assert conn is not None and conn is resp.raw._connection
-        assert isinstance(conn.sock, socket.socket)
-        hr = resp.raw._fp
-        mv = memoryview(bytearray(1 << 20))
-        assert read_all(hr.fp.readinto1, mv, STALL_SENT) == BODY[:STALL_SENT]
-        _blocked_read_returns_after(resp, lambda: hr.fp.readinto1(mv),
-                                    lambda r: r.raw.connection.sock.shutdown(socket.SHUT_RDWR))
-
-
 def test_public_shutdown_ends_a_stalled_read(url):
     # the public replacement (urllib3 >= 2.3): HTTPResponse.shutdown() (SHUT_RD on the same socket)
-    if not hasattr(urllib3.response.HTTPResponse, "shutdown"):
-        pytest.skip(f"urllib3 {urllib3.__version__} has no HTTPResponse.shutdown (the transport does not use it yet)")
     with get(url, "/stall") as resp:
         assert resp.raw.read1(STALL_SENT, decode_content=False) == BODY[:STALL_SENT]
         _blocked_read_returns_after(resp, lambda: resp.raw.read1(1 << 20, decode_content=False),
