@@ -8,21 +8,26 @@ The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
 
 Every shard goes through fetch_shard (resume, retries, verify, atomic rename), so the exit status is 0 only
 when every asked-for shard is verified on disk; otherwise it is 1 and each failed shard gets one line
-with its cause. As a library: download_shards(source, shard_ids, data_dir, workers, policy).
+with its cause. Bad arguments, an unwritable data dir and bad SHARDSTREAM_MAX_ROW_GROUP_* caps are exit 2,
+found before any network I/O. Ctrl-C or SIGTERM stops every transfer within ~1 s, keeps the partial files
+(the same command resumes them) and exits 128 + the signal number.
+As a library: download_shards(source, shard_ids, data_dir, workers, policy).
 """
 import argparse
 import concurrent.futures as cf
 import logging
+import signal
 import sys
 import threading
 import time
 
 import requests
 
-from .errors import ConfigError, ShardStreamError
+from .errors import ConfigError, FetchCancelled, ShardStreamError
 from .fetch import FetchPolicy, ensure_data_dir, fetch_shard, remote_info
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
 from .source import make_source
+from .verify import row_group_limits
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
     """
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
+    if policy.verify_parquet:
+        row_group_limits()          # every shard is checked against these caps: a bad variable fails now, not per shard
     data_dir = ensure_data_dir(data_dir)
     stop = stop or threading.Event()
     local = threading.local()
@@ -52,6 +59,8 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
         return local.session
 
     def one(i):
+        if stop.is_set():                       # queued behind the workers when the stop came
+            return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
         try:
             info = None
             if not (data_dir / shard_name(i)).is_file():
@@ -106,6 +115,9 @@ def cli(argv):
     try:
         if args.num_workers < 1:
             raise ConfigError(f"-w must be >= 1, got {args.num_workers}")
+        # Everything local before make_source, which lists hf/s3/gs sources over the network.
+        row_group_limits()
+        data_dir = ensure_data_dir(args.data_dir or default_data_dir(args.dataset))
         source = make_source(args.source, args.dataset, args.dataset_shards, allow_insecure=args.allow_insecure)
         n = args.num_files
         if n == -1:
@@ -114,7 +126,6 @@ def cli(argv):
             raise ConfigError(f"-n {args.num_files}: the dataset has {source.num_train_shards} train shards "
                               f"(0..{source.num_train_shards - 1}) plus the val shard; give 0..{source.num_train_shards} "
                               f"or -1 for all (set --dataset-shards for a custom --source)")
-        data_dir = ensure_data_dir(args.data_dir or default_data_dir(args.dataset))
     except ConfigError as e:
         print(f"shardstream download: {e}", file=sys.stderr)
         return 2
@@ -123,11 +134,33 @@ def cli(argv):
     print(f"fetching {n} train shard{'s' * (n != 1)} + val shard {source.val_shard} from "
           f"{source.identity()['source']} into {data_dir} with {args.num_workers} workers", file=sys.stderr)
     t0 = time.monotonic()
-    results = _download_with_bar(source, ids, data_dir, args.num_workers)
+    stop = threading.Event()
+    signals = []                # the signals that came, first one first
+
+    def on_signal(signum, frame):
+        if signals:             # a second one: stop waiting for the transfers to wind down
+            raise KeyboardInterrupt
+        signals.append(signum)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():   # only there can Python take signals
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        results = _download_with_bar(source, ids, data_dir, args.num_workers, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     seconds = time.monotonic() - t0
 
     failed = [(i, r) for i, r in zip(ids, results) if isinstance(r, Exception)]
     done = [r for r in results if not isinstance(r, Exception)]
+    if signals:
+        name = signal.Signals(signals[0]).name
+        kept = len(list(data_dir.glob("shard_*.partial")))
+        print(f"shardstream download: stopped by {name}: {len(done)}/{len(ids)} shards verified in {data_dir}, "
+              f"{kept} partial file(s) kept: run the same command again to resume them", file=sys.stderr)
+        return 128 + signals[0]
     fetched = [r for r in done if not r.already_present]
     mb = sum(r.bytes_downloaded for r in fetched) / 1e6
     print(f"{len(done)}/{len(ids)} shards verified in {data_dir} ({len(fetched)} fetched, "
@@ -139,7 +172,7 @@ def cli(argv):
     return 1 if failed else 0
 
 
-def _download_with_bar(source, ids, data_dir, workers):
+def _download_with_bar(source, ids, data_dir, workers, stop=None):
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
     lock = threading.Lock()
@@ -153,4 +186,4 @@ def _download_with_bar(source, ids, data_dir, workers):
         def on_bytes(n):
             with lock:
                 bar.update(n)
-        return download_shards(source, ids, data_dir, workers, stop=None, on_bytes=on_bytes, on_size=on_size)
+        return download_shards(source, ids, data_dir, workers, stop=stop, on_bytes=on_bytes, on_size=on_size)

@@ -17,7 +17,8 @@ carry `X-Linked-Size` and `X-Linked-Etag: "<sha256 hex>"` on HEAD and GET, as th
 URLs. A path outside the directory is refused with 403; another repo under /datasets/ gets 404.
 With token="..." every file request must carry `Authorization: Bearer <token>` (else 401).
 The Hub's API for sources (`hf://` URLs): `/api/datasets/<org>/<name>/revision/<rev>` (the commit sha) and
-`/api/datasets/<org>/<name>/tree/<rev>[/<dir>]` (path, size, LFS sha256; paged with a Link header).
+`/api/datasets/<org>/<name>/tree/<rev>[/<dir>]` (path, size, LFS sha256; paged with a Link header; a bad
+`cursor` gets 400 with a JSON `{"error": ...}`, as the Hub answers).
 `srv.revision` is the one commit served: `main` and that sha resolve, any other revision gets 404; assign
 a new sha (and change the files) to play a new commit of the data.
 
@@ -48,6 +49,9 @@ Fault spec grammar (for the CLI): faults separated by ";", each `kind[:key=value
 file, times (an int, or inf/none = forever), at, status, retry_after, seconds, method. Example:
     "reset:file=shard_00001.parquet:at=0.5:times=2;status:status=503:times=3;stall:seconds=5"
 
+A client that hangs up (mid-body, or resetting a kept-alive connection) costs its connection only: one
+log line (INFO with `log_hangups` set, as `shardstream serve` does; DEBUG otherwise), never a traceback.
+
 `outage(seconds)`: for that long every new connection and every new request is closed without a response
 (a server that is down), then it serves again.
 """
@@ -57,6 +61,7 @@ import hashlib
 import http.server
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -226,6 +231,13 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
             return False
         return True
 
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):        # a bug: socketserver's traceback
+            return super().handle_error(request, client_address)
+        # the client went away between or inside requests (reset, broken pipe): one line
+        self.owner._hung_up(f"client {client_address[0]}:{client_address[1]} hung up ({type(exc).__name__}: {exc})")
+
 
 class ShardServer:
     """Serve `directory` like the Hub. Context manager, or start()/stop()."""
@@ -237,6 +249,8 @@ class ShardServer:
             raise ConfigError(f"cannot serve {str(self.directory)!r}: not a directory (make one with "
                               f"`shardstream make-sample DIR`)")
         self.root = self.directory.resolve()
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ConfigError(f"port must be 0..65535 (0 picks a free one), got {port!r}")
         if hub_repo.count("/") != 1 or not all(hub_repo.split("/")):
             raise ConfigError(f"hub_repo must look like ORG/NAME, got {hub_repo!r}")
         self.host, self.port, self.hub_repo = host, port, hub_repo
@@ -245,6 +259,7 @@ class ShardServer:
         # (the directory holds one commit's files). Assign a new sha to play a new commit of the data.
         self.revision = revision or hashlib.sha1(hub_repo.encode()).hexdigest()
         self.tree_page_size = 1000      # entries per page of the tree API (the rest via a Link header)
+        self.log_hangups = False        # True: a client hanging up is an INFO line (shardstream serve), else DEBUG
         self._lock = threading.Lock()
         self._bucket = TokenBucket()
         self.set_rate(rate)
@@ -351,6 +366,11 @@ class ShardServer:
 
     def is_down(self):
         return time.monotonic() < self._down_until
+
+    def _hung_up(self, message):
+        # our own stop() shuts connections down: that is no client hanging up
+        level = logging.INFO if self.log_hangups and not self._stopping.is_set() else logging.DEBUG
+        logger.log(level, message)
 
     # --- counters
 
@@ -604,7 +624,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if folder is None or not folder.is_dir():
             return self._error(404, f"{sub} is not a folder of this repository")
         entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-        cursor = int(dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("cursor") or 0)
+        raw = dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("cursor") or "0"
+        cursor = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
+        if not 0 <= cursor <= len(entries):
+            return self._json(method, {"error": f"bad cursor {raw[:40]!r}: give the next page's URL from the Link "
+                                                f"header (cursor=0..{len(entries)})"}, status=400)
         page, items = entries[cursor:cursor + owner.tree_page_size], []
         for e in page:
             rel = f"{sub}/{e.name}" if sub else e.name
@@ -622,11 +646,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             extra["Link"] = f'<{owner.url}{urlsplit(self.path).path}?cursor={cursor + len(page)}>; rel="next"'
         return self._json(method, items, extra)
 
-    def _json(self, method, obj, extra=None):
+    def _json(self, method, obj, extra=None, status=200):
         body = json.dumps(obj).encode()
-        self._reply(200, body if method == "GET" else b"", {"Content-Type": "application/json", **(extra or {})},
+        self._reply(status, body if method == "GET" else b"", {"Content-Type": "application/json", **(extra or {})},
                     length=len(body))
-        return 200
+        return status
 
     def _error(self, status, message, extra=None):
         body = (message + "\n").encode()
@@ -679,7 +703,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         self.wfile.write(chunk)
                         sent += len(chunk)
         except OSError as e:            # the client went away
-            logger.debug("sending %s stopped after %d bytes: %s", name, sent, e)
+            owner._hung_up(f"client {self.client_address[0]}:{self.client_address[1]} hung up after {sent:,} of "
+                           f"{total:,} bytes of {name} ({type(e).__name__})")
             self.close_connection = True
         finally:
             owner._recount_body(ticket, sent)
@@ -729,20 +754,44 @@ def _parse_range(header, size):
 # -----------------------------------------------------------------------------
 # CLI
 
+def _port(text):
+    """--port: 0..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0..65535 (0 picks a free one)")
+    return port
+
+
+def _rate(text):
+    """--rate: MB/s > 0, finite."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give MB/s > 0, e.g. 0.5 (leave it out: no cap)")
+    return rate
+
+
 def cli(argv):
     p = argparse.ArgumentParser(prog="shardstream serve",
                                 description="Serve a directory of shards like the HuggingFace Hub.")
     p.add_argument("directory", help="directory holding shard_XXXXX.parquet files")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--rate", type=float, default=None, help="bandwidth cap in MB/s shared by all clients")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--rate", type=_rate, default=None, help="bandwidth cap in MB/s shared by all clients")
     p.add_argument("--faults", default=None,
                    help='scripted faults, e.g. "reset:file=shard_00001.parquet:at=0.5:times=2;status:status=503"')
     p.add_argument("--hub-repo", default=DEFAULT_HUB_REPO, help="ORG/NAME served under /datasets/.../resolve/")
     args = p.parse_args(argv)
     try:
         srv = ShardServer(args.directory, host=args.host, port=args.port, rate=args.rate, faults=args.faults,
-                          hub_repo=args.hub_repo).start()
+                          hub_repo=args.hub_repo)
+        srv.log_hangups = True
+        srv.start()
     except ConfigError as e:
         print(f"shardstream serve: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ from pathlib import Path
 from .cache import try_lock
 from .errors import ConfigError
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
+from .units import parse_bytes
+from .verify import row_group_limits
 
 logger = logging.getLogger(__name__)
 P = "[Streaming]"
@@ -65,12 +67,11 @@ VARIABLES = {
     "SHARDSTREAM_STATUS_EVERY": ("0", "seconds between [Streaming] status lines (0: every new shard; off: "
                                       "none)"),
 }
-OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE")    # read by distributed.py
+OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",    # read by distributed.py
+                   "SHARDSTREAM_MAX_ROW_GROUP_BYTES", "SHARDSTREAM_MAX_ROW_GROUP_ROWS")    # by verify.py
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -86,16 +87,6 @@ def streaming_enabled(env=None):
         return False
     raise ConfigError(f"SHARDSTREAM_STREAMING={env['SHARDSTREAM_STREAMING']!r}: write 1 to stream shards "
                       f"(or 0 / leave it unset to read a local data dir)")
-
-
-def parse_bytes(text):
-    """'20GB', '500MB', '1.5GiB', '2000000' -> bytes; ValueError otherwise."""
-    s = str(text).strip().lower().replace("_", "").replace(",", "").replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    value = float(num) * _SIZE_UNITS[s[len(num):]] if num else float("nan")
-    if not value > 0:
-        raise ValueError(text)
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -129,6 +120,9 @@ class StreamingSettings:
                 return default
             try:
                 return parse(raw.strip())
+            except ConfigError as e:        # parse_bytes says what is wrong with the value
+                problems.append(f"{name}={raw!r}: {e}; {hint}")
+                return default
             except (ValueError, KeyError, TypeError):
                 problems.append(f"{name}={raw!r}: {hint}")
                 return default
@@ -189,6 +183,10 @@ class StreamingSettings:
         kw["buffer_size"] = 5 if buffer == "auto" else buffer
         kw["total_shards"] = get("SHARDSTREAM_TOTAL_SHARDS", int_at_least(1, {"-1": -1, "all": -1}), -1,
                                  "write the number of train shards to stream (an int >= 1), or -1 for all")
+        try:
+            row_group_limits(env=env)       # verify.py reads them per shard: a bad one fails here, before any download
+        except ConfigError as e:
+            problems.append(str(e))
         if problems:
             raise ConfigError("bad streaming settings in the environment (docs/NANOCHAT.md lists them):\n  "
                               + "\n  ".join(problems))

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ShardStreamError, StateMismatchError
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, list_shards, nanochat_base_dir, shard_name
+from .units import parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +75,12 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text):
-    """'2000000', '500MB', '1.5GiB' -> bytes."""
-    s = str(text).strip().lower().replace("_", "").replace(",", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):].strip()
+def budget_bytes(text):
+    """--max_cache_bytes: '2000000', '500MB', '1.5GiB' -> bytes (units.parse_bytes), as an argparse type."""
     try:
-        value = float(num) * _SIZE_UNITS[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a byte count like 2000000, 500MB or 2GiB, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a byte count must be positive, got {text!r}")
-    return int(value)
+        return parse_bytes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e}; write a disk budget like 2GB, 500MB or 2000000000") from None
 
 
 def parse_step(text):
@@ -148,7 +139,7 @@ def build_parser():
     add("dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS), help="known dataset on the Hub")
     add("dataset_shards", type=int, default=None, help="shards in a custom --source (the last is val)")
     add("data_dir", default=None, help="shard directory (default SHARDSTREAM_DATA_DIR, else nanochat's)")
-    add("max_cache_bytes", type=parse_bytes, default=None, help="disk budget of the data dir, e.g. 2GB")
+    add("max_cache_bytes", type=budget_bytes, default=None, help="disk budget of the data dir, e.g. 2GB")
     add("vocab_size", type=int, default=32768, help="BPE vocab size incl. special tokens (default 32768)")
     add("tokenizer_dir", default=None, help="where the tokenizer is saved and reused")
     add("checkpoint_dir", default=None, help="where checkpoints go (default <base>/shardstream/base_checkpoints/dN)")
@@ -192,6 +183,8 @@ def parse_args(argv=None):
             raise ConfigError(f"--{name} must be within [0, 1], got {getattr(args, name)}")
     if args.warmup_ratio + args.warmdown_ratio > 1.0:
         raise ConfigError("--warmup_ratio + --warmdown_ratio must not exceed 1")
+    from .verify import row_group_limits
+    row_group_limits()          # SHARDSTREAM_MAX_ROW_GROUP_*: every shard is checked against them, so check them now
     return args
 
 
@@ -587,10 +580,10 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     # Where the data comes from, and how to get the first shard for the tokenizer.
     source = None
     if args.streaming_mode:
-        from .fetch import fetch_shard
+        from .fetch import ensure_data_dir, fetch_shard
         from .source import make_source
+        ensure_data_dir(data_dir)           # before make_source: an hf/s3/gs source is listed over the network
         source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)
-        data_dir.mkdir(parents=True, exist_ok=True)
         data_id = source.identity()["source"]
         dataset_shards = source.dataset_shards
 
