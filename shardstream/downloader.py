@@ -332,6 +332,11 @@ class StreamingDownloader:
         """The configured window (with prefetch=, where the adaptive window starts)."""
         return self.window.buffer_size
 
+    def row_group_stride(self, split):
+        """(rank, world) to stride a shard's row groups by, or None: the loader's own DDP rank and world
+        (a node leader of partition="node" says otherwise; see reader.ShardReader)."""
+        return None
+
     @property
     def window_size(self):
         """The window's current size: buffer_size, or what the adaptive rule decided last."""
@@ -1056,7 +1061,7 @@ class StreamingDownloader:
         try:
             write_status(self._data_dir, self._status())
             self._last_status_write = time.monotonic()
-        except OSError as e:
+        except (OSError, ConfigError) as e:     # (UnsafePathError: a planted file) never crashes a run
             logger.debug(f"{P} could not write status.json: {e}")
 
     def _status_loop(self):

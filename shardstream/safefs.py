@@ -6,6 +6,7 @@ events.jsonl) is opened through `open_nofollow`: a symbolic link under that name
 other non-file under a shard's final name before anything is downloaded for it.
 """
 import errno
+import fcntl
 import os
 import stat
 
@@ -21,13 +22,26 @@ def _refuse_link(path):
 
 
 def open_nofollow(path, flags, mode=0o644):
-    """os.open(path, flags) that refuses (UnsafePathError) when path is a symbolic link."""
+    """os.open(path, flags) that refuses (UnsafePathError) a symbolic link or anything but a regular file
+    at path (a fifo planted there would block the open, a device would take our writes)."""
     try:
-        return os.open(path, flags | NOFOLLOW | CLOEXEC, mode)
+        fd = os.open(path, flags | NOFOLLOW | CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
             raise _refuse_link(path) from None
+        if e.errno == errno.ENXIO:          # a fifo opened for writing with no reader
+            raise _not_a_file(path, os.stat(path), "shardstream's own file") from None
         raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_file(path, st, "shardstream's own file")
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fopen_nofollow(path, mode="r", buffering=-1):

@@ -421,3 +421,13 @@ def test_the_deadline_applies_to_a_download_in_flight_that_keeps_failing(version
     e = out.get("error")
     assert isinstance(e, TransientFetchError), out
     assert "in flight" in str(e) and "too slow" in str(e)
+
+
+def test_a_planted_fifo_is_refused_not_waited_on(tmp_path):
+    from shardstream.safefs import fopen_nofollow
+    fifo = tmp_path / "events.jsonl"
+    os.mkfifo(fifo)
+    t, out = _in_thread(lambda: fopen_nofollow(fifo, "a"))
+    t.join(5)
+    assert not t.is_alive(), "opening a planted fifo blocked"
+    assert isinstance(out.get("error"), UnsafePathError) and "not a regular file" in str(out["error"])
