@@ -65,7 +65,7 @@ from . import schedule
 from .cache import ReadPlan, ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
-                     TransientFetchError)
+                     SourceUnreachable, TransientFetchError)
 from .fetch import FetchPolicy, fetch_shard, remote_info
 from .prefetch import PrefetchController, PrefetchPolicy
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
@@ -919,7 +919,8 @@ class StreamingDownloader:
         self._retries += tried - 1                  # the call's own retries; the call's retry is counted below
         f.rounds += 1
         f.error = e
-        f.permanent = isinstance(e, PermanentFetchError)
+        # a source that never answered is offline or misnamed: the reader hears of it now, not at the deadline
+        f.permanent = isinstance(e, (PermanentFetchError, SourceUnreachable))
         fp = self.failure_policy
         if f.permanent and fp.mode != "wait":
             f.retry_at = float("inf")

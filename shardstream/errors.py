@@ -28,6 +28,11 @@ class PermanentFetchError(FetchError):
     """A failure retrying cannot fix (404, 401/403, size or checksum that never matches)."""
 
 
+class SourceUnreachable(TransientFetchError):
+    """The source's host has not answered once in this process (no network, a wrong HF_ENDPOINT or
+    --source): said within seconds instead of retried for minutes."""
+
+
 class CorruptShardError(ShardStreamError):
     """A file on disk is not the shard it claims to be (size, sha256 or parquet layout wrong)."""
 

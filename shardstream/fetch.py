@@ -39,18 +39,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import filelock
 import requests
 
 from .checksums import CHECKSUM_FILE
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
-                     TransientFetchError, UnsafePathError)
+                     SourceUnreachable, TransientFetchError, UnsafePathError)
 from .httptransport import HttpTransport
 from .objectstore import ObjectTransport
 from .safefs import check_own_file, check_shard_name, fopen_nofollow, open_nofollow
 from .shards import shard_name
-from .source import OBJECT_STORE_KINDS, redact_url
+from .source import OBJECT_STORE_KINDS, hf_endpoint, redact_url
 from .transport import Fatal, Retry, scrub
 from .verify import check_parquet, decode_parquet, sha256_file, verify_shard
 
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 LOCK_POLL = 0.25            # seconds between checks of `stop` while waiting for another fetcher's lock
 WATCH_POLL = 0.1            # seconds between checks of `stop` while a transfer is in flight
 VERIFY_LEVELS = ("footer", "decode")
+UNREACHED_TRIES = 3         # a host that never answered: give up after this many tries...
+UNREACHED_SECONDS = 8.0     # ...or this long, whichever comes first (a blip mid-run retries as usual)
 BYTES_REPORT = 256 << 10    # call on_bytes at least every this many bytes received...
 BYTES_REPORT_SECONDS = 0.5  # ...or this often, so a slow transfer's progress shows
 
@@ -182,6 +185,7 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
     session = session or requests.Session()
     transport = transport_for(source)(source, shard_id, policy, session)
     failures = attempts = 0
+    unreached = _Unreached()
     try:
         while True:
             if stop is not None and stop.is_set():
@@ -194,6 +198,7 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
                 raise _permanent(source, shard_id, url, attempts, str(e)) from None
             except Retry as e:
                 cause = e.cause
+                unreached.note(e, source, shard_id, url, attempts)
                 failures += 1
                 if policy.max_attempts is not None and failures >= policy.max_attempts:
                     raise _transient(source, shard_id, url, attempts, cause) from None
@@ -205,6 +210,33 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
     finally:
         if own:
             session.close()
+
+
+class _Unreached:
+    """Counts the tries of one call that found a host which never answered in this process; past
+    UNREACHED_TRIES or UNREACHED_SECONDS that is SourceUnreachable, with what to do."""
+
+    def __init__(self):
+        self.tries, self.since = 0, None
+
+    def note(self, retry, source, shard_id, url, attempts):
+        if retry.unreached is None:
+            self.tries, self.since = 0, None
+            return
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        self.tries += 1
+        if self.tries < UNREACHED_TRIES and now - self.since < UNREACHED_SECONDS:
+            return
+        cause = scrub(retry.cause, source.token)
+        hub = source.kind == "hf" or urlsplit(source.base_url).hostname == urlsplit(hf_endpoint()).hostname
+        where = (f"HF_ENDPOINT (now {hf_endpoint()}) for the Hub" if hub else
+                 f"--source / SHARDSTREAM_SOURCE (now {redact_url(source.base_url)})")
+        raise SourceUnreachable(
+            f"cannot reach {retry.unreached}: it has not answered once ({cause}). Check the network and "
+            f"{where}. Offline, `./run demo` streams from a local server, and `shardstream serve DIR` serves "
+            f"shards you have for --source http://127.0.0.1:PORT",
+            shard_id=shard_id, url=redact_url(url), attempts=attempts, cause=cause) from None
 
 
 def _backoff(policy, failures, retry_after=None):
@@ -499,12 +531,14 @@ class _Transfer:
 
     def run(self):
         watch = _StopWatch(self.stop)
+        unreached = _Unreached()
         try:
             while True:
                 self._check_stop()
                 try:
                     return self._try(watch)
                 except Retry as e:
+                    unreached.note(e, self.source, self.shard_id, self.url, self.attempts)
                     if e.reprobe:       # the file changed at the source: ask what it is now, start over
                         self.info = None
                         self._discard()

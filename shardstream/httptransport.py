@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
@@ -34,6 +34,14 @@ MAX_REDIRECTS = 10
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # What a dropped, reset, stalled or garbled connection raises somewhere between requests and the socket.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
+_answered = set()           # hosts that answered in this process: a failure there is a blip, not "offline"
+
+
+def _network_retry(e, url, token, what=""):
+    """A network error as a Retry; `unreached` names the host when it never answered in this process."""
+    host = urlsplit(url).hostname
+    never = isinstance(e, requests.ConnectionError) and host not in _answered
+    return Retry(f"{what}{describe(e, token)}", unreached=host if never else None)
 
 
 class HttpTransport:
@@ -48,7 +56,7 @@ class HttpTransport:
         try:
             info = _head(self.source, self.url, self.policy, self.session)
         except NETWORK_ERRORS as e:
-            raise Retry(f"HEAD failed: {describe(e, self.source.token)}") from None
+            raise _network_retry(e, self.url, self.source.token, "HEAD failed: ") from None
         if info.sha256 is None and self.policy.checksum_file:
             try:
                 sums = CHECKSUMS.get(self.source.base_url,
@@ -96,7 +104,7 @@ class HttpTransport:
         except NETWORK_ERRORS as e:
             if resp is not None:
                 resp.close()
-            raise Retry(describe(e, self.source.token)) from None
+            raise _network_retry(e, self.url, self.source.token) from None
         except BaseException:
             if resp is not None:
                 resp.close()
@@ -157,6 +165,7 @@ def _request(session, source, method, url, policy, headers=None, follow=True):
                 if isinstance(e, requests.RequestException):
                     raise
                 raise Fatal(f"refused a redirect to a malformed URL ({e})") from None
+            _answered.add(urlsplit(url).hostname)
             if first is None:
                 first = resp
             if not (follow and resp.is_redirect and "Location" in resp.headers):

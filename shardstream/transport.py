@@ -18,6 +18,8 @@ What a try can end in, raised by transports and handled by the loop:
 - Retry(cause, retry_after=, progressed=, restart=, reprobe=): worth another try after a backoff.
   restart: the bytes kept are no good (a lying range, a 416): start the file over. reprobe: the file
   changed at the source: forget what it was said to be, ask again, start over.
+  unreached: the host, when no connection to it has succeeded in this process (the loop gives up within
+  seconds: a source that never answered is offline or misnamed, not flaky).
 - Fatal(cause): retrying cannot fix it (404, 401/403, a refused redirect, a malformed listing).
 A transport turns its library's network errors into Retry, so the loop never sees them.
 """
@@ -27,11 +29,12 @@ import re
 class Retry(Exception):
     """This try failed in a way worth retrying."""
 
-    def __init__(self, cause, retry_after=None, progressed=None, restart=False, reprobe=False):
+    def __init__(self, cause, retry_after=None, progressed=None, restart=False, reprobe=False, unreached=None):
         super().__init__(cause)
         self.cause, self.retry_after = cause, retry_after
         self.progressed = progressed        # None: the loop decides from the bytes this try wrote
         self.restart, self.reprobe = restart, reprobe
+        self.unreached = unreached          # the host, when no connection to it ever succeeded here
 
 
 class Fatal(Exception):

@@ -431,3 +431,48 @@ def test_a_planted_fifo_is_refused_not_waited_on(tmp_path):
     t.join(5)
     assert not t.is_alive(), "opening a planted fifo blocked"
     assert isinstance(out.get("error"), UnsafePathError) and "not a regular file" in str(out["error"])
+
+
+# -----------------------------------------------------------------------------
+# A source that never answered is said within seconds, not retried for minutes
+
+def _closed_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]          # closed once we return: connections are refused
+
+
+def test_a_source_that_never_answered_is_said_within_seconds(tmp_path):
+    from shardstream.errors import SourceUnreachable
+    src = Source(f"http://127.0.0.1:{_closed_port()}/x", 3)
+    t0 = time.monotonic()
+    with pytest.raises(SourceUnreachable) as e:
+        fetch_shard(src, 0, tmp_path, FetchPolicy(fsync=False))    # the default policy: 10 attempts, 30 s backoff
+    assert time.monotonic() - t0 < 10
+    msg = str(e.value)
+    assert "has not answered once" in msg and "--source" in msg and "./run demo" in msg and "shardstream serve" in msg
+
+
+def test_the_downloader_says_it_at_start(tmp_path):
+    from shardstream.downloader import StreamingDownloader
+    from shardstream.errors import SourceUnreachable
+    dl = StreamingDownloader(2, data_dir=tmp_path / "d", source=f"http://127.0.0.1:{_closed_port()}/x",
+                             dataset_shards=3, progress=False, min_free_bytes=0, warn_free_bytes=0)
+    t0 = time.monotonic()
+    with pytest.raises(SourceUnreachable):
+        dl.start()
+    assert time.monotonic() - t0 < 12
+
+
+def test_a_host_that_answered_before_is_retried_as_a_blip(versions, tmp_path):
+    from shardstream.errors import SourceUnreachable
+    a, _ = versions
+    files = {name(0): HostileFile(a, etag='"a"'), name(1): HostileFile(a, etag='"b"')}
+    with HostileServer(files) as srv:
+        src = Source(srv.url, 2)
+        fetch_shard(src, 0, tmp_path, FAST)             # it answered once
+    policy = FetchPolicy(max_attempts=4, backoff_initial=0.01, backoff_max=0.02, fsync=False)
+    with pytest.raises(TransientFetchError) as e:       # now it is down: the usual retries, then the usual error
+        fetch_shard(src, 1, tmp_path, policy)
+    assert not isinstance(e.value, SourceUnreachable) and e.value.attempts == 4
