@@ -42,7 +42,7 @@ What it does better:
   keeps nanochat's keys pq_idx, rg_idx, epoch (the row group last read), and a plain nanochat state
   {pq_idx, rg_idx, epoch} resumes the way nanochat does (next row-group stride, empty buffer: approximate).
 - A state made by another rank (nanochat hands rank 0's state to every rank) cannot restore this rank's
-  buffer by itself: under torch.distributed, distributed.LoaderSync makes rank 0's state carry every
+  buffer by itself: under torch.distributed, loadersync.LoaderSync makes rank 0's state carry every
   rank's, so each rank resumes exactly; without it, the rank resumes approximately from the nanochat keys,
   with a warning.
 """
@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import ConfigError, CorruptShardError, ShardSkipped, StateMismatchError
+from .reader import ShardReader
 from .shards import default_data_dir, list_shards, shard_name
 from .verify import check_row_group, decoded_too_big, row_group_limits
 
@@ -98,26 +99,21 @@ def get_dist_info(rank=None, world_size=None):
 class ShardPlan:
     """The split's shard list (index pq_idx -> shard id) and access to each shard's file.
 
-    With a downloader: train = shards 0..total-1, val = the downloader's val shard; acquire() waits for
-    the verified file and leases it, release() hands it back. Without: the shard files of a local
-    directory, train = all but the last, val = the last (nanochat's rule).
+    With a downloader (a reader.ShardReader: nothing else is asked of it): train = the downloader's read
+    order (`plan.order`), val = its val shard; acquire() waits for the verified file and leases it,
+    release() hands it back. Without: the shard files of a local directory, train = all but the last,
+    val = the last (nanochat's rule).
     """
 
-    def __init__(self, split, downloader=None, data_dir=None):
+    def __init__(self, split, downloader: ShardReader | None = None, data_dir=None):
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         self.split = split
         self.downloader = downloader
         if downloader is not None:
-            total = getattr(downloader, "total_shards", None)
-            if total is None:
-                total = downloader.source.num_train_shards
-            order = getattr(getattr(downloader, "plan", None), "order", None)     # a node's shards (distributed.py)
-            ids = list(order if order is not None else range(total)) if split == "train" else [downloader.val_shard]
-            stride = getattr(downloader, "row_group_stride", None)
-            self.stride = stride(split) if callable(stride) else None   # (rank, world) the downloader asks for
-            src = getattr(downloader, "source", None)
-            self.source = src.identity()["source"] if src is not None else "downloader"
+            ids = list(downloader.plan.order) if split == "train" else [downloader.val_shard]
+            self.stride = downloader.row_group_stride(split)    # (rank, world), or None: the DDP rank and world
+            self.source = downloader.source.identity()["source"]
             self.data_dir = None
         else:
             self.data_dir = os.fspath(data_dir if data_dir is not None else default_data_dir())
@@ -134,7 +130,7 @@ class ShardPlan:
         if not ids:
             raise ConfigError(f"split {split!r} has no shards")
         self.shard_ids = ids
-        self.rows_read = None       # distributed.py, after an elastic resume: (epoch, pq_idx, rg_idx) -> rows read
+        self.rows_read = None       # loadersync.py, after an elastic resume: (epoch, pq_idx, rg_idx) -> rows read
 
     def __len__(self):
         return len(self.shard_ids)
@@ -155,10 +151,7 @@ class ShardPlan:
         """Hand the shard back; consumed=False when it was not read to its end (a stop mid-shard, a
         resume's re-read of buffered documents), so the downloader keeps it for the read to come."""
         if self.downloader is not None:
-            if consumed:
-                self.downloader.release(self.shard_ids[pq_idx])
-            else:
-                self.downloader.release(self.shard_ids[pq_idx], consumed=False)
+            self.downloader.release(self.shard_ids[pq_idx], consumed=consumed)
 
 
 PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)
@@ -598,14 +591,14 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 buffer_size, streaming_downloader=dl, ddp_rank=ddp_rank, ddp_world_size=ddp_world_size,
                 state_every=state_every, prefetch=prefetch))
     plan = ShardPlan(split, streaming_downloader, data_dir)
-    if getattr(plan, "stride", None) is not None and ddp_rank is None and ddp_world_size is None:
+    if plan.stride is not None and ddp_rank is None and ddp_world_size is None:
         ddp_rank, ddp_world_size = plan.stride          # partition="node": row groups over the local ranks
     rank, world = get_dist_info(ddp_rank, ddp_world_size)
     bos = tokenizer.get_bos_token_id()
     fingerprint = {"split": split, "source": plan.source, "shards": len(plan), "B": B, "T": T,
                    "world_size": world, "tokenizer": tokenizer_identity(tokenizer),
                    "buffer_size": buffer_size, "tokenizer_batch_size": tokenizer_batch_size}
-    from .distributed import LoaderSync      # DDP: rank 0's state carries every rank's (exact resume)
+    from .loadersync import LoaderSync       # DDP: rank 0's state carries every rank's (exact resume)
     sync = LoaderSync.for_loader(split, rank, world, fingerprint, resume_state_dict)
     if sync is not None:
         resume_state_dict, plan.rows_read = sync.resume_state, sync.rows_read

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .cache import try_lock
 from .errors import ConfigError
+from .node import NodeReader
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
 from .units import parse_bytes
 from .verify import row_group_limits
@@ -67,7 +68,7 @@ VARIABLES = {
     "SHARDSTREAM_STATUS_EVERY": ("0", "seconds between [Streaming] status lines (0: every new shard; off: "
                                       "none)"),
 }
-OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",    # read by distributed.py
+OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",    # read by torchrun.py, loadersync.py
                    "SHARDSTREAM_MAX_ROW_GROUP_BYTES", "SHARDSTREAM_MAX_ROW_GROUP_ROWS")    # by verify.py
 
 _TRUE = ("1", "true", "yes", "on")
@@ -267,7 +268,8 @@ class _Shared:
 
     @classmethod
     def open(cls, settings, split, resuming):
-        from .distributed import make_node_downloader, node_info
+        from .node import make_node_downloader
+        from .torchrun import node_info
         info = node_info()
         _make_visible()
         kw = settings.downloader_kwargs(split, resuming)
@@ -317,7 +319,7 @@ class _Shared:
         except Exception:
             status = None
         self.downloader.stop()
-        owns_dir = not self.distributed or hasattr(self.downloader, "downloader")  # not a NodeReader
+        owns_dir = not isinstance(self.downloader, NodeReader)     # a NodeReader's leader owns the dir
         removed = discard_partials(self.settings.data_dir) if owns_dir else 0
         if self.talk and status is not None:
             logger.info(f"{P} stopped: {status.downloaded_bytes / 1e6:.1f} MB downloaded, reader waited "
@@ -397,24 +399,47 @@ def _close(gen, lease):
 
 
 class _Reporting:
-    """The shared downloader as one loader sees it: every attribute delegated, and wait_for_shard of the
-    train split reports new shards (the [Streaming] status line)."""
+    """The shared downloader as one loader sees it (a reader.ShardReader): every member is the
+    downloader's, and wait_for_shard of the train split reports new shards (the [Streaming] status line)."""
 
     def __init__(self, shared, split):
         self._shared = shared
         self._split = split
 
-    def __getattr__(self, name):
-        return getattr(self._shared.downloader, name)
+    source = property(lambda self: self._shared.downloader.source)
+    data_dir = property(lambda self: self._shared.downloader.data_dir)
+    val_shard = property(lambda self: self._shared.downloader.val_shard)
+    total_shards = property(lambda self: self._shared.downloader.total_shards)
+    plan = property(lambda self: self._shared.downloader.plan)
 
-    def wait_for_shard(self, shard_id, timeout=None):
-        path = self._shared.downloader.wait_for_shard(shard_id, timeout)
+    def row_group_stride(self, split):
+        return self._shared.downloader.row_group_stride(split)
+
+    def wait_for_shard(self, shard_id, timeout=None, *, reader=0):
+        path = self._shared.downloader.wait_for_shard(shard_id, timeout, reader=reader)
         if self._split == "train":
             self._shared.report(shard_id)
         return path
 
-    def release(self, shard_id, consumed=True):
-        self._shared.downloader.release(shard_id, consumed=consumed)
+    def release(self, shard_id, *, reader=0, consumed=True):
+        self._shared.downloader.release(shard_id, reader=reader, consumed=consumed)
+
+    def get_status(self):
+        return self._shared.downloader.get_status()
+
+    def start(self):
+        self._shared.downloader.start()
+        return self
+
+    def stop(self):
+        self._shared.downloader.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
 
 
 def env_downloader(split, resuming=False):

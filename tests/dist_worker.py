@@ -55,23 +55,47 @@ class ByteTokenizer:
 
 
 class SlowReader:
-    """Wraps a downloader: sleeps between getting a shard and handing it over, then checks it is still there."""
+    """A ShardReader wrapping the rank's downloader: sleeps between getting a shard and handing it over,
+    then checks it is still there. Every other member is passed through as is."""
 
     def __init__(self, inner, seconds):
         self.inner, self.seconds = inner, seconds
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    source = property(lambda self: self.inner.source)
+    data_dir = property(lambda self: self.inner.data_dir)
+    val_shard = property(lambda self: self.inner.val_shard)
+    total_shards = property(lambda self: self.inner.total_shards)
+    plan = property(lambda self: self.inner.plan)
 
-    def wait_for_shard(self, shard_id, timeout=None):
-        path = self.inner.wait_for_shard(shard_id, timeout)
+    def row_group_stride(self, split):
+        return self.inner.row_group_stride(split)
+
+    def wait_for_shard(self, shard_id, timeout=None, *, reader=0):
+        path = self.inner.wait_for_shard(shard_id, timeout, reader=reader)
         time.sleep(self.seconds)
         if not os.path.exists(path):
             raise AssertionError(f"{path} was deleted while this rank held it")
         return path
 
-    def release(self, shard_id):
-        self.inner.release(shard_id)
+    def release(self, shard_id, *, reader=0, consumed=True):
+        self.inner.release(shard_id, reader=reader, consumed=consumed)
+
+    def get_status(self):
+        return self.inner.get_status()
+
+    def start(self):
+        self.inner.start()
+        return self
+
+    def stop(self):
+        self.inner.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
 
 
 def main():
