@@ -3,7 +3,8 @@
 source -> fetch -> cache -> downloader -> loader -> trainer. See README.md.
 """
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchError, PermanentFetchError,
-                     ShardStreamError, ShardWaitTimeout, StateMismatchError, TransientFetchError)
+                     ShardStreamError, ShardWaitTimeout, SourceUnreachable, StateMismatchError,
+                     TransientFetchError, UnsafePathError)
 from .shards import extract_shard_id, shard_name
 from .source import Source, make_source
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {       # heavy pieces load on first use, so `import shardstream` stays light
     "StreamingDownloader": "downloader", "WindowPolicy": "downloader", "FailurePolicy": "downloader",
     "DiskPolicy": "downloader", "PrefetchPolicy": "prefetch", "DownloaderStatus": "status",
+    "ShardReader": "reader", "FetchPolicy": "fetch",
 }
 
 
