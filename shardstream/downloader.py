@@ -300,6 +300,8 @@ class StreamingDownloader:
         self._rate = deque()             # (monotonic time, bytes)
         self._last_status_write = 0.0
         self._begun = {}                 # shard -> monotonic time its transfer began
+        self._transferring = set()       # shards in flight whose bytes are arriving now (they hold the link)
+        self._body_seconds = {}          # shard -> seconds its bytes took (verify and commit not counted)
         self._initial = ()               # while start() fills the initial buffer: only these are fetched
         self._last_read = {}             # reader -> (plan position, monotonic time it got the shard, bytes)
         self._ctl = None if prefetch is None else PrefetchController(prefetch, start_ahead=window.buffer_size)
@@ -655,7 +657,7 @@ class StreamingDownloader:
             initial=self._initial, initial_buffer=self.window.initial_buffer, window=self._win,
             window_base=self._win_base, adaptive=self._ctl is not None, verified=len(self._verified),
             files=c.files, partials=c.partials, inflight=c.inflight.keys(), leased=c.leased(),
-            consumed=tuple(c.consumed), demand=tuple(sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))),
+            transferring=self._transferring, consumed=tuple(c.consumed), demand=tuple(sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))),
             sizes=self._sizes, probing=self._info_pending, failures=self._failures, troubled=self._troubled,
             skipped=self._skipped.keys(), blocked=self._blocked.keys(), budget=c.budget, used_bytes=c.used_bytes(),
             retain=self.window.retain, parallel=self._parallel_limit(), max_shard_bytes=self._max_shard_bytes)
@@ -766,8 +768,7 @@ class StreamingDownloader:
                     continue
                 self.cache.begin(shard, size)
                 self._begun[shard] = now
-                if self._ctl is not None:
-                    self._ctl.meter.transfer_started(now)
+                self._link(shard, True, now)
                 self._event("download_start", shard, size=size)
                 return job
         return None
@@ -831,16 +832,36 @@ class StreamingDownloader:
             self._max_shard_bytes = info.size
             self._update_window()
 
+    def _link(self, shard, busy, now):
+        """A transfer of shard starts or stops holding the link (lock held): its bytes arrive, or it
+        verifies, commits or backs off (then the next transfer may start)."""
+        if busy == (shard in self._transferring):
+            return
+        if busy:
+            self._transferring.add(shard)
+        else:
+            self._transferring.discard(shard)
+            began = self._begun.get(shard)
+            if began is not None:
+                self._body_seconds[shard] = now - began
+        if self._ctl is not None:
+            (self._ctl.meter.transfer_started if busy else self._ctl.meter.transfer_ended)(now)
+        self._cond.notify_all()
+
+    def _on_link(self, shard, busy):
+        with self._cond:
+            self._link(shard, busy, time.monotonic())
+
     def _transfer_over(self, shard, nbytes=0):
         """A transfer ended (lock held): measure it when it brought bytes, for the adaptive window."""
         self._troubled.pop(shard, None)
         now = time.monotonic()
+        self._link(shard, False, now)
         began = self._begun.pop(shard, None)
-        if self._ctl is not None:
-            self._ctl.meter.transfer_ended(now)
-            if nbytes and began is not None:
-                self._ctl.meter.download_done(nbytes, now - began, now)
-                self._update_window()
+        seconds = self._body_seconds.pop(shard, None)
+        if self._ctl is not None and nbytes and began is not None:
+            self._ctl.meter.download_done(nbytes, seconds if seconds is not None else now - began, now)
+            self._update_window()
 
     def _download(self, shard, session):
         name = shard_name(shard)
@@ -849,7 +870,8 @@ class StreamingDownloader:
         try:
             res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
                               stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=info,
-                              on_retry=lambda cause: self._on_retry(shard, cause))
+                              on_retry=lambda cause: self._on_retry(shard, cause),
+                              on_link=lambda busy: self._on_link(shard, busy))
         except FetchCancelled:
             with self._cond:
                 self.cache.abandon(shard)

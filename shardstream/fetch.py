@@ -453,12 +453,14 @@ def _write_all(fd, view):
 # The fetch
 
 def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=None, stop=None,
-                on_bytes=None, info=None, on_retry=None):
+                on_bytes=None, info=None, on_retry=None, on_link=None):
     """Bring shard_id from source to data_dir/shard_XXXXX.parquet, verified. See the module docstring.
 
     session: a requests.Session (one per thread); stop: a threading.Event that cancels within ~1 s
     (FetchCancelled, partial kept); on_bytes(n): called as bytes land; info: a RemoteInfo already known;
-    on_retry(cause): called when a try failed and the call tries again (the caller may give up waiting).
+    on_retry(cause): called when a try failed and the call tries again (the caller may give up waiting);
+    on_link(busy): True when a try starts receiving, False when its bytes are in (or it failed): while the
+    call verifies and commits, or backs off, the link is free for another transfer.
     """
     t0 = time.monotonic()
     name = shard_name(shard_id)
@@ -497,7 +499,7 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
                 return _present(shard_id, final, t0)
             transport = transport_for(source)(source, shard_id, policy, session)
             return _Transfer(source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0,
-                             on_retry).run()
+                             on_retry, on_link).run()
         finally:
             lock.release()
     finally:
@@ -514,10 +516,11 @@ class _Transfer:
     """The state of one fetch while its lock is held: retries, the partial file, the running hash. The
     source's side of each try is the transport's (transport.py)."""
 
-    def __init__(self, source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0, on_retry=None):
+    def __init__(self, source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0, on_retry=None,
+                 on_link=None):
         self.source, self.transport, self.shard_id, self.url, self.final = source, transport, shard_id, url, final
         self.policy, self.stop, self.on_bytes = policy, stop, on_bytes
-        self.info, self.t0, self.on_retry = info, t0, on_retry
+        self.info, self.t0, self.on_retry, self.on_link = info, t0, on_retry, on_link
         self.attempts = 0               # requests tried
         self.failures = 0               # failed tries in a row without progress
         self.full_downloads = 0         # complete downloads that failed verification
@@ -689,6 +692,8 @@ class _Transfer:
             fd = open_nofollow(self.partial, os.O_WRONLY | os.O_CREAT)
         except OSError as e:
             raise _DiskError(e) from None
+        if self.on_link is not None:
+            self.on_link(True)
         try:
             os.lseek(fd, self.pos, os.SEEK_SET)
             try:
@@ -718,6 +723,8 @@ class _Transfer:
             if body is not None:
                 body.close()
             os.close(fd)
+            if self.on_link is not None:
+                self.on_link(False)
 
     def _stream(self, body, fd, limit):
         """The hot loop: read from the socket into a 1 MiB buffer, writing each read to the partial file at

@@ -18,14 +18,14 @@ import re
 import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 import urllib3
 
 from .checksums import CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError, ChecksumFileUnavailable
 from .shards import shard_name
-from .source import RemoteInfo, follow_problem, redact_url
+from .source import RemoteInfo, follow_problem, redact_url, url_origin
 from .transport import Body, Fatal, Retry, describe
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ MAX_REDIRECTS = 10
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # What a dropped, reset, stalled or garbled connection raises somewhere between requests and the socket.
 NETWORK_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
-_answered = set()           # hosts that answered in this process: a failure there is a blip, not "offline"
+_answered = set()           # origins that answered in this process: a failure there is a blip, not "offline"
 
 
 def _network_retry(e, url, token, what=""):
-    """A network error as a Retry; `unreached` names the host when it never answered in this process."""
-    host = urlsplit(url).hostname
-    never = isinstance(e, requests.ConnectionError) and host not in _answered
-    return Retry(f"{what}{describe(e, token)}", unreached=host if never else None)
+    """A network error as a Retry; `unreached` names the server when it never answered in this process."""
+    origin = url_origin(url)
+    never = isinstance(e, requests.ConnectionError) and origin not in _answered
+    return Retry(f"{what}{describe(e, token)}", unreached=redact_url(origin) if never and origin else None)
 
 
 class HttpTransport:
@@ -165,7 +165,7 @@ def _request(session, source, method, url, policy, headers=None, follow=True):
                 if isinstance(e, requests.RequestException):
                     raise
                 raise Fatal(f"refused a redirect to a malformed URL ({e})") from None
-            _answered.add(urlsplit(url).hostname)
+            _answered.add(url_origin(url))
             if first is None:
                 first = resp
             if not (follow and resp.is_redirect and "Location" in resp.headers):

@@ -17,9 +17,11 @@ Shard sizes cancel out (both rates are per byte), so the window is in shards. Un
 read have been measured, the window is `start_ahead`.
 
 Parallel transfers: one connection at a time gets the next shard fastest when it fills the link (a
-second one would halve the urgent shard's speed); so transfers run in parallel only when behind: when
-the link measured while busy (`aggregate_bps`) is slower than the reader, more connections may fill it
-(a CDN often caps each connection). The downloader adds one transfer for a shard a reader waits for
+second one would halve the urgent shard's speed). But one connection often does not fill it (a CDN
+caps each connection; TCP ramps up again after every idle gap), so the meter keeps the link's rate at
+each number of transfers in flight (`level_bps`), and the rule runs as many as it takes: all `workers`
+when behind (the busy link slower than the reader), else the fewest that measured within LEVEL_GAIN of
+the best, trying one more once the current level has been measured (`parallel_transfers`). The downloader adds one transfer for a shard a reader waits for
 that is not in flight (an on-demand or val shard must not queue behind a prefetch).
 
 `PrefetchController` holds the measurements (`RateMeter`) and the wait bump; the rule itself is the pure
@@ -71,6 +73,7 @@ class Rates:
     consume_spb: float | None = None        # the reader, seconds per byte: the median
     downloads: int = 0                      # samples behind the estimates
     reads: int = 0
+    level_bps: tuple = ()                   # ((transfers in flight, link bytes/s at that many), ...) measured
 
     @property
     def consume_bps(self):
@@ -116,12 +119,24 @@ def window_size(policy, rates, bump=0, room=None, start_ahead=5):
     return Window(size, base, bump, room, why)
 
 
+LEVEL_SECONDS = 2.0         # a level counts as measured after this long with that many transfers in flight
+LEVEL_GAIN = 1.05           # another transfer in flight pays when the link moved this much more with it
+
+
 def parallel_transfers(rates, workers):
     """How many transfers may run at once: all `workers` when behind (the busy link is slower than the
-    reader), else one (the next shard gets the whole link)."""
+    reader); else the fewest whose measured link rate is within LEVEL_GAIN of the best measured, and one
+    more than that while the next level has not been measured (one connection may not fill the link)."""
     if rates.aggregate_bps and rates.consume_bps and rates.aggregate_bps < rates.consume_bps:
         return workers
-    return 1
+    levels = dict(rates.level_bps)
+    if not levels:
+        return 1
+    best = max(levels.values())
+    k = min(k for k, bps in levels.items() if bps * LEVEL_GAIN >= best)
+    if k + 1 <= workers and k + 1 not in levels and max(levels) <= k:
+        return k + 1                        # not tried yet: measure it
+    return min(k, workers)
 
 
 class RateMeter:
@@ -136,13 +151,23 @@ class RateMeter:
         self.busy = 0.0
         self.busy_since = None
         self.bytes = 0
+        self.level_bytes = {}       # transfers in flight -> bytes received while that many were
+        self.level_seconds = {}     # transfers in flight -> seconds that many were
+        self._level_since = None
+
+    def _account(self, now):
+        if self.active > 0 and self._level_since is not None:
+            self.level_seconds[self.active] = self.level_seconds.get(self.active, 0.0) + now - self._level_since
+        self._level_since = now
 
     def transfer_started(self, now):
+        self._account(now)
         if self.active == 0:
             self.busy_since = now
         self.active += 1
 
     def transfer_ended(self, now):
+        self._account(now)
         self.active = max(0, self.active - 1)
         if self.active == 0 and self.busy_since is not None:
             self.busy += now - self.busy_since
@@ -150,6 +175,8 @@ class RateMeter:
 
     def add_bytes(self, n):
         self.bytes += n
+        if self.active > 0:
+            self.level_bytes[self.active] = self.level_bytes.get(self.active, 0) + n
 
     def busy_seconds(self, now):
         return self.busy + (now - self.busy_since if self.busy_since is not None else 0.0)
@@ -171,8 +198,11 @@ class RateMeter:
                 agg = (n1 - n0) / (b1 - b0)
         spb = quantile(self.downloads, tail)
         med = quantile(self.downloads, 0.5)
+        levels = tuple(sorted((k, self.level_bytes.get(k, 0) / secs) for k, secs in self.level_seconds.items()
+                              if secs >= LEVEL_SECONDS))
         return Rates(download_spb=spb, download_bps=1.0 / med if med else None, aggregate_bps=agg,
-                     consume_spb=quantile(self.reads, 0.5), downloads=len(self.downloads), reads=len(self.reads))
+                     consume_spb=quantile(self.reads, 0.5), downloads=len(self.downloads), reads=len(self.reads),
+                     level_bps=levels)
 
 
 class PrefetchController:

@@ -17,8 +17,9 @@ The rules (each a function below):
   only its shards; else the next VAL_AFTER shards of the window, the val shard, the rest of the window
   (adaptive window: the val shard after the shards the measured rates say the reader needs).
 - next_action: the most urgent shard not on disk, in flight, skipped or backing off: its size is asked
-  first (Probe), then it is fetched (Fetch) while fewer transfers run than allowed; a shard a reader
-  waits for may start one transfer beyond the limit (a spare worker), so it never queues behind prefetches.
+  first (Probe), then it is fetched (Fetch) while fewer transfers receive bytes than allowed (one that is
+  verifying or committing does not hold the link, so the next starts at once); a shard a reader waits
+  for may start one transfer beyond the limit (a spare worker), so it never queues behind prefetches.
 - routine_evictions: consumed shards beyond `retain` go; with a budget, those a later epoch reads again
   stay until their room is needed.
 - make_room: the evictions a download needs to fit the budget beside the val shard's reserved room:
@@ -79,7 +80,9 @@ class Snapshot:
     verified: int = 0               # plan shards verified so far in this run
     files: dict = field(default_factory=dict)        # shard -> bytes of its verified file
     partials: dict = field(default_factory=dict)     # shard -> bytes of its partial files
-    inflight: frozenset = frozenset()
+    inflight: frozenset = frozenset()   # downloads begun (their room reserved), until verified or given up
+    transferring: frozenset | None = None   # of those, the ones receiving bytes now (None: all of them);
+                                            # one that verifies, commits or backs off frees its link slot
     leased: frozenset = frozenset()
     consumed: tuple = ()            # released shards still on disk, oldest first
     demand: tuple = ()              # shards readers wait for, oldest wait first
@@ -209,7 +212,7 @@ def priority(snap):
 
 def next_action(snap, now):
     """Probe(shard) to ask its size, Fetch(shard) to download it, or None: nothing to start now."""
-    slots = snap.parallel - len(snap.inflight)
+    slots = snap.parallel - len(snap.inflight if snap.transferring is None else snap.transferring)
     demand = set(snap.demand)
     for s in priority(snap):
         if s in snap.files or s in snap.inflight or s in snap.skipped:

@@ -216,3 +216,28 @@ def test_the_window_grows_when_the_rate_drops_and_the_reader_stops_waiting(shard
     late_waits = [e["shard"] for e in ev if e["event"] == "wait_start" and e["shard"] >= learned]
     assert not late_waits, (late_waits, got_waits)
     assert all(w < 0.05 for w in got_waits[learned:]), got_waits
+
+
+@pytest.mark.parametrize("levels, workers, want", [
+    ((), 4, 1),                                     # nothing measured: one connection
+    (((1, 18e6),), 4, 2),                           # one measured: try two
+    (((1, 18e6), (2, 24e6)), 4, 3),                 # two paid (+33 %): try three
+    (((1, 18e6), (2, 24e6), (3, 24.5e6)), 4, 2),    # three did not pay: two
+    (((1, 24e6), (2, 24.5e6)), 4, 1),               # one fills the link: one
+    (((1, 18e6),), 1, 1),                           # never more than the workers
+])
+def test_parallel_transfers_fill_the_link_as_measured(levels, workers, want):
+    fast = Rates(aggregate_bps=20e6, consume_spb=1 / 10e6, level_bps=levels)     # not behind
+    assert parallel_transfers(fast, workers) == want
+
+
+def test_the_meter_measures_the_link_at_each_level():
+    m = RateMeter()
+    m.transfer_started(0.0)
+    m.add_bytes(20_000_000)
+    m.transfer_started(2.0)                        # 2 s at one transfer: 10 MB/s
+    m.add_bytes(30_000_000)
+    m.transfer_ended(4.0)                          # 2 s at two: 15 MB/s
+    m.transfer_ended(4.5)
+    levels = dict(m.rates().level_bps)
+    assert levels == {1: pytest.approx(20e6 / 2.5), 2: pytest.approx(15e6)}

@@ -77,6 +77,9 @@ def test_priority(kw, want):
     (dict(cursors={0: 3}, verified=1, sizes=sized()), Fetch(4)),
     (dict(cursors={0: 3}, verified=1, sizes=sized(), files={4: MB}), Fetch(5)),
     (dict(cursors={0: 3}, verified=1, sizes=sized(), inflight=frozenset({4, 5})), None),   # 2 of 2 running
+    # one of the two in flight verifies and commits: its link slot is free for the next
+    (dict(cursors={0: 3}, verified=1, sizes=sized(), inflight=frozenset({4, 5}), transferring=frozenset({5})),
+     Fetch(10)),
     # a reader waits for 9: one transfer beyond the limit (the spare worker)
     (dict(cursors={0: 3}, verified=1, sizes=sized(), inflight=frozenset({4, 5}), demand=(9,)), Fetch(9)),
     # its size is being asked: it keeps its turn (and its slot)
