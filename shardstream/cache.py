@@ -21,16 +21,17 @@ bytes really on disk never exceed what is accounted. Small metadata files (statu
 locks, .partial.json sidecars) are not counted.
 
 Several processes may share one data dir (two training runs, `shardstream download` beside a trainer).
-A lease is then also a shared flock on `shard_XXXXX.parquet.lease`, held while any reader of this
-process holds the shard: `delete` takes the exclusive lock without blocking and keeps a shard another
-process's reader holds (returns None); `lease` returns False for a file another process deleted (the
-caller fetches it again). `delete` also keeps partial files whose fetch lock another fetch holds.
+A lease is then also a shared flock on `.shardstream/shard_XXXXX.parquet.lease` (layout.py), held while
+any reader of this process holds the shard: `delete` takes the exclusive lock without blocking and keeps
+a shard another process's reader holds (returns None); `lease` returns False for a file another process
+deleted (the caller fetches it again). `delete` also keeps partial files whose fetch lock
+(`lock_exclusive`, held by fetch.py) another fetch holds.
 
-A shard's `.lease` file goes with the shard: `delete` removes it while holding its exclusive lock, and
-whoever locks a `.lease` file (lease, delete) checks afterwards that the file it locked is still the one
-at that path, and starts over if not, so a lock on a removed file is never trusted. The fetch lock
-(`.lock`, fetch.py's filelock) is never deleted: filelock does not make that check, so a fetch that had
-opened the file before it went would lock the removed file while another process locks a new one.
+Lock files go once nobody needs them: a `.lease` when its shard is deleted or its last reader here lets
+go while no other process holds it, a fetch's `.lock` when the fetch ends. Each is removed only while its
+exclusive lock is held, and whoever locks one (lease, delete, lock_exclusive) checks afterwards that the
+file it locked is still the one at that path, and starts over if not, so a lock on a removed file is
+never trusted (filelock makes no such check, which is why the fetch lock is ours).
 
 ShardCache is not thread-safe on its own: the downloader calls it with its lock held.
 """
@@ -39,12 +40,14 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import layout
 from .errors import ConfigError
-from .safefs import open_nofollow
+from .safefs import ensure_book_dir, open_nofollow
 from .shards import SHARD_RE, shard_name
 
 logger = logging.getLogger(__name__)
@@ -233,11 +236,17 @@ class ShardCache:
         return self.data_dir / shard_name(shard)
 
     def partial_files(self, shard):
+        """shard's partial files and their sidecars (and sidecars an older layout kept beside them)."""
         prefix = shard_name(shard) + "."
         out = []
-        for e in os.scandir(self.data_dir):
-            if e.name.startswith(prefix) and (e.name.endswith(".partial") or e.name.endswith(".partial.json")):
-                out.append(Path(e.path))
+        for d in (self.data_dir, layout.book_dir(self.data_dir)):
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.name.startswith(prefix) and (e.name.endswith(".partial") or e.name.endswith(".partial.json")):
+                    out.append(Path(e.path))
         return out
 
     def partial_bytes(self, shard):
@@ -328,7 +337,7 @@ class ShardCache:
                 if fd is not None:
                     os.close(fd)
             freed += self.files.pop(shard)
-        if shard in self.partials and try_lock(self.path(shard).with_name(shard_name(shard) + ".lock"),
+        if shard in self.partials and try_lock(layout.lock_path(self.data_dir, shard),
                                                 close=True) is not False:    # no fetch of it running
             for p in self.partial_files(shard):
                 try:
@@ -341,12 +350,13 @@ class ShardCache:
 
     # --- readers
     def lease_path(self, shard):
-        return self.data_dir / (shard_name(shard) + ".lease")
+        return layout.lease_path(self.data_dir, shard)
 
     def lease(self, shard, reader):
         """Lease shard to reader. Returns False, leasing nothing, when its file is gone (another process
         sharing the data dir deleted it while no reader held it): the caller must fetch it again."""
         if shard not in self._lease_fds:
+            ensure_book_dir(self.data_dir)
             while True:
                 fd = open_nofollow(self.lease_path(shard), os.O_RDWR | os.O_CREAT)
                 fcntl.flock(fd, fcntl.LOCK_SH)  # waits out another process's delete in progress
@@ -375,7 +385,13 @@ class ShardCache:
         del self.leases[shard]
         fd = self._lease_fds.pop(shard, None)
         if fd is not None:
-            os.close(fd)                        # the shared lock goes with it
+            try:                                # no other process's reader holds it: the file goes too
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _is_current(fd, self.lease_path(shard)):
+                    _remove(self.lease_path(shard))
+            except OSError:
+                pass
+            os.close(fd)                        # the lock goes with it
         if consumed:
             self.consumed[shard] = None
         return True
@@ -397,6 +413,63 @@ def _is_current(fd, path):
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def discard_partials(data_dir):
+    """Remove partial downloads (`shard_XXXXX.parquet.*.partial`, their sidecars, and lock and lease files
+    an older layout left at the top) that no process holds the lock of. Returns how many partial files went."""
+    d = Path(data_dir)
+    removed = 0
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        m = PARTIAL_RE.match(name)
+        if not m:
+            continue
+        if try_lock(layout.lock_path(d, int(m.group(1))), close=True) is False:
+            continue        # another process is fetching that shard: its partial is live
+        for p in (d / name, layout.sidecar_path(d / name), d / (name + ".json")):
+            _remove(p)
+        removed += 1
+    for p in layout.legacy_files(d):
+        if try_lock(p, close=True) is not False:
+            _remove(p)
+    return removed
+
+
+def lock_exclusive(path, stop=None, poll=0.25, on_wait=None):
+    """Take the exclusive flock on path (creating the file), waiting for another holder: the fd holding
+    it, or None when `stop` is set first. on_wait() is called once, when it has to wait."""
+    waited = False
+    while True:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            if stop is not None:
+                if stop.wait(poll):
+                    return None
+            else:
+                time.sleep(poll)
+            continue
+        if _is_current(fd, path):
+            return fd
+        os.close(fd)                            # removed meanwhile: lock the file at the path now
+
+
+def unlock_and_remove(path, fd):
+    """Remove the lock file at path (fd holds its exclusive lock, so nobody else does) and let go."""
+    try:
+        if _is_current(fd, path):
+            _remove(path)
+    finally:
+        os.close(fd)
 
 
 def try_lock(path, close=False):

@@ -65,7 +65,7 @@ from . import schedule
 from .cache import ReadPlan, ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
-                     SourceUnreachable, TransientFetchError)
+                     TransientFetchError)
 from .fetch import FetchPolicy, fetch_shard, remote_info
 from .prefetch import PrefetchController, PrefetchPolicy
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
@@ -941,8 +941,7 @@ class StreamingDownloader:
         self._retries += tried - 1                  # the call's own retries; the call's retry is counted below
         f.rounds += 1
         f.error = e
-        # a source that never answered is offline or misnamed: the reader hears of it now, not at the deadline
-        f.permanent = isinstance(e, (PermanentFetchError, SourceUnreachable))
+        f.permanent = isinstance(e, PermanentFetchError)
         fp = self.failure_policy
         if f.permanent and fp.mode != "wait":
             f.retry_at = float("inf")
@@ -1065,7 +1064,7 @@ class StreamingDownloader:
             download_mbps=round(mbps, 3), downloaded_bytes=self._downloaded_bytes,
             in_flight=tuple(sorted(self.cache.inflight)), cached=tuple(sorted(self.cache.files)),
             retries=self._retries, failures=self._n_failures, skipped=tuple(sorted(self._skipped)),
-            waits=self._waits, wait_seconds=round(self._wait_seconds, 4),
+            waits=self._waits, wait_seconds=round(self._wait_seconds, 4), checked=dict(self._checked),
             error=None if err is None else f"{type(err).__name__}: {err}", val_shard=self.val_shard,
             data_dir=str(self._data_dir), source=redact_url(self._source.base_url), pid=os.getpid(),
             host=_hostname(), updated=time.time())

@@ -29,8 +29,9 @@ class PermanentFetchError(FetchError):
 
 
 class SourceUnreachable(TransientFetchError):
-    """The source's host has not answered once in this process (no network, a wrong HF_ENDPOINT or
-    --source): said within seconds instead of retried for minutes."""
+    """A fetch gave up on a server that has not answered once in this process (no network, a wrong
+    HF_ENDPOINT or --source); the message says what to do. (Within seconds of the first tries the same
+    advice is logged once at ERROR, while the retries go on.)"""
 
 
 class CorruptShardError(ShardStreamError):

@@ -41,15 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import filelock
 import requests
 
+from . import layout
+from .cache import lock_exclusive, unlock_and_remove
 from .checksums import CHECKSUM_FILE
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
                      SourceUnreachable, TransientFetchError, UnsafePathError)
 from .httptransport import HttpTransport
 from .objectstore import ObjectTransport
-from .safefs import check_own_file, check_shard_name, fopen_nofollow, open_nofollow
+from .safefs import check_own_file, check_shard_name, ensure_book_dir, fopen_nofollow, open_nofollow
 from .shards import shard_name
 from .source import OBJECT_STORE_KINDS, hf_endpoint, redact_url
 from .transport import Fatal, Retry, scrub
@@ -60,8 +61,8 @@ logger = logging.getLogger(__name__)
 LOCK_POLL = 0.25            # seconds between checks of `stop` while waiting for another fetcher's lock
 WATCH_POLL = 0.1            # seconds between checks of `stop` while a transfer is in flight
 VERIFY_LEVELS = ("footer", "decode")
-UNREACHED_TRIES = 3         # a host that never answered: give up after this many tries...
-UNREACHED_SECONDS = 8.0     # ...or this long, whichever comes first (a blip mid-run retries as usual)
+UNREACHED_TRIES = 3         # a server that never answered: say so after this many tries...
+UNREACHED_SECONDS = 8.0     # ...or this long, whichever comes first (and go on retrying)
 BYTES_REPORT = 256 << 10    # call on_bytes at least every this many bytes received...
 BYTES_REPORT_SECONDS = 0.5  # ...or this often, so a slow transfer's progress shows
 
@@ -198,10 +199,12 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
                 raise _permanent(source, shard_id, url, attempts, str(e)) from None
             except Retry as e:
                 cause = e.cause
-                unreached.note(e, source, shard_id, url, attempts)
+                unreached.note(e, source)
                 failures += 1
                 if policy.max_attempts is not None and failures >= policy.max_attempts:
-                    raise _transient(source, shard_id, url, attempts, cause) from None
+                    err = _transient(source, shard_id, url, attempts, cause)
+                    raise unreached.error(TransientFetchError, str(err), shard_id=shard_id, url=err.url,
+                                          attempts=attempts, cause=err.cause) from None
                 delay = _backoff(policy, failures, e.retry_after)
                 logger.info("shard %05d: HEAD failed (%s); retrying in %.1fs", shard_id, cause, delay)
                 if _sleep(delay, stop):
@@ -212,31 +215,45 @@ def remote_info(source, shard_id, policy=FetchPolicy(), session=None, stop=None)
             session.close()
 
 
+_said_unreached = set()
+_said_lock = threading.Lock()
+
+
 class _Unreached:
-    """Counts the tries of one call that found a host which never answered in this process; past
-    UNREACHED_TRIES or UNREACHED_SECONDS that is SourceUnreachable, with what to do."""
+    """Watches the tries of one call for a server that never answered in this process. Past
+    UNREACHED_TRIES or UNREACHED_SECONDS it says so once per server, at ERROR, with what to do (the call
+    goes on retrying: a network that comes back is ridden out); `error` is then what the call raises if
+    it gives up, a SourceUnreachable carrying the same advice."""
 
     def __init__(self):
-        self.tries, self.since = 0, None
+        self.tries, self.since, self.advice = 0, None, None
 
-    def note(self, retry, source, shard_id, url, attempts):
+    def note(self, retry, source):
         if retry.unreached is None:
-            self.tries, self.since = 0, None
+            self.tries, self.since, self.advice = 0, None, None
             return
         now = time.monotonic()
         self.since = now if self.since is None else self.since
         self.tries += 1
-        if self.tries < UNREACHED_TRIES and now - self.since < UNREACHED_SECONDS:
+        if self.advice is not None or (self.tries < UNREACHED_TRIES and now - self.since < UNREACHED_SECONDS):
             return
-        cause = scrub(retry.cause, source.token)
         hub = source.kind == "hf" or urlsplit(source.base_url).hostname == urlsplit(hf_endpoint()).hostname
         where = (f"HF_ENDPOINT (now {hf_endpoint()}) for the Hub" if hub else
                  f"--source / SHARDSTREAM_SOURCE (now {redact_url(source.base_url)})")
-        raise SourceUnreachable(
-            f"cannot reach {retry.unreached}: it has not answered once ({cause}). Check the network and "
-            f"{where}. Offline, `./run demo` streams from a local server, and `shardstream serve DIR` serves "
-            f"shards you have for --source http://127.0.0.1:PORT",
-            shard_id=shard_id, url=redact_url(url), attempts=attempts, cause=cause) from None
+        self.advice = (f"cannot reach {retry.unreached}: it has not answered once. Check the network and "
+                       f"{where}. Offline, `./run demo` streams from a local server, and `shardstream serve "
+                       f"DIR` serves shards you have for --source http://127.0.0.1:PORT")
+        with _said_lock:
+            if retry.unreached in _said_unreached:
+                return
+            _said_unreached.add(retry.unreached)
+        logger.error("%s (still retrying)", self.advice)
+
+    def error(self, cls, message, **kw):
+        """The error a call that gives up raises: SourceUnreachable with the advice when it applies."""
+        if self.advice is None:
+            return cls(message, **kw)
+        return SourceUnreachable(f"{message}. {self.advice}", **kw)
 
 
 def _backoff(policy, failures, retry_after=None):
@@ -334,6 +351,11 @@ def ensure_data_dir(data_dir):
 
 
 def _sidecar(partial):
+    return layout.sidecar_path(partial)
+
+
+def _legacy_sidecar(partial):
+    """Where an older shardstream kept a partial's sidecar: beside it (read once, to resume it)."""
     return partial.with_name(partial.name + ".json")
 
 
@@ -468,9 +490,10 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
     data_dir = ensure_data_dir(data_dir)
     source.check_data_dir(data_dir)
     final = data_dir / name
-    lock_path = data_dir / f"{name}.lock"
+    lock_path = layout.lock_path(data_dir, shard_id)
     try:
         check_shard_name(final)
+        ensure_book_dir(data_dir)
         check_own_file(lock_path)
     except UnsafePathError as e:
         raise PermanentFetchError(_message(shard_id, url, 0, str(e)), shard_id=shard_id, url=redact_url(url),
@@ -479,21 +502,12 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
         return _present(shard_id, final, t0)
     own = session is None
     session = session or requests.Session()
-    lock = filelock.FileLock(str(lock_path))
     try:
-        waited = False
-        while True:
-            if stop is not None and stop.is_set():
-                raise FetchCancelled(f"shard {shard_id:05d} ({redact_url(url)}): cancelled while waiting "
-                                     f"for another fetch of it", shard_id=shard_id, url=redact_url(url))
-            try:
-                lock.acquire(timeout=LOCK_POLL)
-                break
-            except filelock.Timeout:
-                if not waited:
-                    waited = True
-                    logger.warning("shard %05d: another process is fetching it (it holds %s); waiting for it "
-                                   "to finish", shard_id, lock_path)
+        fd = lock_exclusive(lock_path, stop, LOCK_POLL, on_wait=lambda: logger.warning(
+            "shard %05d: another process is fetching it (it holds %s); waiting for it to finish", shard_id, lock_path))
+        if fd is None:
+            raise FetchCancelled(f"shard {shard_id:05d} ({redact_url(url)}): cancelled while waiting "
+                                 f"for another fetch of it", shard_id=shard_id, url=redact_url(url))
         try:
             if final.is_file():         # another process fetched it while we waited
                 return _present(shard_id, final, t0)
@@ -501,7 +515,7 @@ def fetch_shard(source, shard_id, data_dir, policy=FetchPolicy(), *, session=Non
             return _Transfer(source, transport, shard_id, url, final, policy, stop, on_bytes, info, t0,
                              on_retry, on_link).run()
         finally:
-            lock.release()
+            unlock_and_remove(lock_path, fd)        # a waiter that locked the removed file looks again
     finally:
         if own:
             session.close()
@@ -541,7 +555,7 @@ class _Transfer:
                 try:
                     return self._try(watch)
                 except Retry as e:
-                    unreached.note(e, self.source, self.shard_id, self.url, self.attempts)
+                    unreached.note(e, self.source)
                     if e.reprobe:       # the file changed at the source: ask what it is now, start over
                         self.info = None
                         self._discard()
@@ -549,7 +563,9 @@ class _Transfer:
                         self._discard()
                     self.failures = 0 if e.progressed else self.failures + 1
                     if self.policy.max_attempts is not None and self.failures >= self.policy.max_attempts:
-                        raise self._error(TransientFetchError, e.cause) from None
+                        err = self._error(TransientFetchError, e.cause)
+                        raise unreached.error(TransientFetchError, str(err), shard_id=self.shard_id, url=err.url,
+                                              attempts=self.attempts, cause=err.cause) from None
                     delay = _backoff(self.policy, self.failures, e.retry_after)
                     cause = scrub(e.cause, self.source.token)
                     logger.info("shard %05d: %s; resuming at byte %d in %.1fs", self.shard_id, cause, self.pos, delay)
@@ -619,7 +635,8 @@ class _Transfer:
         best = None
         for p in sorted(d.glob(f"{name}.*.partial")):
             try:
-                with fopen_nofollow(_sidecar(p)) as f:
+                side = _sidecar(p) if os.path.lexists(_sidecar(p)) else _legacy_sidecar(p)
+                with fopen_nofollow(side) as f:
                     meta = json.load(f)
                 have = p.lstat().st_size if p.is_file() and not p.is_symlink() else None
             except (OSError, ValueError):
@@ -634,9 +651,11 @@ class _Transfer:
             else:
                 logger.info("shard %05d: deleting partial file %s (stale or superseded)", self.shard_id, p.name)
                 self._remove_partial(p)
-        for s in d.glob(f"{name}.*.partial.json"):      # sidecars whose partial is gone
-            if not s.with_name(s.name[:-len(".json")]).exists():
+        for s in layout.book_dir(d).glob(f"{name}.*.partial.json"):     # sidecars whose partial is gone
+            if not layout.partial_of_sidecar(s).exists():
                 _remove(s)
+        for s in d.glob(f"{name}.*.partial.json"):      # an older layout's, beside the partials
+            _remove(s)
         self.hasher = hashlib.sha256()
         if best is not None:
             self.partial, self.pos = best
@@ -660,6 +679,7 @@ class _Transfer:
     def _remove_partial(self, p):
         _remove(p)
         _remove(_sidecar(p))
+        _remove(_legacy_sidecar(p))
 
     def _discard(self):
         if self.partial is not None:
@@ -834,6 +854,7 @@ class _Transfer:
             self._discard()
             raise _DiskError(e) from None
         _remove(_sidecar(self.partial))
+        _remove(_legacy_sidecar(self.partial))
         if self.policy.fsync:
             try:
                 _fsync_dir(self.final.parent)

@@ -1,7 +1,7 @@
 """The data dir is shared ground: open shardstream's own files there without following a planted link.
 
-Every file shardstream writes in a data dir (partials and sidecars, .lock/.lease, status.json,
-events.jsonl) is opened through `open_nofollow`: a symbolic link under that name is refused with an
+Every file shardstream writes in a data dir (partials; in .shardstream/ the sidecars, .lock/.lease,
+status.json, events.jsonl: layout.py) is opened through `open_nofollow`: a symbolic link under that name is refused with an
 `UnsafePathError` naming the path, never written through. `check_shard_name` refuses a directory or
 other non-file under a shard's final name before anything is downloaded for it.
 """
@@ -10,6 +10,7 @@ import fcntl
 import os
 import stat
 
+from . import layout
 from .errors import UnsafePathError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -55,6 +56,22 @@ def fopen_nofollow(path, mode="r", buffering=-1):
     except BaseException:
         os.close(fd)
         raise
+
+
+def ensure_book_dir(data_dir):
+    """Create DIR/.shardstream (layout.py) if needed; UnsafePathError when something other than a real
+    directory is there (a link to elsewhere would carry our writes out of the data dir)."""
+    d = layout.book_dir(data_dir)
+    try:
+        os.mkdir(d, 0o755)
+    except FileExistsError:
+        st = os.lstat(d)
+        if stat.S_ISLNK(st.st_mode):
+            raise _refuse_link(d) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"{d} is not a directory, where shardstream keeps its bookkeeping: move it out "
+                                  f"of the data dir (or choose another data dir)") from None
+    return d
 
 
 def check_own_file(path):

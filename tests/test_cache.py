@@ -1,6 +1,7 @@
 """The on-disk window: the window and eviction choices on hand-made plans, and ShardCache on real files."""
 import pytest
 
+from shardstream import layout
 from shardstream.cache import ShardCache, ahead_window, choose_evictions
 from shardstream.shards import shard_name
 
@@ -137,7 +138,8 @@ def test_delete_removes_file_and_partials_but_refuses_leased_or_inflight(tmp_pat
     assert (tmp_path / shard_name(1)).exists()
     c.release(1, 0)
     assert c.delete(1) == 14
-    assert sorted(p.name for p in tmp_path.iterdir()) == []          # its .lease file went with it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != layout.BOOK_DIR) == []
+    assert not list(layout.book_dir(tmp_path).iterdir())            # its .lease file went with it
     c.begin(2, 10)
     with pytest.raises(RuntimeError, match="being downloaded"):
         c.delete(2)
@@ -176,7 +178,8 @@ def test_deleting_orphan_partials_leaves_the_fetch_lock_free(tmp_path):
     """The probe of fetch's lock before deleting a partial releases it again: a fetch of that shard in
     this process or another must be able to take it afterwards."""
     import filelock
-    lock = tmp_path / (shard_name(5) + ".lock")
+    lock = layout.lock_path(tmp_path, 5)
+    lock.parent.mkdir()
     lock.write_text("")
     (tmp_path / (shard_name(5) + ".abc.partial")).write_bytes(b"x" * 7)
     c = ShardCache(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 
 from rel_common import EndlessHandler, TinyServer
 from shardstream.errors import (ConfigError, FetchCancelled, PermanentFetchError, TransientFetchError)
+from shardstream import layout
 from shardstream.fetch import FetchPolicy, fetch_shard, remote_info
 from shardstream.server import Fault, ShardServer
 from shardstream.source import Source
@@ -34,8 +35,9 @@ def same_as_source(srv, data_dir, i):
 
 
 def leftovers(data_dir, i):
-    """Partial files and sidecars of shard i."""
-    return sorted(p.name for p in data_dir.glob(f"{name(i)}.*") if not p.name.endswith(".lock"))
+    """Partial files and sidecars of shard i (beside the shards, and in the bookkeeping folder)."""
+    return sorted(p.name for d in (data_dir, layout.book_dir(data_dir)) for p in d.glob(f"{name(i)}.*")
+                  if not p.name.endswith(".lock"))
 
 
 @pytest.fixture
@@ -144,25 +146,29 @@ def test_dropped_connection_resumes_with_range(server, source, tmp_path):
     assert same_as_source(server, tmp_path, 2)
 
 
-def _seed_partial(server, source, data_dir, i, n, *, etag=None):
+def _seed_partial(server, source, data_dir, i, n, *, etag=None, legacy=False):
     """A partial file holding the first n bytes of shard i, as a killed fetch would leave it."""
     info = remote_info(source, i, FAST)
     data_dir.mkdir(parents=True, exist_ok=True)
     p = data_dir / f"{name(i)}.99999-deadbeef.partial"
     p.write_bytes((server.directory / name(i)).read_bytes()[:n])
     sidecar = {"size": info.size, "sha256": info.sha256, "etag": etag or info.etag}
-    (data_dir / (p.name + ".json")).write_text(json.dumps(sidecar))
+    side = (data_dir / (p.name + ".json")) if legacy else layout.sidecar_path(p)     # legacy: an older layout's
+    side.parent.mkdir(exist_ok=True)
+    side.write_text(json.dumps(sidecar))
     server.reset_stats()
     return p
 
 
-def test_partial_file_with_matching_sidecar_is_resumed(server, source, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])      # True: a partial an older shardstream left, its sidecar
+def test_partial_file_with_matching_sidecar_is_resumed(server, source, tmp_path, legacy):    # beside it
     size = (server.directory / name(1)).stat().st_size
-    _seed_partial(server, source, tmp_path, 1, 200_000)
+    _seed_partial(server, source, tmp_path, 1, 200_000, legacy=legacy)
     r = fetch_shard(source, 1, tmp_path, FAST)
     assert r.resumed_from == 200_000 and r.bytes_downloaded == size - 200_000
     assert server.stats(name(1)).ranges == [(200_000, size)]
     assert same_as_source(server, tmp_path, 1) and leftovers(tmp_path, 1) == []
+    assert not list(layout.book_dir(tmp_path).glob("*")), "the sidecar and the fetch's lock file are gone"
 
 
 def test_partial_file_of_another_version_is_discarded(server, source, tmp_path):
@@ -228,7 +234,7 @@ def test_partial_left_by_a_killed_process_is_resumed(server, source, tmp_path):
             proc.wait()
     assert not (tmp_path / name(5)).exists()
     have = partial.stat().st_size
-    assert 0 < have < size and (tmp_path / (partial.name + ".json")).exists()
+    assert 0 < have < size and layout.sidecar_path(partial).exists()
     server.set_rate(None)
     server.reset_stats()
     r = fetch_shard(source, 5, tmp_path, FAST)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rel_common import HostileFile, HostileServer, make_shards, until
+from shardstream import layout
 from shardstream.errors import CorruptShardError, PermanentFetchError, TransientFetchError, UnsafePathError
 from shardstream.fetch import FetchPolicy, fetch_shard
 from shardstream.shards import shard_name
@@ -312,13 +313,13 @@ def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(versions, tm
     outside = tmp_path / "precious"
     outside.write_bytes(b"keep me")
     d = tmp_path / "data"
-    d.mkdir()
-    os.symlink(outside, d / f"{name(0)}.lock")
+    layout.book_dir(d).mkdir(parents=True)
+    os.symlink(outside, layout.lock_path(d, 0))
     f = HostileFile(a, etag='"v1"')
     with HostileServer({name(0): f}) as srv:
         with pytest.raises(PermanentFetchError, match="symbolic link") as e:
             _fetch(srv, d)
-    assert str(d / f"{name(0)}.lock") in str(e.value)
+    assert str(layout.lock_path(d, 0)) in str(e.value)
     assert outside.read_bytes() == b"keep me" and not f.gets
 
 
@@ -345,7 +346,8 @@ def test_a_planted_lease_symlink_is_refused(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     (d / name(0)).write_bytes(b"x")
-    os.symlink(outside, d / f"{name(0)}.lease")
+    layout.book_dir(d).mkdir()
+    os.symlink(outside, layout.lease_path(d, 0))
     cache = ShardCache(d)
     cache.scan()
     with pytest.raises(UnsafePathError, match="symbolic link"):
@@ -373,7 +375,8 @@ def test_a_failed_commit_leaves_no_verified_partial(versions, tmp_path):
     with HostileServer({name(0): HostileFile(a, etag='"v1"')}) as srv:
         with pytest.raises(PermanentFetchError, match="is a directory"):
             _fetch(srv, tmp_path, on_bytes=plant_dir)
-    assert [p.name for p in tmp_path.iterdir()] in ([name(0)], sorted([name(0), f"{name(0)}.lock"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name(0), layout.BOOK_DIR])
+    assert not list(layout.book_dir(tmp_path).iterdir())
 
 
 # -----------------------------------------------------------------------------
@@ -443,26 +446,35 @@ def _closed_port():
         return s.getsockname()[1]          # closed once we return: connections are refused
 
 
-def test_a_source_that_never_answered_is_said_within_seconds(tmp_path):
+def test_a_source_that_never_answered_is_said_within_seconds_and_retried(tmp_path, caplog):
     from shardstream.errors import SourceUnreachable
     src = Source(f"http://127.0.0.1:{_closed_port()}/x", 3)
+    seen = []
+    policy = FetchPolicy(max_attempts=6, backoff_initial=1.0, backoff_max=2.0, fsync=False)
     t0 = time.monotonic()
-    with pytest.raises(SourceUnreachable) as e:
-        fetch_shard(src, 0, tmp_path, FetchPolicy(fsync=False))    # the default policy: 10 attempts, 30 s backoff
-    assert time.monotonic() - t0 < 10
-    msg = str(e.value)
-    assert "has not answered once" in msg and "--source" in msg and "./run demo" in msg and "shardstream serve" in msg
+    with caplog.at_level(logging.ERROR, logger="shardstream.fetch"):
+        t, out = _in_thread(lambda: fetch_shard(src, 0, tmp_path, policy))
+        until(lambda: any("has not answered once" in r.getMessage() for r in caplog.records), timeout=10,
+              what="the unreachable line")
+        seen.append(time.monotonic() - t0)
+        t.join(30)
+    said = [r.getMessage() for r in caplog.records if "has not answered once" in r.getMessage()]
+    assert len(said) == 1 and seen[0] < 10
+    assert "--source" in said[0] and "./run demo" in said[0] and "shardstream serve" in said[0]
+    e = out.get("error")
+    assert isinstance(e, SourceUnreachable) and e.attempts == 6, out      # it went on retrying, then said it again
+    assert "has not answered once" in str(e)
 
 
-def test_the_downloader_says_it_at_start(tmp_path):
+def test_the_downloader_says_it_at_start_and_keeps_trying(tmp_path, caplog):
     from shardstream.downloader import StreamingDownloader
-    from shardstream.errors import SourceUnreachable
     dl = StreamingDownloader(2, data_dir=tmp_path / "d", source=f"http://127.0.0.1:{_closed_port()}/x",
-                             dataset_shards=3, progress=False, min_free_bytes=0, warn_free_bytes=0)
-    t0 = time.monotonic()
-    with pytest.raises(SourceUnreachable):
-        dl.start()
-    assert time.monotonic() - t0 < 12
+                             dataset_shards=3, progress=False, min_free_bytes=0, warn_free_bytes=0,
+                             initial_buffer=0, start_at=0)
+    with caplog.at_level(logging.ERROR, logger="shardstream.fetch"), dl:
+        until(lambda: any("has not answered once" in r.getMessage() for r in caplog.records), timeout=12,
+              what="the unreachable line")
+        assert dl.get_status().state == "running"
 
 
 def test_a_host_that_answered_before_is_retried_as_a_blip(versions, tmp_path):

@@ -243,8 +243,9 @@ def test_the_token_never_reaches_logs_status_events_or_errors(remote, tmp_path, 
     _assert_no_token(*errors, where="exception text")
     assert len(caplog.records) > 20
     _assert_no_token(caplog.text, *(str(r.args) for r in caplog.records), where="log records")
-    for f in list(data.iterdir()) + list((tmp_path / "data2").iterdir()):
-        _assert_no_token(f.read_bytes().decode("latin-1"), where=f.name)
+    for f in [*data.rglob("*"), *(tmp_path / "data2").rglob("*")]:
+        if f.is_file():
+            _assert_no_token(f.read_bytes().decode("latin-1"), where=f.name)
     assert (data / "status.json").exists() and (data / "events.jsonl").exists()
 
 
@@ -279,7 +280,7 @@ def test_a_server_that_streams_forever_is_cut_at_the_size_cap_through_the_downlo
             with pytest.raises(PermanentFetchError, match="per-shard cap"):
                 dl.wait_for_shard(0, timeout=60)
             assert dl.get_status().state == "running"
-    left = sum(p.stat().st_size for p in (tmp_path / "data").iterdir())
+    left = sum(p.stat().st_size for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert left < cap and not (tmp_path / "data" / shard_name(0)).exists()
 
 

@@ -98,11 +98,12 @@ def test_two_downloaders_never_delete_a_shard_under_the_others_reader(tmp_path):
 
 HOLDER = """
 import sys, time, filelock
+from shardstream import layout
 from shardstream.cache import ShardCache
 c = ShardCache(sys.argv[1])
 c.files, c.partials = c.scan()
 assert c.lease(1, "other") is True                                      # a reader holds shard 1
-lock = filelock.FileLock(sys.argv[1] + "/shard_00002.parquet.lock")     # a fetch of shard 2 is running
+lock = filelock.FileLock(str(layout.lock_path(sys.argv[1], 2)))        # a fetch of shard 2 is running
 lock.acquire()
 print("holding", flush=True)
 sys.stdin.readline()
