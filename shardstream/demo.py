@@ -8,8 +8,9 @@
 4. The reference trainer (train.py) in streaming mode, in this process: a tiny GPT trains while a
    StreamingDownloader keeps a few shards ahead of it and deletes the ones read, inside the budget.
 5. A summary (steps, loss, shards streamed, peak disk vs budget vs dataset, time to the first step vs
-   downloading everything first, data wait) and a PNG timeline drawn from the downloader's event log,
-   with the trainer's steps and loss (from its step lines) on the same time axis.
+   downloading everything first, the data wait: status.py's one definition, the figure the trainer's Done
+   line, its [Streaming] lines and `shardstream status` show) and a PNG timeline drawn from the
+   downloader's event log, with the trainer's steps and loss (TrainResult.step_times) on the same time axis.
 
 Everything lands under --out (default ./demo_out). The sample is kept between runs when its parameters
 are unchanged; the data dir, checkpoints, tokenizer and timeline are made afresh every run.
@@ -18,7 +19,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -92,24 +92,17 @@ def steps_to_read_every_shard(shard_yield, tokens_per_step, shards):
     """
     from .train import loader_read_ahead_docs, shards_needed
     read_ahead = loader_read_ahead_docs()
-    steps = math.floor((shards - 1) * shard_yield.trained_tokens / tokens_per_step)
-    while steps > 0 and shards_needed(steps * tokens_per_step, shard_yield, None, read_ahead) > shards - 1:
+    train = shards - 1
+    steps = math.floor(train * shard_yield.trained_tokens / tokens_per_step)
+    while steps > 0 and shards_needed(steps * tokens_per_step, shard_yield, None, read_ahead) > train - 1:
         steps = math.floor(steps * 0.98)
     return steps
 
 
-class StepLog(logging.Handler):
-    """(time, steps done, train loss) from the trainer's step lines, for the timeline's training panel."""
-    LINE = re.compile(r"step (\d+)/\d+ .*?\| loss: ([0-9.]+)")
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.points = []
-
-    def emit(self, record):
-        m = self.LINE.match(record.getMessage())
-        if m:   # the line names the step just done, counting from 0
-            self.points.append((record.created, int(m.group(1)) + 1, float(m.group(2))))
+def training_progress(result):
+    """(time, steps done, train loss) after each step, for the timeline's training panel."""
+    loss = dict(result.losses)          # step index (from 0) -> its loss
+    return [(t, done, loss.get(done - 1)) for done, t in result.step_times]
 
 
 def run_demo(args):
@@ -153,7 +146,7 @@ def run_demo(args):
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
         argv = [f"--depth={args.depth}", f"--max_seq_len={args.seq_len}", f"--device_batch_size={args.batch}",
                 f"--num_iterations={steps}", f"--vocab_size={args.vocab}", "--streaming_mode=True",
-                f"--streaming_buffer_size={args.buffer}", f"--streaming_total_shards={args.shards}",
+                f"--streaming_buffer_size={args.buffer}", f"--streaming_total_shards={args.shards - 1}",
                 f"--source={srv.url}", f"--dataset_shards={args.shards}",
                 f"--data_dir={data}", f"--max_cache_bytes={budget}", f"--tokenizer_dir={tok}",
                 f"--checkpoint_dir={ckpt}", "--eval_every=-1", "--eval_tokens=8192",
@@ -162,22 +155,15 @@ def run_demo(args):
         print("[demo] training: python -m scripts.base_train " + " ".join(argv))
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
-        # the step lines feed the timeline's training panel: let them through even where INFO is off
-        train_log, step_log = logging.getLogger("shardstream.train"), StepLog()
-        level = train_log.level
-        train_log.setLevel(logging.INFO)
-        train_log.addHandler(step_log)
         try:
             result = train(parse_args(argv))
         finally:
             torch.set_num_threads(threads)
-            train_log.removeHandler(step_log)
-            train_log.setLevel(level)
     if result.exit_code != 0:
         print(f"[demo] training stopped ({result.signal or 'exit code %d' % result.exit_code})")
         return result.exit_code
 
-    timeline = plot_timeline(data / "events.jsonl", out / "timeline.png", progress=step_log.points,
+    timeline = plot_timeline(data / "events.jsonl", out / "timeline.png", progress=training_progress(result),
                              title=f"shardstream demo: {args.shards} shards ({dataset_bytes / 1e6:.2f} MB) streamed "
                                    f"through a {budget / 1e6:.2f} MB budget at {args.rate:g} MB/s")
     print(summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_step))
@@ -190,7 +176,7 @@ def summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_ste
     val = f", val {result.val_losses[-1][1]:.3f}" if result.val_losses else ""
     all_first = dataset_bytes / (args.rate * 1e6)
     # what the event log shows fetched, so the shard count and the downloads agree on a short run too
-    train_shards = result.total_shards - 1
+    train_shards = result.train_shards
     fetched = set(timeline.downloaded_shards) - {timeline.val_shard}
     streamed = (f"all {train_shards} train shards" if len(fetched) >= train_shards else
                 f"{len(fetched)} of {train_shards} train shards")
@@ -210,8 +196,8 @@ def summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_ste
         f"dataset {dataset_bytes / 1e6:.2f} MB ({timeline.peak_bytes_on_disk / dataset_bytes:.0%} of it at most)",
         f"first step   after {result.seconds_to_first_step:.1f}s; downloading everything first would take "
         f"{all_first:.1f}s ({dataset_bytes / 1e6:.2f} MB / {args.rate:g} MB/s) before step 0",
-        f"data wait    {result.data_wait_seconds:.2f}s in all (incl. the first batch); the reader waited "
-        f"{st.waits}x for a shard ({st.wait_seconds:.1f}s)",
+        f"data wait    {st.data_wait()}: the loader blocked on shards not downloaded yet (it reads ahead of "
+        f"training, which may have lost less)",
         f"timeline     {timeline.path}",
         f"checkpoint   {result.checkpoint}",
     ]

@@ -5,81 +5,77 @@ The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
     shardstream download -n 8 -w 4                        # climbmix from the Hub into nanochat's data dir
     shardstream download -n 4 --dataset-shards 10 --source http://127.0.0.1:8000 --data-dir /tmp/d
     shardstream download -n 4 --source s3://bucket/corpus --data-dir /tmp/d    # count from the listing
+    shardstream download -n 4 --require-checksum --verify decode              # the strictest checks
 
 Every shard goes through fetch_shard (resume, retries, verify, atomic rename), so the exit status is 0 only
 when every asked-for shard is verified on disk; otherwise it is 1 and each failed shard gets one line
 with its cause. Bad arguments, an unwritable data dir and bad SHARDSTREAM_MAX_ROW_GROUP_* caps are exit 2,
 found before any network I/O. Ctrl-C or SIGTERM stops every transfer within ~1 s, keeps the partial files
 (the same command resumes them) and exits 128 + the signal number.
+
+The bar's total is known before the first transfer: the listing's sizes for a listed source, else one
+HEAD per shard (W at a time), so its % and ETA do not jump; partial files from an earlier run count as
+done. Sizes are decimal (1 MB = 10**6 bytes) in the bar and the summary, as everywhere in shardstream.
+While it runs, `<data dir>/status.json` says what it does (kind "download"), so `shardstream status
+--watch` follows it as it follows a StreamingDownloader.
 As a library: download_shards(source, shard_ids, data_dir, workers, policy).
 """
 import argparse
 import concurrent.futures as cf
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+from collections import Counter, deque
 
 import requests
 
+from .cache import PARTIAL_RE
 from .errors import ConfigError, FetchCancelled, ShardStreamError
-from .fetch import FetchPolicy, ensure_data_dir, fetch_shard, remote_info
+from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
 from .source import make_source
+from .source import source_kind
+from .status import CHECK_WORDS, STALE_SECONDS, DownloaderStatus, read_status, write_status
 from .verify import row_group_limits
 
 logger = logging.getLogger(__name__)
+STATUS_EVERY = 0.5          # seconds between status.json writes while downloading
+RATE_WINDOW = 5.0           # seconds of transfers the "recent" rate is measured over
+PROBE_WORKERS = 8           # HEADs in flight at least while sizing the bar (a HEAD is cheap)
 
 
-def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy(), *, stop=None,
-                    on_bytes=None, on_size=None):
-    """Fetch shard_ids into data_dir with `workers` parallel transfers (one requests.Session each).
+class _Sessions:
+    """One requests.Session per thread, all closed at the end."""
 
-    Returns one entry per shard id, in order: a FetchResult, or the ShardStreamError that shard failed
-    with (a failure does not stop the others). on_size(n) is called with each shard's size as it becomes
-    known and on_bytes(n) as bytes land (a progress bar's total and update). Setting `stop` (or Ctrl-C)
-    cancels every transfer within ~1 s, leaving partial files to resume.
-    """
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
-    if policy.verify_parquet:
-        row_group_limits()          # every shard is checked against these caps: a bad variable fails now, not per shard
-    data_dir = ensure_data_dir(data_dir)
-    stop = stop or threading.Event()
-    local = threading.local()
-    sessions = []
-    sessions_lock = threading.Lock()
+    def __init__(self):
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.all = []
 
-    def session():
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-            with sessions_lock:
-                sessions.append(local.session)
-        return local.session
+    def get(self):
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            with self.lock:
+                self.all.append(self.local.session)
+        return self.local.session
 
-    def one(i):
-        if stop.is_set():                       # queued behind the workers when the stop came
-            return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
-        try:
-            info = None
-            if not (data_dir / shard_name(i)).is_file():
-                info = remote_info(source, i, policy, session(), stop)
-                if on_size is not None and info.size:
-                    on_size(info.size)
-            r = fetch_shard(source, i, data_dir, policy, session=session(), stop=stop, on_bytes=on_bytes,
-                            info=info)
-            if r.resumed_from and on_bytes is not None:
-                on_bytes(r.resumed_from)        # on disk from an earlier run: count it as done
-            return r
-        except ShardStreamError as e:
-            return e
+    def close(self):
+        for s in self.all:
+            s.close()
 
+
+def _run_pool(fn, items, workers, stop):
+    """[fn(i) for i in items], `workers` at a time; the main thread waits in short steps so Ctrl-C lands."""
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardstream-download")
     try:
-        futures = [pool.submit(one, i) for i in shard_ids]
+        futures = [pool.submit(fn, i) for i in items]
         pending = set(futures)
-        while pending:                          # short waits keep the main thread responsive to Ctrl-C
+        while pending:
             _, pending = cf.wait(pending, timeout=0.5)
         return [f.result() for f in futures]
     except BaseException:
@@ -87,11 +83,244 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for s in sessions:
-            s.close()
 
 
-def cli(argv):
+def probe_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy(), *, stop=None, sessions=None):
+    """{shard: RemoteInfo, or the ShardStreamError its probe failed with} for the shards not on disk yet,
+    before any transfer: the listing's entry for a listed source, else one HEAD (or stat) per shard,
+    `workers` at a time."""
+    stop = stop or threading.Event()
+    missing = [i for i in shard_ids if not (data_dir / shard_name(i)).is_file()]
+    listed = {i: source.listed(i) for i in missing}
+    if all(info is not None and info.size is not None for info in listed.values()):
+        return listed
+    own = sessions is None
+    sessions = sessions or _Sessions()
+
+    def probe(i):
+        if stop.is_set():
+            return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
+        try:
+            return remote_info(source, i, policy, sessions.get(), stop)
+        except ShardStreamError as e:
+            return e
+    try:
+        return dict(zip(missing, _run_pool(probe, missing, workers, stop)))
+    finally:
+        if own:
+            sessions.close()
+
+
+def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy(), *, stop=None,
+                    on_bytes=None, on_size=None, infos=None, progress=None):
+    """Fetch shard_ids into data_dir with `workers` parallel transfers (one requests.Session each).
+
+    Returns one entry per shard id, in order: a FetchResult, or the ShardStreamError that shard failed
+    with (a failure does not stop the others). infos: probe_shards' answer, so no shard is probed twice
+    (a shard whose probe failed gets that error); without it each shard is probed as its turn comes.
+    on_size(n) is called with each shard's size as it becomes known and on_bytes(n) as bytes land (a
+    progress bar's total and update); progress, a DownloadProgress, hears of each shard's start, bytes and
+    end. Setting `stop` (or Ctrl-C) cancels every transfer within ~1 s, leaving partial files to resume.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
+    if policy.verify_parquet:
+        row_group_limits()          # every shard is checked against these caps: a bad variable fails now, not per shard
+    data_dir = ensure_data_dir(data_dir)
+    stop = stop or threading.Event()
+    sessions = _Sessions()
+
+    def one(i):
+        if stop.is_set():                       # queued behind the workers when the stop came
+            return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
+        try:
+            info = None
+            if not (data_dir / shard_name(i)).is_file():
+                info = infos.get(i) if infos is not None else remote_info(source, i, policy, sessions.get(), stop)
+                if isinstance(info, ShardStreamError):
+                    raise info
+                if on_size is not None and info is not None and info.size:
+                    on_size(info.size)
+                if info is not None and info is source.listed(i):
+                    info = None                 # the listing's entry: fetch_shard asks the source itself
+            if progress is not None:
+                progress.started(i)
+
+            def got(n):
+                if on_bytes is not None:
+                    on_bytes(n)
+                if progress is not None:
+                    progress.add(i, n)
+            r = fetch_shard(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
+            if r.resumed_from and on_bytes is not None:
+                on_bytes(r.resumed_from)        # on disk from an earlier run: count it as done
+        except ShardStreamError as e:
+            r = e
+        if progress is not None:
+            progress.finished(i, r)
+        return r
+
+    try:
+        return _run_pool(one, shard_ids, workers, stop)
+    finally:
+        sessions.close()
+
+
+class DownloadProgress:
+    """What `shardstream download` shows while it runs: a tqdm bar over the bytes to fetch, its total known
+    before the first transfer, and status.json in the data dir (kind "download") for `shardstream status`.
+
+    sizes: {shard: bytes} of the shards to fetch (None where unknown); present: {shard: bytes} of the
+    shards verified on disk already. Bytes of a partial file count as done from the start; when a shard
+    ends, its share of the bar is set to exactly its size (0 and out of the total when it failed), so a
+    transfer started over or a discarded partial never leaves the bar off."""
+
+    def __init__(self, source, ids, data_dir, sizes, present, workers, bar=True):
+        self.source, self.ids, self.data_dir, self.workers = source, list(ids), data_dir, workers
+        self.lock = threading.Lock()
+        self.sizes = dict(sizes)
+        self.present = dict(present)
+        self.counted = _partial_bytes(data_dir, self.sizes)     # shard -> bytes shown on the bar
+        self.in_flight = set()
+        self.done = dict(present)               # shard -> bytes of each shard verified on disk
+        self.failed = set()
+        self.checked = Counter()
+        self.retries = 0
+        self.downloaded = 0
+        self.rate = deque()
+        self.state = "running"
+        self.stop_writing = threading.Event()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+            total = sum(s for s in self.sizes.values() if s)
+            self.bar = tqdm(total=total, initial=sum(self.counted.values()), unit="B", unit_scale=True,
+                            unit_divisor=1000, desc="download", file=sys.stderr, dynamic_ncols=True)
+        self.writes_status = self._may_write_status()
+        self.writer = None
+        if self.writes_status:
+            self._write()
+            self.writer = threading.Thread(target=self._write_loop, name="shardstream-download-status", daemon=True)
+            self.writer.start()
+
+    # --- what download_shards reports
+
+    def started(self, i):
+        with self.lock:
+            self.in_flight.add(i)
+
+    def add(self, i, n):
+        with self.lock:
+            self.counted[i] = self.counted.get(i, 0) + n
+            self.downloaded += n
+            now = time.monotonic()
+            self.rate.append((now, n))
+            while self.rate and self.rate[0][0] < now - RATE_WINDOW:
+                self.rate.popleft()
+            if self.bar is not None:
+                self.bar.update(n)
+
+    def finished(self, i, result):
+        with self.lock:
+            self.in_flight.discard(i)
+            if isinstance(result, FetchCancelled):
+                return                          # stopped: its partial file stays, and so do its bytes
+            shown = self.counted.pop(i, 0)
+            if isinstance(result, Exception):
+                self.failed.add(i)
+                size, share = self.sizes.get(i) or 0, 0
+            else:
+                self.done[i] = result.size
+                size, share = self.sizes.get(i), result.size
+                if result.checked is not None:
+                    self.checked[result.checked] += 1
+                self.retries += max(0, result.attempts - 1)
+                if result.already_present and i not in self.sizes:
+                    share = shown            # not on the bar: it was there before the sizes were taken
+            if self.bar is not None:
+                if i in self.sizes:
+                    if isinstance(result, Exception):
+                        self.bar.total -= size
+                    elif size is None:          # the source gave no size up front: add it now
+                        self.bar.total += share
+                self.bar.update(share - shown)
+
+    # --- status.json
+
+    def _may_write_status(self):
+        """Not over a live StreamingDownloader's status.json in the same data dir: its status matters more."""
+        try:
+            st = read_status(self.data_dir)
+        except ConfigError:
+            return True
+        live = (st is not None and st.kind != "download" and st.state in ("starting", "running")
+                and time.time() - st.updated < STALE_SECONDS and st.pid != os.getpid())
+        if live:
+            print(f"shardstream download: a StreamingDownloader (pid {st.pid}) is running on {self.data_dir}; "
+                  f"its status.json is left alone", file=sys.stderr)
+        return not live
+
+    def status(self):
+        with self.lock:
+            now = time.monotonic()
+            recent = [(t, n) for t, n in self.rate if t >= now - RATE_WINDOW]
+            mbps = sum(n for _, n in recent) / max(now - recent[0][0], 0.5) / 1e6 if recent else 0.0
+            try:
+                free = shutil.disk_usage(self.data_dir).free
+            except OSError:
+                free = None
+            return DownloaderStatus(
+                state=self.state, shards_verified=len(self.done), total_shards=len(self.ids), ahead=0,
+                buffer_size=self.workers, current_shard=None,
+                bytes_on_disk=sum(self.done.values()) + sum(self.counted.values()), reserved_bytes=0, budget=None,
+                free_disk_bytes=free, download_mbps=round(mbps, 3), downloaded_bytes=self.downloaded,
+                in_flight=tuple(sorted(self.in_flight)), cached=tuple(sorted(self.done)), retries=self.retries,
+                failures=len(self.failed), val_shard=self.source.val_shard, data_dir=str(self.data_dir),
+                source=self.source.name, pid=os.getpid(), host=socket.gethostname(), updated=time.time(),
+                kind="download", checked=dict(self.checked))
+
+    def _write(self):
+        try:
+            write_status(self.data_dir, self.status())
+        except (OSError, ConfigError) as e:     # (UnsafePathError: a planted file) never stops the download
+            logger.debug("could not write status.json: %s", e)
+
+    def _write_loop(self):
+        while not self.stop_writing.wait(STATUS_EVERY):
+            self._write()
+
+    def close(self):
+        """The last status.json (state "stopped") and the bar closed."""
+        self.stop_writing.set()
+        if self.writer is not None:
+            self.writer.join()
+        with self.lock:
+            self.state = "stopped"
+        if self.writes_status:
+            self._write()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _partial_bytes(data_dir, shards):
+    """{shard: bytes of its largest partial file} for the given shards (a resume continues from one)."""
+    out = {}
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError:
+        return out
+    for e in entries:
+        m = PARTIAL_RE.match(e.name)
+        if m and int(m.group(1)) in shards:
+            try:
+                size = e.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            out[int(m.group(1))] = max(out.get(int(m.group(1)), 0), size)
+    return out
+
+
+def build_parser():
     p = argparse.ArgumentParser(
         prog="shardstream download",
         description="Fetch train shards 0..N-1 and the val shard (the last one) into the data dir, verified.")
@@ -108,17 +337,32 @@ def cli(argv):
                    help=f"known dataset (default {DEFAULT_DATASET})")
     p.add_argument("--dataset-shards", type=int, default=None,
                    help="total shards at the source, the last being val (default: the listed count for "
-                        "hf/s3/gs/local sources, the dataset's for an http(s) URL)")
+                        "hf/s3/gs/local sources; required for an http(s) URL other than a known dataset's Hub URL)")
+    p.add_argument("--require-checksum", action="store_true",
+                   help="refuse a shard the source gives no sha256/md5 for (default: size + parquet footer then)")
+    p.add_argument("--verify", default="footer", choices=VERIFY_LEVELS,
+                   help="footer: size, checksum when there is one, parquet footer (default); decode: also read "
+                        "and decompress every page before the shard is kept")
     p.add_argument("--allow-insecure", action="store_true", help="permit plain http to a non-loopback host")
-    args = p.parse_args(argv)
+    return p
 
+
+def cli(argv):
+    args = build_parser().parse_args(argv)
     try:
         if args.num_workers < 1:
             raise ConfigError(f"-w must be >= 1, got {args.num_workers}")
-        # Everything local before make_source, which lists hf/s3/gs sources over the network.
+        # Everything local first: the URL and an http(s) source (no I/O) before the data dir is made, the data
+        # dir before an hf/s3/gs source is listed over the network.
         row_group_limits()
+        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
+        url = args.source or os.environ.get("SHARDSTREAM_SOURCE")
+        listed = url is not None and source_kind(url) != "http"
+        source = None if listed else make_source(url, args.dataset, args.dataset_shards,
+                                                 allow_insecure=args.allow_insecure)
         data_dir = ensure_data_dir(args.data_dir or default_data_dir(args.dataset))
-        source = make_source(args.source, args.dataset, args.dataset_shards, allow_insecure=args.allow_insecure)
+        if source is None:
+            source = make_source(url, args.dataset, args.dataset_shards, allow_insecure=args.allow_insecure)
         n = args.num_files
         if n == -1:
             n = source.num_train_shards
@@ -147,7 +391,7 @@ def cli(argv):
     if threading.current_thread() is threading.main_thread():   # only there can Python take signals
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        results = _download_with_bar(source, ids, data_dir, args.num_workers, stop)
+        results = _download_with_bar(source, ids, data_dir, args.num_workers, stop, policy)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -163,27 +407,35 @@ def cli(argv):
         return 128 + signals[0]
     fetched = [r for r in done if not r.already_present]
     mb = sum(r.bytes_downloaded for r in fetched) / 1e6
+    by = Counter(r.checked for r in fetched if r.checked)
+    vouched = f"; verified by {', '.join(f'{CHECK_WORDS.get(k, k)}: {v}' for k, v in by.most_common())}" if by else ""
     print(f"{len(done)}/{len(ids)} shards verified in {data_dir} ({len(fetched)} fetched, "
           f"{len(done) - len(fetched)} already there; {mb:.1f} MB in {seconds:.1f}s, "
-          f"{mb / max(seconds, 1e-9):.1f} MB/s)")
+          f"{mb / max(seconds, 1e-9):.1f} MB/s{vouched})")
     for i, err in failed:
         text = str(err)
         print(text if text.startswith(f"shard {i:05d}") else f"shard {i:05d}: {text}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _download_with_bar(source, ids, data_dir, workers, stop=None):
-    from tqdm import tqdm
+def _download_with_bar(source, ids, data_dir, workers, stop=None, policy=FetchPolicy()):
+    """Sizes first (the bar's total), then the transfers, with the bar and status.json."""
     from tqdm.contrib.logging import logging_redirect_tqdm
-    lock = threading.Lock()
-    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="download", file=sys.stderr,
-              dynamic_ncols=True) as bar, logging_redirect_tqdm():
-        def on_size(n):
-            with lock:
-                bar.total += n
-                bar.refresh()
-
-        def on_bytes(n):
-            with lock:
-                bar.update(n)
-        return download_shards(source, ids, data_dir, workers, stop=stop, on_bytes=on_bytes, on_size=on_size)
+    stop = stop or threading.Event()
+    if not source.listing and len(ids) > 50:
+        print(f"asking the source for the sizes of {len(ids)} shards first (the bar's total)", file=sys.stderr)
+    infos = probe_shards(source, ids, data_dir, max(workers, PROBE_WORKERS), policy, stop=stop)
+    sizes = {i: (None if isinstance(info, Exception) or info is None else info.size) for i, info in infos.items()}
+    present = {}
+    for i in ids:
+        if i not in infos:
+            try:
+                present[i] = (data_dir / shard_name(i)).stat().st_size
+            except OSError:             # gone since: fetched again, off the bar's total
+                pass
+    progress = DownloadProgress(source, ids, data_dir, sizes, present, workers)
+    try:
+        with logging_redirect_tqdm():
+            return download_shards(source, ids, data_dir, workers, policy, stop=stop, infos=infos, progress=progress)
+    finally:
+        progress.close()

@@ -1,13 +1,25 @@
 """What the downloader is doing, for programs and for people.
 
-- `DownloaderStatus`: a frozen snapshot (`StreamingDownloader.get_status()`), with `line()` for the
-  trainer's one-line log and `render()` for a person.
+- `DownloaderStatus`: a frozen snapshot (`StreamingDownloader.get_status()`, or `shardstream download`'s),
+  with `line()` for the trainer's one-line log and `render()` for a person.
 - `write_status` / `read_status`: the snapshot as `<data_dir>/status.json`, replaced atomically;
   read_status raises ConfigError naming the file when it is not a shardstream status file.
 - `EventLog`: `<data_dir>/events.jsonl`, one JSON object per shard event (t, event, shard, bytes_on_disk,
-  budget, ahead, reader_shard, ...) for the timeline plot.
+  budget, ahead, reader_shard, ...) for the timeline plot. A trainer adds its own: "training_shard" (the
+  shard its batches come from) and "downloaded" with by="trainer" (a shard it fetched itself).
+- `with_events(status, data_dir)`: the snapshot plus what only the event log knows: a reader's wait in
+  progress and the shard in training.
 - `cli(argv)`: `shardstream status [--data-dir DIR] [--watch]`, the better `watch ls` (default data dir:
   SHARDSTREAM_DATA_DIR, else nanochat's for SHARDSTREAM_DATASET, as the downloader chooses it).
+
+**Data wait**, one figure under one name on every surface (this status, the `[Streaming]` lines, the
+trainer's step and Done lines, the demo's summary): the seconds the loaders' readers were blocked in
+wait_for_shard on a shard not yet on disk (the downloader's `waits` / `wait_seconds`, summed over readers),
+a wait in progress counted up to now. Filling the initial buffer in start() is not a wait: it is the time
+to the first step. The loader reads ahead of training, so training itself may have lost less than this.
+`DownloaderStatus.data_wait()` writes it, e.g. "6.5s (5 waits; waiting 1.2s now for shard_00004)".
+
+Sizes are decimal everywhere (human_bytes: 1 MB = 10**6 bytes, as units.parse_bytes reads them).
 
 The data dir is shared ground: both files are written through safefs (a symbolic link planted under
 either name, or under the temp file's, is never written through).
@@ -24,7 +36,7 @@ import threading
 import time
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, UnsafePathError
@@ -34,17 +46,22 @@ from .shards import shard_name
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 STALE_SECONDS = 10.0          # a running downloader rewrites status.json every ~0.5 s
+EVENTS_TAIL = 64 << 10        # bytes of the event log's end read for a wait in progress (~250 events)
+# what vouched for a shard (FetchResult.checked), in words
+CHECK_WORDS = {"sha256": "sha256", "md5": "md5", "size+footer": "size+footer only",
+               "sha256+decode": "sha256+decode", "md5+decode": "md5+decode",
+               "size+footer+decode": "size+footer+decode only"}
 
 
 @dataclass(frozen=True)
 class DownloaderStatus:
-    """One snapshot of a StreamingDownloader."""
+    """One snapshot of a StreamingDownloader (kind "stream") or of `shardstream download` (kind "download")."""
     state: str                      # created, starting, running, stopped, crashed
     shards_verified: int            # train shards of the plan verified so far (downloaded or reused)
     total_shards: int               # train shards in the plan
     ahead: int                      # verified shards in the window ahead of the reader
     buffer_size: int                # the window's size
-    current_shard: int | None       # the shard the reader last asked for
+    current_shard: int | None       # the shard the loader's reader last asked for (its read-ahead)
     bytes_on_disk: int              # shard files + partial files
     reserved_bytes: int             # budget held for in-flight downloads beyond their partial bytes
     budget: int | None              # max_cache_bytes (None = no budget)
@@ -56,8 +73,8 @@ class DownloaderStatus:
     retries: int = 0                # failed attempts retried (inside a fetch, and fetches retried later)
     failures: int = 0               # shards that failed permanently or past the deadline
     skipped: tuple = ()             # shards the "skip" policy gave up on
-    waits: int = 0                  # times the reader had to wait
-    wait_seconds: float = 0.0       # total seconds the reader spent waiting
+    waits: int = 0                  # times a reader had to wait (a wait in progress included)
+    wait_seconds: float = 0.0       # seconds readers spent in waits that ended (see "Data wait" above)
     error: str | None = None        # the error that stopped downloading (disk floor, crash), if any
     val_shard: int | None = None
     data_dir: str = ""
@@ -65,6 +82,12 @@ class DownloaderStatus:
     pid: int = 0
     host: str = ""
     updated: float = 0.0            # unix time of this snapshot
+    kind: str = "stream"            # "stream": a StreamingDownloader; "download": `shardstream download`
+    checked: dict = field(default_factory=dict)    # downloads by what vouched for them: "sha256", "md5",
+                                    # "size+footer" (no checksum at the source), each maybe "+decode"
+    training_shard: int | None = None   # the shard training reads its batches from (a trainer reports it)
+    wait_shard: int | None = None       # the shard a reader is waiting for now (None: no wait in progress)
+    wait_started: float | None = None   # unix time that wait began
 
     def to_dict(self):
         d = asdict(self)
@@ -81,12 +104,50 @@ class DownloaderStatus:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
 
-    def line(self):
-        """The seed's status line: `7/10 shards downloaded, buffer: 5/5, current: shard_00001`."""
-        cur = shard_name(self.current_shard).removesuffix(".parquet") if self.current_shard is not None else "-"
+    def waiting_now(self, now=None):
+        """Seconds the wait in progress has lasted (None: no reader waits now)."""
+        if self.wait_started is None or self.state not in ("starting", "running"):
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.wait_started)
+
+    def data_wait_seconds(self, now=None):
+        """The data wait (module docstring) in seconds, a wait in progress counted up to now."""
+        return self.wait_seconds + (self.waiting_now(now) or 0.0)
+
+    def data_wait(self, now=None):
+        """The data wait in words, the same on every surface: '6.5s (5 waits)', or with a wait in progress
+        '7.7s (5 waits; waiting 1.2s now for shard_00004)'."""
+        s = f"{self.data_wait_seconds(now):.1f}s ({self.waits} wait{'' if self.waits == 1 else 's'}"
+        elapsed = self.waiting_now(now)
+        if elapsed is not None:
+            s += f"; waiting {elapsed:.1f}s now for {_short(self.wait_shard)}"
+        return s + ")"
+
+    def position(self):
+        """Where training and the loader are: 'training: shard_00003, loader: shard_00004'. The loader
+        reads ahead of training (current_shard is its read-ahead); training_shard is known when a trainer
+        reports it."""
+        loader = f"loader: {_short(self.current_shard)}"
+        return loader if self.training_shard is None else f"training: {_short(self.training_shard)}, {loader}"
+
+    def verified_by(self):
+        """'sha256: 12, size+footer only: 3': this downloader's fetches by what vouched for them ('-' before
+        any; shards found on disk at start are not counted, nor shard 0 when the trainer fetched it itself)."""
+        if not self.checked:
+            return "-"
+        return ", ".join(f"{CHECK_WORDS.get(k, k)}: {n}" for k, n in sorted(self.checked.items(), key=lambda kv: -kv[1]))
+
+    def line(self, now=None):
+        """The seed's status line, with both positions and the data wait: `7/10 shards downloaded, buffer:
+        5/5, training: shard_00000, loader: shard_00001, disk: ..., 41.3 MB/s, data wait 0.0s (0 waits)`."""
         disk = _mb(self.bytes_on_disk) + (f"/{_mb(self.budget)}" if self.budget else "")
-        s = (f"{self.shards_verified}/{self.total_shards} shards downloaded, buffer: {self.ahead}/{self.buffer_size}, "
-             f"current: {cur}, disk: {disk}, {self.download_mbps:.1f} MB/s, waited {self.wait_seconds:.1f}s")
+        if self.kind == "download":
+            s = (f"{self.shards_verified}/{self.total_shards} shards downloaded, in flight: {_ids(self.in_flight)}, "
+                 f"disk: {disk}, {self.download_mbps:.1f} MB/s")
+        else:
+            s = (f"{self.shards_verified}/{self.total_shards} shards downloaded, buffer: {self.ahead}/"
+                 f"{self.buffer_size}, {self.position()}, disk: {disk}, {self.download_mbps:.1f} MB/s, "
+                 f"data wait {self.data_wait(now)}")
         if self.skipped:
             s += f", skipped: {len(self.skipped)}"
         if self.error:
@@ -97,26 +158,53 @@ class DownloaderStatus:
         """A few lines for a person (`shardstream status`)."""
         now = time.time() if now is None else now
         age = now - self.updated
-        cur = shard_name(self.current_shard) if self.current_shard is not None else "(reader has not started)"
         budget = _mb(self.budget) if self.budget else "none"
         free = _mb(self.free_disk_bytes) if self.free_disk_bytes is not None else "?"
+        who = "shardstream download" if self.kind == "download" else "downloader"
         lines = [
-            f"downloader   {self.state}  (pid {self.pid} on {self.host}, updated {age:.1f}s ago)",
+            f"{who:<12} {self.state}  (pid {self.pid} on {self.host}, updated {age:.1f}s ago)",
             f"source       {self.source}",
             f"data dir     {self.data_dir}",
-            f"shards       {self.shards_verified}/{self.total_shards} verified, val shard {self.val_shard}",
-            f"reader       at {cur}; {self.ahead}/{self.buffer_size} ready ahead; "
-            f"waited {self.waits}x, {self.wait_seconds:.1f}s in all",
+        ]
+        if self.kind == "download":
+            lines.append(f"shards       {self.shards_verified}/{self.total_shards} verified (train shards and the val "
+                         f"shard {self.val_shard})")
+        else:
+            if self.current_shard is None:
+                where = "the loader has not asked for a shard yet"
+            elif self.training_shard is None:
+                where = f"loader at {shard_name(self.current_shard)} (it reads ahead of training)"
+            else:
+                where = (f"training on {shard_name(self.training_shard)}, the loader reads ahead at "
+                         f"{shard_name(self.current_shard)}")
+            lines += [
+                f"shards       {self.shards_verified}/{self.total_shards} verified, val shard {self.val_shard}",
+                f"position     {where}; {self.ahead}/{self.buffer_size} ready ahead",
+                f"data wait    {self.data_wait(now)}: readers blocked on shards not downloaded yet",
+            ]
+        lines += [
             f"disk         {_mb(self.bytes_on_disk)} on disk (+{_mb(self.reserved_bytes)} reserved), "
             f"budget {budget}, free {free}",
             f"network      {self.download_mbps:.2f} MB/s recent, {_mb(self.downloaded_bytes)} this run; "
             f"downloading {_ids(self.in_flight)}",
+            f"verified by  {self.verified_by()}",
             f"on disk      {_ids(self.cached)}",
             f"faults       {self.retries} retries, {self.failures} failures, skipped {_ids(self.skipped)}",
         ]
         if self.error:
             lines.append(f"ERROR        {self.error}")
         return "\n".join(lines)
+
+
+def event_fields(status):
+    """The fields every downloader event carries (bytes_on_disk, budget, ahead, reader_shard), from a status:
+    for an event a trainer adds to the log beside the downloader's."""
+    return {"bytes_on_disk": status.bytes_on_disk, "budget": status.budget, "ahead": status.ahead,
+            "reader_shard": status.current_shard}
+
+
+def _short(shard):
+    return shard_name(shard).removesuffix(".parquet") if isinstance(shard, int) and shard >= 0 else "-"
 
 
 def human_bytes(n):
@@ -193,6 +281,9 @@ def _accepts(tp, value):
         return isinstance(value, str)
     if tp is tuple:             # shard ids and such: a list of plain values
         return isinstance(value, list) and all(v is None or isinstance(v, (int, float, str)) for v in value)
+    if tp is dict:              # counts by name (checked): str -> int
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                               for k, v in value.items())
     return True                 # an annotation this check does not know: leave it to the reader
 
 
@@ -257,19 +348,59 @@ class EventLog:
                 self._f = None
 
 
-def read_events(data_dir):
-    """Every event in data_dir's events.jsonl, as dicts (a torn last line is ignored)."""
+def read_events(data_dir, tail_bytes=None):
+    """Every event in data_dir's events.jsonl, as dicts (a torn last line is ignored); with tail_bytes, only
+    the events in the file's last tail_bytes (the line cut in two there is dropped)."""
     out = []
     try:
-        with fopen_nofollow(Path(data_dir) / EVENTS_FILE) as f:     # a planted fifo: refused, not waited on
+        with fopen_nofollow(Path(data_dir) / EVENTS_FILE, "rb") as f:     # a planted fifo: refused, not waited on
+            if tail_bytes is not None:
+                size = os.fstat(f.fileno()).st_size
+                if size > tail_bytes:
+                    f.seek(size - tail_bytes)
+                    f.readline()            # the rest of a line that began before the tail
             for line in f:
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+                    ev = json.loads(line)
+                except ValueError:          # not JSON, not UTF-8
+                    continue
+                if isinstance(ev, dict):
+                    out.append(ev)
     except FileNotFoundError:
         pass
     return out
+
+
+def with_events(status, data_dir, tail_bytes=EVENTS_TAIL):
+    """status plus what only the event log knows, where status does not say it already: a reader's wait in
+    progress (wait_shard, wait_started: a "wait_start" with a reader and no "wait_end" yet) and the shard
+    in training (the last "training_shard" event). Both start afresh at each downloader's "start"."""
+    if status is None or (status.training_shard is not None and status.wait_started is not None):
+        return status
+    try:
+        events = read_events(data_dir, tail_bytes)
+    except (OSError, ConfigError):          # (UnsafePathError: a planted link) the snapshot as it is
+        return status
+    waits, training = {}, None
+    for ev in events:
+        name, shard, t = ev.get("event"), ev.get("shard"), ev.get("t")
+        if name == "start":
+            waits, training = {}, None
+        elif name == "stopped":
+            waits = {}
+        elif name == "wait_start" and ev.get("reader") is not None and isinstance(t, (int, float)):
+            waits.setdefault((shard, ev.get("reader")), t)
+        elif name == "wait_end":
+            waits.pop((shard, ev.get("reader")), None)
+        elif name == "training_shard" and isinstance(shard, int):
+            training = shard
+    change = {}
+    if status.training_shard is None and training is not None:
+        change["training_shard"] = training
+    if status.wait_started is None and waits and status.state in ("starting", "running"):
+        (shard, _), t0 = min(waits.items(), key=lambda kv: kv[1])
+        change.update(wait_shard=shard if isinstance(shard, int) else None, wait_started=float(t0))
+    return replace(status, **change) if change else status
 
 
 def _process_alive(pid):
@@ -293,7 +424,7 @@ def _describe(data_dir, now=None):
     that is not a status file."""
     now = time.time() if now is None else now
     try:
-        st = read_status(data_dir)
+        st = with_events(read_status(data_dir), data_dir)
         if st is not None:
             text = st.render(now)
     except ConfigError as e:
@@ -301,11 +432,12 @@ def _describe(data_dir, now=None):
     except (TypeError, ValueError, OverflowError) as e:      # right types, values render() cannot show
         return str(_not_ours(status_path(data_dir), f"{type(e).__name__}: {e}")), 2
     if st is None:
-        return (f"no status in {data_dir}: no StreamingDownloader has run with this data dir "
-                f"(give --data-dir, or set SHARDSTREAM_DATA_DIR)"), 1
+        return (f"no status in {data_dir}: no StreamingDownloader or `shardstream download` has run with this "
+                f"data dir (give --data-dir, or set SHARDSTREAM_DATA_DIR)"), 1
     age = now - st.updated
     if st.state in ("stopped", "crashed"):
-        return (text + f"\n(the downloader {st.state} {age:.0f}s ago; this is its last status)",
+        who = "`shardstream download`" if st.kind == "download" else "the downloader"
+        return (text + f"\n({who} {st.state} {age:.0f}s ago; this is its last status)",
                 1 if st.state == "crashed" else 0)
     if age > STALE_SECONDS:
         why = ""
@@ -329,7 +461,8 @@ def _interval(text):
 def cli(argv):
     from .shards import DEFAULT_DATASET, default_data_dir
     p = argparse.ArgumentParser(prog="shardstream status",
-                                description="Show a StreamingDownloader's status (from <data-dir>/status.json).")
+                                description="Show a StreamingDownloader's or a `shardstream download`'s status (from "
+                                            "<data-dir>/status.json and its event log).")
     p.add_argument("--data-dir", default=None, help="the downloader's data dir (default: $SHARDSTREAM_DATA_DIR, "
                                                     "else nanochat's for $SHARDSTREAM_DATASET)")
     p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
@@ -346,7 +479,7 @@ def cli(argv):
             return 2
     if args.json:
         try:
-            st = read_status(data_dir)
+            st = with_events(read_status(data_dir), data_dir)
         except ConfigError as e:
             print(f"shardstream status: {e}", file=sys.stderr)
             return 2

@@ -18,9 +18,11 @@ loader (shardstream/loader.py) asks this module for one instead of reading a loc
   each generator), and at interpreter exit (atexit), the downloader is stopped, its threads joined, and
   the partial files of downloads it had in flight are removed (a killed process leaves them instead, and
   the next run resumes them).
-- Visible: a `[Streaming] ...` status line is logged when the train reader moves to a new shard (at most
-  every SHARDSTREAM_STATUS_EVERY seconds), beside the downloader's own status.json / events.jsonl that
-  `shardstream status` reads from a second terminal.
+- Visible: a `[Streaming] ...` status line is logged when training moves on to a new shard (the train
+  loader's state's pq_idx; at most every SHARDSTREAM_STATUS_EVERY seconds), naming both the shard in
+  training and the loader's read-ahead, with the data wait (status.py's one definition). The shard in
+  training also goes into the event log ("training_shard"), so `shardstream status` from a second
+  terminal shows it beside the downloader's own status.json.
 """
 import atexit
 import difflib
@@ -32,12 +34,12 @@ import time
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-from .cache import try_lock
+from .cache import discard_partials
 from .errors import ConfigError
+from .fetch import VERIFY_LEVELS
 from .node import NodeReader
-from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
+from .shards import DATASETS, DEFAULT_DATASET, default_data_dir
 from .units import parse_bytes
 from .verify import row_group_limits
 
@@ -56,7 +58,8 @@ VARIABLES = {
     "SHARDSTREAM_DATA_DIR": ("$NANOCHAT_BASE_DIR/base_data_climbmix", "the cache dir (nanochat's data dir)"),
     "SHARDSTREAM_MAX_CACHE_BYTES": ("none", "disk budget for the cache: 20GB, 500MB, 1.5GiB or a byte count"),
     "SHARDSTREAM_BUFFER_SIZE": ("5", "train shards kept ready ahead of the reader, or 'auto' (adaptive)"),
-    "SHARDSTREAM_TOTAL_SHARDS": ("-1", "train shards to stream before wrapping to shard 0 (-1: all)"),
+    "SHARDSTREAM_TOTAL_SHARDS": ("-1", "train shards to stream before wrapping to shard 0, the val shard besides "
+                                       "(-1: all)"),
     "SHARDSTREAM_RETAIN": ("0", "consumed shards kept behind the reader"),
     "SHARDSTREAM_WORKERS": ("2", "parallel downloads"),
     "SHARDSTREAM_FAILURE_POLICY": ("fail", "a shard that cannot be fetched: fail, wait or skip"),
@@ -67,6 +70,10 @@ VARIABLES = {
                                   "shared cache dir)"),
     "SHARDSTREAM_STATUS_EVERY": ("0", "seconds between [Streaming] status lines (0: every new shard; off: "
                                       "none)"),
+    "SHARDSTREAM_REQUIRE_CHECKSUM": ("0", "1 refuses a shard the source gives no sha256/md5 for (0: checked by "
+                                          "size and parquet footer then)"),
+    "SHARDSTREAM_VERIFY": ("footer", "footer (size, checksum when there is one, parquet footer) or decode (also "
+                                     "read and decompress every page before a shard is used)"),
 }
 OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",    # read by torchrun.py, loadersync.py
                    "SHARDSTREAM_MAX_ROW_GROUP_BYTES", "SHARDSTREAM_MAX_ROW_GROUP_ROWS")    # by verify.py
@@ -108,6 +115,8 @@ class StreamingSettings:
     partition: str = "global"
     scope: str = "node"
     status_every: float | None = 0.0    # None: no status lines
+    require_checksum: bool = False
+    verify: str = "footer"              # fetch.VERIFY_LEVELS
 
     @classmethod
     def from_env(cls, env=None):
@@ -145,6 +154,13 @@ class StreamingSettings:
                 return s.lower()
             return parse
 
+        def flag(s):
+            if s.lower() in _TRUE:
+                return True
+            if s.lower() in _FALSE:
+                return False
+            raise ValueError(s)
+
         def seconds(s):
             if s.lower() in ("off", "none", "-1"):
                 return None
@@ -177,13 +193,18 @@ class StreamingSettings:
                          "write node (one downloader per node) or cluster (one per job, shared cache dir)"),
             "status_every": get("SHARDSTREAM_STATUS_EVERY", seconds, 0.0,
                                 "write seconds >= 0 between [Streaming] lines (0: every new shard), or off"),
+            "require_checksum": get("SHARDSTREAM_REQUIRE_CHECKSUM", flag, False,
+                                    "write 1 to refuse shards without a sha256/md5 at the source, or 0"),
+            "verify": get("SHARDSTREAM_VERIFY", one_of(VERIFY_LEVELS), "footer",
+                          f"write {' or '.join(VERIFY_LEVELS)}"),
         }
         buffer = get("SHARDSTREAM_BUFFER_SIZE", int_at_least(1, {"auto": "auto"}), 5,
                      "write the number of shards to keep ready ahead of the reader (an int >= 1), or auto")
         kw["adaptive"] = buffer == "auto"
         kw["buffer_size"] = 5 if buffer == "auto" else buffer
         kw["total_shards"] = get("SHARDSTREAM_TOTAL_SHARDS", int_at_least(1, {"-1": -1, "all": -1}), -1,
-                                 "write the number of train shards to stream (an int >= 1), or -1 for all")
+                                 "write the number of train shards to stream (an int >= 1; the val shard comes "
+                                 "besides), or -1 for all")
         try:
             row_group_limits(env=env)       # verify.py reads them per shard: a bad one fails here, before any download
         except ConfigError as e:
@@ -201,8 +222,11 @@ class StreamingSettings:
         budget = "none" if self.max_cache_bytes is None else human_bytes(self.max_cache_bytes)
         shards = "all" if self.total_shards == -1 else str(self.total_shards)
         window = "auto" if self.adaptive else str(self.buffer_size)
+        checks = ", ".join((["sha256/md5 required"] if self.require_checksum else [])
+                           + (["every page decoded"] if self.verify == "decode" else []))
         return (f"source {redact_url(self.source) if self.source else self.dataset + ' (the Hub)'}, data dir "
-                f"{self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards}")
+                f"{self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards} (+ the val shard)"
+                + (f", checks: {checks}" if checks else ""))
 
     def make_source(self):
         """The Source, with errors naming the variables they come from."""
@@ -215,9 +239,12 @@ class StreamingSettings:
                               + (f", SHARDSTREAM_DATASET_SHARDS={self.dataset_shards}" if self.dataset_shards else "")
                               + f": {e}") from None
         if self.total_shards > src.num_train_shards:
+            why = (f" ({self.total_shards} is its count with the val shard, but the variable counts train shards "
+                   f"only: the val shard comes besides)" if self.total_shards == src.dataset_shards else
+                   " (train shards only: the val shard comes besides)")
             raise ConfigError(f"SHARDSTREAM_TOTAL_SHARDS={self.total_shards}, but {src.name} has "
-                              f"{src.num_train_shards} train shards: ask for at most {src.num_train_shards}, or -1 "
-                              f"for all")
+                              f"{src.num_train_shards} train shards{why}: ask for at most {src.num_train_shards}, "
+                              f"or -1 for all")
         return src
 
     def downloader_kwargs(self, split, resuming=False):
@@ -225,13 +252,15 @@ class StreamingSettings:
         `split`. Only a fresh train loader waits for shard 0 in start() (the fast start); a val loader or a
         resuming one asks for the shard it needs first."""
         from .downloader import WindowPolicy
+        from .fetch import FetchPolicy
         kw = dict(source=self.source, dataset=self.dataset, dataset_shards=self.dataset_shards,
                   data_dir=self.data_dir, total_shards=self.total_shards, workers=self.workers,
                   failure_policy=self.failure_policy, progress=sys.stderr.isatty(),
                   window=WindowPolicy(self.buffer_size, self.retain, self.max_cache_bytes,
                                       initial_buffer=1 if split == "train" and not resuming else 0,
                                       cycle=True),
-                  prefetch="auto" if self.adaptive else None)
+                  prefetch="auto" if self.adaptive else None,
+                  fetch_policy=FetchPolicy(require_checksum=self.require_checksum, verify=self.verify))
         if self.min_free_bytes is not None:
             kw["min_free_bytes"] = self.min_free_bytes
             kw["warn_free_bytes"] = max(self.min_free_bytes, min(5 * self.min_free_bytes, 5_000_000_000))
@@ -262,9 +291,10 @@ class _Shared:
         self.distributed = distributed
         self.users = 0
         self.alive = True
-        self.last_shard = None
+        self.trained = None             # the shard the train loader's batches come from now
         self.last_report = float("-inf")
         self.talk = distributed is False or os.environ.get("RANK", "0") == "0"   # one rank prints
+        self.events = None              # our own lines in the downloader's event log (opened on first use)
 
     @classmethod
     def open(cls, settings, split, resuming):
@@ -291,20 +321,59 @@ class _Shared:
             raise
         return shared
 
-    def report(self, shard_id):
-        """The train reader asked for shard_id: log a status line when it is a new shard."""
-        if shard_id == self.last_shard or not self.talk or self.settings.status_every is None:
+    def on_batch(self, batch):
+        """A train batch reached the training loop: when its loader state (pq_idx) is in a new shard, say so in
+        the event log (`shardstream status` shows it) and in a status line."""
+        state = batch[2] if isinstance(batch, tuple) and len(batch) == 3 else None
+        pq_idx = state.get("pq_idx") if isinstance(state, dict) else None
+        if not isinstance(pq_idx, int) or not self.talk:
             return
-        self.last_shard = shard_id
+        order = self.downloader.plan.order
+        shard = order[pq_idx] if 0 <= pq_idx < len(order) else None
+        if shard is None or shard == self.trained:
+            return
+        self.trained = shard
+        try:
+            from .status import EventLog, event_fields
+            if self.events is None and not isinstance(self.downloader, NodeReader):
+                self.events = EventLog(self.settings.data_dir)
+            if self.events is not None:
+                self.events.write("training_shard", shard=shard, **event_fields(self.downloader.get_status()))
+        except (OSError, ConfigError) as e:     # (UnsafePathError: a planted link) never fail a batch over it
+            logger.debug(f"{P} could not write the event log: {e}")
+        self.report()
+
+    def status(self):
+        """The downloader's status with the shard in training and a wait in progress (status.with_events)."""
+        from dataclasses import replace
+
+        from .status import with_events
+        st = self.downloader.get_status()
+        if self.trained is not None:
+            st = replace(st, training_shard=self.trained)
+        if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
+            st = with_events(st, self.settings.data_dir)
+        return st
+
+    def report(self):
+        """Log a status line, at most every SHARDSTREAM_STATUS_EVERY seconds."""
+        if not self.talk or self.settings.status_every is None:
+            return
         now = time.monotonic()
         if now - self.last_report < self.settings.status_every:
             return
         self.last_report = now
         try:
-            line = self.downloader.get_status().line()
+            line = self.status().line()
         except Exception as e:      # a reader's status comes from the store: never fail a read over it
             line = f"(status unavailable: {type(e).__name__}: {e})"
         logger.info(f"{P} {line}")
+
+    def _status_or_none(self):
+        try:
+            return self.downloader.get_status()
+        except Exception:           # a NodeReader's status comes from the store, gone after its stop
+            return None
 
     def stop(self):
         """Stop the downloader, join its threads, remove the partial files it left (lock held)."""
@@ -314,16 +383,16 @@ class _Shared:
         key = _key(self.settings)
         if _live.get(key) is self:
             del _live[key]
-        try:
-            status = self.downloader.get_status()
-        except Exception:
-            status = None
+        before = self._status_or_none()
         self.downloader.stop()
+        status = self._status_or_none() or before       # after the stop: the figures of its last status.json
+        if self.events is not None:
+            self.events.close()
         owns_dir = not isinstance(self.downloader, NodeReader)     # a NodeReader's leader owns the dir
         removed = discard_partials(self.settings.data_dir) if owns_dir else 0
         if self.talk and status is not None:
-            logger.info(f"{P} stopped: {status.downloaded_bytes / 1e6:.1f} MB downloaded, reader waited "
-                        f"{status.waits}x ({status.wait_seconds:.1f}s)"
+            logger.info(f"{P} stopped: {status.downloaded_bytes / 1e6:.1f} MB downloaded, data wait "
+                        f"{status.data_wait()}"
                         + (f", {removed} partial file(s) of unfinished downloads removed" if removed else ""))
 
 
@@ -380,9 +449,13 @@ class OwnedLoader(Generator):
     def __init__(self, gen, lease):
         self._gen = gen
         self._finalizer = weakref.finalize(self, _close, gen, lease)
+        self._on_batch = lease.shared.on_batch if lease.split == "train" else None
 
     def send(self, value):
-        return self._gen.send(value)
+        batch = self._gen.send(value)
+        if self._on_batch is not None:
+            self._on_batch(batch)
+        return batch
 
     def throw(self, *args):
         return self._gen.throw(*args)
@@ -400,7 +473,7 @@ def _close(gen, lease):
 
 class _Reporting:
     """The shared downloader as one loader sees it (a reader.ShardReader): every member is the
-    downloader's, and wait_for_shard of the train split reports new shards (the [Streaming] status line)."""
+    downloader's."""
 
     def __init__(self, shared, split):
         self._shared = shared
@@ -416,10 +489,7 @@ class _Reporting:
         return self._shared.downloader.row_group_stride(split)
 
     def wait_for_shard(self, shard_id, timeout=None, *, reader=0):
-        path = self._shared.downloader.wait_for_shard(shard_id, timeout, reader=reader)
-        if self._split == "train":
-            self._shared.report(shard_id)
-        return path
+        return self._shared.downloader.wait_for_shard(shard_id, timeout, reader=reader)
 
     def release(self, shard_id, *, reader=0, consumed=True):
         self._shared.downloader.release(shard_id, reader=reader, consumed=consumed)
@@ -485,30 +555,6 @@ atexit.register(shutdown)
 
 # -----------------------------------------------------------------------------------------------------
 # Helpers
-
-def discard_partials(data_dir):
-    """Remove partial downloads (`shard_XXXXX.parquet.*.partial` and their .json sidecars) that no fetch
-    holds the lock of. Returns how many partial files were removed."""
-    from .cache import PARTIAL_RE
-    removed = 0
-    d = Path(data_dir)
-    try:
-        names = sorted(os.listdir(d))
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        m = PARTIAL_RE.match(name.removesuffix(".json"))
-        if not m:
-            continue
-        if try_lock(d / (shard_name(int(m.group(1))) + ".lock"), close=True) is False:
-            continue        # another process is fetching that shard: its partial is live
-        try:
-            os.remove(d / name)
-            removed += name.endswith(".partial")
-        except FileNotFoundError:
-            pass
-    return removed
-
 
 _KWARG_VARIABLES = {"max_cache_bytes": "SHARDSTREAM_MAX_CACHE_BYTES", "buffer_size": "SHARDSTREAM_BUFFER_SIZE",
                     "total_shards": "SHARDSTREAM_TOTAL_SHARDS", "min_free_bytes": "SHARDSTREAM_MIN_FREE_BYTES"}

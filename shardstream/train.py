@@ -25,6 +25,16 @@ Local rank 0 trains the tokenizer and measures shard 0; the other ranks wait at 
 rank 0 logs (the other ranks log warnings and errors only) and writes checkpoints; its loader state carries
 every rank's cursor, so every rank resumes from it exactly. The val loss is averaged over the ranks.
 
+What a streaming run says (rank 0): every step line ends with the data wait (status.py's one definition:
+the loader's readers blocked on shards not downloaded yet; the Done line, the [Streaming] lines, `shardstream
+status` and the demo's summary show the same figure); while the loop itself waits for a batch, a line every
+WAIT_LOG_EVERY seconds says for how long. `[Streaming]` lines come after the first step, every
+--status_every steps and once at the end, naming the shard in training (the loader state's pq_idx, also
+written to the event log as "training_shard") and the loader's read-ahead. --streaming_total_shards counts
+train shards (the val shard besides), as SHARDSTREAM_TOTAL_SHARDS and StreamingDownloader(total_shards=)
+do. --require_checksum and --verify decode set how every shard is checked, shard 0 included, which the
+trainer fetches itself for the tokenizer (its "downloaded" event says by="trainer").
+
 SIGTERM and Ctrl-C stop the run at the next step boundary (or at once when it is waiting for data): with
 --save_every set a final checkpoint is written, the downloader's threads are stopped (partial files stay
 resumable), and main() returns 128 + the signal number. Under torchrun the ranks agree on the stop at
@@ -42,10 +52,11 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError, ShardStreamError, StateMismatchError
+from .fetch import VERIFY_LEVELS
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, list_shards, nanochat_base_dir, shard_name
 from .units import parse_bytes
 
@@ -56,6 +67,7 @@ TOKENIZER_META = "shardstream_tokenizer.json"
 # Fingerprint fields a resume must match, and how to say each one in an error.
 LOADER_BUFFER_DOCS = 1000      # the loader's buffer_size (nanochat's default)
 LOADER_BATCH_DOCS = 128        # its tokenizer_batch_size
+WAIT_LOG_EVERY = 5.0           # seconds between step-log lines while the loop waits for data
 RESUME_MUST_MATCH = {
     "data": "data source", "dataset_shards": "dataset shard count", "tokenizer": "tokenizer",
     "vocab_size": "vocab size", "device_batch_size": "--device_batch_size", "max_seq_len": "--max_seq_len",
@@ -128,7 +140,8 @@ def build_parser():
     add_bool("streaming_mode", False, "stream shards from --source with a StreamingDownloader")
     add("streaming_buffer_size", type=int, default=5, help="shards kept ready ahead of the reader (default 5)")
     add("streaming_total_shards", type=int, default=-1,
-        help="shards to stream, the val shard included (-1 = computed from the tokens the run needs)")
+        help="train shards to stream (0..N-1; the val shard is fetched besides, as SHARDSTREAM_TOTAL_SHARDS and "
+             "StreamingDownloader(total_shards=) count them); -1 = computed from the tokens the run needs")
     add("streaming_retain", type=int, default=0, help="consumed shards kept on disk behind the reader")
     add("streaming_partition", default="global", choices=["global", "node"],
         help="under torchrun with several nodes: global = every node reads every shard (nanochat's order); "
@@ -140,6 +153,11 @@ def build_parser():
     add("dataset_shards", type=int, default=None, help="shards in a custom --source (the last is val)")
     add("data_dir", default=None, help="shard directory (default SHARDSTREAM_DATA_DIR, else nanochat's)")
     add("max_cache_bytes", type=budget_bytes, default=None, help="disk budget of the data dir, e.g. 2GB")
+    add_bool("require_checksum", False, "refuse a shard the source gives no sha256/md5 for (default: checked by "
+                                        "size and parquet footer then)")
+    add("verify", default="footer", choices=list(VERIFY_LEVELS),
+        help="footer: size, checksum when there is one, parquet footer (default); decode: also read and "
+             "decompress every page before a shard is used")
     add("vocab_size", type=int, default=32768, help="BPE vocab size incl. special tokens (default 32768)")
     add("tokenizer_dir", default=None, help="where the tokenizer is saved and reused")
     add("checkpoint_dir", default=None, help="where checkpoints go (default <base>/shardstream/base_checkpoints/dN)")
@@ -147,7 +165,8 @@ def build_parser():
     add("resume_from_step", type=parse_step, default=-1, help="resume from this checkpoint step (or 'latest')")
     add("device", default="", help="cpu or cuda (default: cuda when available)")
     add("seed", type=int, default=42, help="model init seed")
-    add("status_every", type=int, default=100, help="steps between [Streaming] status lines")
+    add("status_every", type=int, default=100,
+        help="steps between [Streaming] status lines (also one after the first step and one at the end)")
     add("log_every", type=int, default=1, help="steps between step lines (the first and last always log)")
     add("tokenizer_threads", type=int, default=4, help="threads for tokenizing documents")
     add("batch_hash_log", default=None, help="append one 'step micro sha256' line per trained batch to FILE "
@@ -165,7 +184,7 @@ def parse_args(argv=None):
     if args.num_iterations == 0 or args.num_iterations < -1:
         raise ConfigError(f"--num_iterations must be >= 1 (or -1 for automatic), got {args.num_iterations}")
     if args.streaming_total_shards == 0 or args.streaming_total_shards < -1:
-        raise ConfigError(f"--streaming_total_shards must be >= 2 (or -1 for automatic), "
+        raise ConfigError(f"--streaming_total_shards must be >= 1 train shards (or -1 for automatic), "
                           f"got {args.streaming_total_shards}")
     if args.streaming_retain < 0:
         raise ConfigError(f"--streaming_retain must be >= 0, got {args.streaming_retain}")
@@ -287,15 +306,15 @@ def measure_shard_yield(tokenizer, path, T, sample_chars=4_000_000, threads=4):
                       trained_tokens=max(1, round(packed_rows(lengths, T + 1) * T * scale)))
 
 
-def shards_needed(tokens_needed, shard_yield, dataset_shards=None, read_ahead_docs=0):
-    """Train shards the run reads, rounded up, plus the val shard (capped at the dataset's size).
+def shards_needed(tokens_needed, shard_yield, train_shards=None, read_ahead_docs=0):
+    """Train shards the run reads, rounded up (capped at the dataset's train_shards); the val shard comes besides.
 
     The loader reads read_ahead_docs documents beyond the last row it hands out (its packing buffer and
     prefetch); counting them keeps a short run from wrapping into a second epoch it never trains on.
     """
     docs = tokens_needed * shard_yield.docs / shard_yield.trained_tokens + read_ahead_docs
-    n = math.ceil(docs / shard_yield.docs) + 1
-    return max(2, min(n, dataset_shards)) if dataset_shards else max(2, n)
+    n = max(1, math.ceil(docs / shard_yield.docs))
+    return min(n, train_shards) if train_shards else n
 
 
 def loader_read_ahead_docs():
@@ -446,6 +465,48 @@ def check_resume(saved, current, step):
                                  f"run with another --checkpoint_dir.")
 
 
+def checkpoint_train_shards(ckpt):
+    """The train shards a checkpoint's run streamed (None: not a streaming run). Checkpoints written before
+    the flag counted train shards only kept "total_shards", the val shard included."""
+    if ckpt.get("train_shards"):
+        return ckpt["train_shards"]
+    return ckpt["total_shards"] - 1 if ckpt.get("total_shards") else None
+
+
+def check_train_shards(n, source):
+    """ConfigError unless n train shards fit the source; a count that takes the val shard in says so."""
+    have = source.num_train_shards
+    if 1 <= n <= have:
+        return
+    why = (f"{n} is the dataset's count with the val shard, but the flag counts train shards only (the val "
+           f"shard is fetched besides)" if n == source.dataset_shards else "the val shard is fetched besides")
+    raise ConfigError(f"--streaming_total_shards {n}: {source.name} has {have} train shards (0..{have - 1}; shard "
+                      f"{source.val_shard} is val) and {why}: give 1..{have} ({have} for all of them), or -1 for "
+                      f"what the run needs")
+
+
+def shard_bytes(data_dir):
+    """Bytes of the shard files and partial downloads in data_dir (what the downloader's bytes_on_disk counts)."""
+    total = 0
+    for e in os.scandir(data_dir):
+        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
+            try:
+                total += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+def log_event(data_dir, event, **fields_):
+    """One event of the trainer's into the data dir's event log, beside the downloader's (status.py)."""
+    from .status import EventLog
+    log = EventLog(data_dir)
+    try:
+        log.write(event, **fields_)
+    finally:
+        log.close()
+
+
 # -----------------------------------------------------------------------------------------------------
 # Signals: stop at a step boundary, or at once while waiting for data
 
@@ -496,6 +557,43 @@ class SignalStop:
             self.waiting_for_data = False
 
 
+class WaitWatch:
+    """While the loop waits for a batch longer than `every` seconds, a step-log line every `every` seconds
+    saying so (text(seconds blocked) writes it): a wait in progress shows in the log as it happens."""
+
+    def __init__(self, text, every=WAIT_LOG_EVERY):
+        import threading
+        self.text, self.every = text, every
+        self.since = None           # monotonic time the loop began to wait, None while it trains
+        self.last = 0.0             # when the last line was logged
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="shardstream-train-waitwatch", daemon=True)
+        self.thread.start()
+
+    def waiting(self, fn, *args):
+        self.since = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.since = None
+
+    def _run(self):
+        said = None
+        while not self.done.wait(0.25):
+            since, now = self.since, time.monotonic()
+            if since is None or now - since < self.every or (said == since and now - self.last < self.every):
+                continue
+            said, self.last = since, now
+            try:
+                logger.info("%s", self.text(now - since))
+            except Exception as e:      # a status that cannot be had must not end the run
+                logger.debug("wait line: %s", e)
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+
+
 # -----------------------------------------------------------------------------------------------------
 # The run
 
@@ -508,11 +606,13 @@ class TrainResult:
     num_iterations: int = 0
     losses: list = field(default_factory=list)        # (step, train loss)
     val_losses: list = field(default_factory=list)    # (step, val loss)
-    data_wait_seconds: float = 0.0            # time the loop waited for batches (incl. the first)
+    step_times: list = field(default_factory=list)    # (steps done, time.time()) at the end of each step
+    data_wait_seconds: float = 0.0            # the data wait (status.py's definition), from the final status
+    data_waits: int = 0                       # the waits in it
     seconds_to_first_batch: float = 0.0       # from start to the first batch in hand
     seconds_to_first_step: float = 0.0        # from start to the end of the first optimizer step
     wall_seconds: float = 0.0
-    total_shards: int | None = None
+    train_shards: int | None = None           # train shards streamed (the val shard besides)
     shard_yield: ShardYield | None = None
     checkpoint: str | None = None
     downloader_status: object = None
@@ -579,17 +679,26 @@ def _train(args, result, t_start, device, device_type, stopper, info):
 
     # Where the data comes from, and how to get the first shard for the tokenizer.
     source = None
+    policy = None
     if args.streaming_mode:
-        from .fetch import ensure_data_dir, fetch_shard
+        from .fetch import FetchPolicy, ensure_data_dir, fetch_shard
         from .source import make_source
+        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
         ensure_data_dir(data_dir)           # before make_source: an hf/s3/gs source is listed over the network
         source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)
+        if args.streaming_total_shards != -1:
+            check_train_shards(args.streaming_total_shards, source)     # before shard 0 is fetched
         data_id = source.identity()["source"]
         dataset_shards = source.dataset_shards
 
         def first_shard():
             logger.info("Fetching %s to train the tokenizer and measure tokens per shard", shard_name(0))
-            return fetch_shard(source, 0, data_dir).path
+            r = fetch_shard(source, 0, data_dir, policy)
+            if not r.already_present:       # the event log shows every fetch, this one too (the demo counts them)
+                log_event(data_dir, "downloaded", shard=0, size=r.size, seconds=round(r.seconds, 4),
+                          attempts=r.attempts, resumed_from=r.resumed_from, checked=r.checked, by="trainer",
+                          bytes_on_disk=shard_bytes(data_dir), budget=args.max_cache_bytes, ahead=0, reader_shard=None)
+            return r.path
     else:
         on_disk = list_shards(data_dir) if data_dir.is_dir() else []
         if len(on_disk) < 2:
@@ -660,35 +769,33 @@ def _train(args, result, t_start, device, device_type, stopper, info):
 
     # The streaming downloader.
     downloader = None
-    total_shards = None
+    train_shards = None
     if source is not None:
-        # total_shards counts the val shard (the seed's "shards to download"); the downloader's counts train shards.
-        total_shards = args.streaming_total_shards
-        if total_shards == -1 and resume is not None and resume.get("total_shards"):
-            total_shards = resume["total_shards"]
-        elif total_shards == -1:
+        # Train shards, the val shard besides: what SHARDSTREAM_TOTAL_SHARDS and StreamingDownloader(total_shards=) count.
+        train_shards = args.streaming_total_shards
+        saved = None if resume is None else checkpoint_train_shards(resume)
+        if train_shards == -1 and saved:
+            train_shards = saved
+        elif train_shards == -1:
             tokens_needed = num_iterations * tokens_per_step
-            total_shards = shards_needed(tokens_needed, shard_yield, dataset_shards,
+            train_shards = shards_needed(tokens_needed, shard_yield, source.num_train_shards,
                                          read_ahead_docs=loader_read_ahead_docs() * info.world_size)
-            logger.info("Streaming mode: calculated %d shards needed for %s tokens (%d train + the val shard, "
-                        "~%s tokens each)", total_shards, f"{tokens_needed:,}", total_shards - 1,
-                        f"{shard_yield.trained_tokens:,}")
-        if resume is not None and resume.get("total_shards") not in (None, total_shards):
+            logger.info("Streaming mode: calculated %d train shards needed for %s tokens (~%s tokens each; the val "
+                        "shard comes besides)", train_shards, f"{tokens_needed:,}", f"{shard_yield.trained_tokens:,}")
+        if saved is not None and saved != train_shards:
             raise StateMismatchError(f"cannot resume from step {resume['step']}: the checkpoint streamed "
-                                     f"{resume['total_shards']} shards, this run --streaming_total_shards "
-                                     f"{total_shards} (leave it at -1 to take the checkpoint's)")
-        if not 2 <= total_shards <= dataset_shards:
-            raise ConfigError(f"--streaming_total_shards must count at least 2 shards (train + val) and at most the "
-                              f"dataset's {dataset_shards}, got {total_shards}")
-        result.total_shards = total_shards
+                                     f"{saved} train shards, this run --streaming_total_shards {train_shards} "
+                                     f"(leave it at -1 to take the checkpoint's)")
+        check_train_shards(train_shards, source)
+        result.train_shards = train_shards
         # One process: a StreamingDownloader. torchrun: the node's one downloader on local rank 0, a reader
         # of it (through torchrun's store) on every other local rank.
         from .distributed import make_node_downloader
         downloader = make_node_downloader(
-            partition=args.streaming_partition, info=info, total_shards=total_shards - 1,
+            partition=args.streaming_partition, info=info, total_shards=train_shards,
             buffer_size=args.streaming_buffer_size, data_dir=data_dir, source=source,
             max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
-            prefetch="auto" if args.streaming_prefetch == "auto" else None)
+            prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=policy)
 
     hash_log = None
     if args.batch_hash_log:
@@ -716,7 +823,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         try:
             with torch.no_grad(), autocast:
                 for _ in range(eval_batches):
-                    x, y = loop_waiting(next, loader)
+                    x, y = loop_waiting(next, loader) if watch is None else watch.waiting(loop_waiting, next, loader)
                     total += raw_model(x, y).item()
         finally:
             loader.close()
@@ -749,7 +856,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
             return
         payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": raw_model.state_dict(),
                    "optimizer": optimizer.state_dict(), "loader_state": state, "fingerprint": fingerprint,
-                   "total_shards": total_shards, "num_iterations": num_iterations, "config": vars(args),
+                   "train_shards": train_shards, "num_iterations": num_iterations, "config": vars(args),
                    "downloader": downloader.get_status().to_dict() if downloader else None}
         path = save_checkpoint(checkpoint_dir, step, payload)
         result.checkpoint = str(path)
@@ -757,28 +864,62 @@ def _train(args, result, t_start, device, device_type, stopper, info):
 
     step = start_step
     orderly = False             # every rank ends here together (finished, or a stop they agreed on)
+    # What rank 0 says about the stream: the downloader's status with the shard in training (the loader
+    # state's pq_idx; the downloader's current_shard is the loader's read-ahead) and a wait in progress.
+    talk = downloader is not None and info.rank == 0
+    events = None
+    trained = None
+
+    def stream_status():
+        from .status import with_events
+        st = downloader.get_status()
+        if trained is not None:
+            st = replace(st, training_shard=trained)
+        if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
+            st = with_events(st, data_dir)
+        return st
+
+    def note_training(state):
+        """Log the shard training reads from when it changes (an event `shardstream status` shows)."""
+        nonlocal trained
+        if events is None or not isinstance(state, dict) or not isinstance(state.get("pq_idx"), int):
+            return
+        order = downloader.plan.order
+        shard = order[state["pq_idx"]] if 0 <= state["pq_idx"] < len(order) else None
+        if shard is not None and shard != trained:
+            from .status import event_fields
+            trained = shard
+            events.write("training_shard", shard=shard, step=step, **event_fields(downloader.get_status()))
+
+    def step_line_wait():
+        return f" | data wait: {stream_status().data_wait()}" if talk else ""
+
+    watch = WaitWatch(lambda blocked: f"step {step:05d}/{num_iterations:05d} | waiting for data: {blocked:.1f}s so far"
+                                      f"{step_line_wait()}") if talk else None
     try:
         train_loader = None
 
         def next_batch(wait=loop_waiting):
-            t0 = time.time()
-            batch = wait(next, train_loader)
-            return batch, time.time() - t0
+            batch = wait(next, train_loader) if watch is None else watch.waiting(wait, next, train_loader)
+            note_training(batch[2])
+            return batch
 
         step_state = None
         try:
             if downloader is not None:
                 waiting(downloader.start)       # blocks until the first shard is verified
+            if talk:
+                from .status import EventLog
+                events = EventLog(data_dir)
             train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 tokenizer, args.device_batch_size, args.max_seq_len, "train",
                 tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
                 buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
                 streaming_downloader=downloader, data_dir=None if downloader else data_dir)
-            (x, y, loader_state), waited = next_batch(waiting)
-            result.data_wait_seconds += waited
+            x, y, loader_state = next_batch(waiting)
             result.seconds_to_first_batch = time.time() - t_start
-            logger.info("First batch ready %.1fs after start (waited %.1fs for it)",
-                        result.seconds_to_first_batch, waited)
+            logger.info("First batch ready %.1fs after start%s", result.seconds_to_first_batch,
+                        f" (data wait so far: {stream_status().data_wait()})" if talk else "")
             while True:
                 last_step = step >= num_iterations
                 if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
@@ -797,7 +938,6 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                 # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
                 step_state = loader_state
                 t0 = time.time()
-                step_wait = 0.0
                 loss_sum = 0.0
                 for micro in range(grad_accum):
                     # DDP all-reduces the gradients after the last micro-batch's backward only
@@ -809,8 +949,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                     loss_sum += loss.item()
                     if hash_log:
                         hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
-                    (x, y, loader_state), waited = next_batch()
-                    step_wait += waited
+                    x, y, loader_state = next_batch()
                 lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
                                     args.final_lr_frac)
                 for group in optimizer.param_groups:
@@ -827,17 +966,17 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                 result.step = step
                 train_loss = mean_over_ranks(loss_sum / grad_accum)
                 result.losses.append((step - 1, train_loss))
-                result.data_wait_seconds += step_wait
+                result.step_times.append((step, time.time()))
                 if step == start_step + 1:
                     result.seconds_to_first_step = time.time() - t_start
                 if step % args.log_every == 0 or step in (start_step + 1, num_iterations):
-                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s | "
-                                "data-wait: %.1fms | total time: %.2fm", step - 1, num_iterations,
-                                100 * step / num_iterations, train_loss, args.lr * lrm, dt * 1000,
-                                f"{int(tokens_per_step / max(dt, 1e-9)):,}", step_wait * 1000,
-                                (time.time() - t_start) / 60)
-                if downloader is not None and info.rank == 0 and step % args.status_every == 0:
-                    logger.info("[Streaming] %s", downloader.get_status().line())
+                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s%s | "
+                                "total time: %.2fm", step - 1, num_iterations, 100 * step / num_iterations, train_loss,
+                                args.lr * lrm, dt * 1000, f"{int(tokens_per_step / max(dt, 1e-9)):,}",
+                                step_line_wait(), (time.time() - t_start) / 60)
+                # after the first step, every --status_every steps, and "final" at the end (below)
+                if talk and (step % args.status_every == 0 or step == start_step + 1):
+                    logger.info("[Streaming] %s", stream_status().line())
         except StopRun:
             # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
             # with step_state (mid-step) or loader_state (at a boundary). Grads of a torn step are dropped.
@@ -857,22 +996,34 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         result.signal = "SIGINT"
         logger.warning("Interrupted at step %d", step)
     finally:
+        if watch is not None:
+            watch.close()
         if hash_log:
             hash_log.close()
+        if events is not None:
+            events.close()
         if info.distributed and orderly:
             dist.barrier()      # no rank stops the node's downloader while another still reads through it
         if downloader is not None:
             logger.info("Stopping streaming downloader...")
             try:
-                result.downloader_status = downloader.get_status()
+                last = downloader.get_status()
             finally:
                 downloader.stop()
-            logger.info("[Streaming] final: %s", result.downloader_status.line())
+            try:                # after the stop: the figures of the status.json it left, which `shardstream status` shows
+                last = downloader.get_status()
+            except ShardStreamError:
+                pass
+            result.downloader_status = replace(last, training_shard=trained) if trained is not None else last
+            result.data_wait_seconds = result.downloader_status.data_wait_seconds()
+            result.data_waits = result.downloader_status.waits
+            if info.rank == 0:
+                logger.info("[Streaming] final: %s", result.downloader_status.line())
     result.wall_seconds = time.time() - t_start
     if result.exit_code == 0 and result.losses:
-        logger.info("Done: %d steps, loss %.4f -> %.4f, waited %.2fs for data, %.1fs in all",
-                    step - start_step, result.losses[0][1], result.losses[-1][1], result.data_wait_seconds,
-                    result.wall_seconds)
+        wait = f", data wait {result.downloader_status.data_wait()}" if result.downloader_status else ""
+        logger.info("Done: %d steps, loss %.4f -> %.4f%s, %.1fs in all", step - start_step, result.losses[0][1],
+                    result.losses[-1][1], wait, result.wall_seconds)
     return result
 
 

@@ -4,13 +4,15 @@ import json
 import re
 
 from shardstream.demo import cli
+from shardstream.status import describe
 
 SMALL = ["--shards", "5", "--chars-per-shard", "300000", "--budget-shards", "3", "--rate", "5",
          "--buffer", "1", "--batch", "8", "--seq-len", "64", "--vocab", "512"]
 
 
-def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monkeypatch):
+def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monkeypatch, caplog):
     import shardstream.timeline as timeline
+    caplog.set_level("INFO", logger="shardstream.train")
     drawn = []
     plot = timeline.plot_timeline
     monkeypatch.setattr(timeline, "plot_timeline", lambda *a, **kw: drawn.append(plot(*a, **kw)) or drawn[-1])
@@ -36,7 +38,13 @@ def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monk
     assert re.search(r"streamed +all 4 train shards \+ the val shard: 5 downloads,", text)
     [tl] = drawn
     assert tl.downloaded_shards[0] == 0 and sorted(tl.downloaded_shards) == fetched and tl.val_shard == 4
-    assert tl.panels[-1] == "training" and tl.steps == 30
+    assert tl.panels[-1] == "training" and tl.steps == 30          # from TrainResult.step_times
+    # one data wait: the summary, the trainer's Done line, its final [Streaming] line and `shardstream status`
+    wait = re.search(r"^data wait +([0-9.]+s \(\d+ waits?\)): the loader blocked", text, re.M).group(1)
+    logged = [r.getMessage() for r in caplog.records]
+    assert f"data wait {wait}, " in next(m for m in logged if m.startswith("Done:"))
+    assert next(m for m in logged if m.startswith("[Streaming] final:")).endswith(f"data wait {wait}")
+    assert f"data wait    {wait}:" in describe(out / "data")[0]
     # a second run reuses the sample and starts its data dir afresh
     assert cli(["--out", str(out), "--steps", "10"] + SMALL) == 0
     assert "reusing the sample shards" in capsys.readouterr().out

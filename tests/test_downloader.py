@@ -87,7 +87,13 @@ def test_init_touches_nothing_and_logs(srv, tmp_path, caplog):
 def test_url_string_source_and_the_default_datasets_count(srv, tmp_path):
     dl = StreamingDownloader(3, source=srv.url, dataset_shards=N_SHARDS, data_dir=tmp_path)
     assert dl.val_shard == VAL and dl.source.dataset_shards == N_SHARDS
-    dl = StreamingDownloader(None, source=srv.url, data_dir=tmp_path)       # climbmix: 6,543 shards
+    with pytest.raises(ConfigError, match="cannot be listed"):              # a plain URL: the count is asked for
+        StreamingDownloader(None, source=srv.url, data_dir=tmp_path)
+
+
+def test_the_known_datasets_own_hub_url_needs_no_count(srv, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    dl = StreamingDownloader(None, source=srv.hub_url, data_dir=tmp_path)   # climbmix: 6,543 shards
     assert dl.val_shard == 6542 and dl.total_shards == 6542
 
 

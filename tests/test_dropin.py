@@ -8,6 +8,7 @@ about 4 of them.
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from shardstream.loader import (tokenizing_distributed_data_loader_bos_bestfit,
 from shardstream.sample import make_sample
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
-from shardstream.status import read_events, read_status
+from shardstream.status import describe, read_events, read_status
 from shardstream.streaming_env import StreamingSettings, parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def test_settings_defaults_and_forms(tmp_path):
     ("SHARDSTREAM_TOTAL_SHARDS", "0"), ("SHARDSTREAM_DATASET_SHARDS", "1"), ("SHARDSTREAM_DATASET", "climb"),
     ("SHARDSTREAM_PARTITION", "rack"), ("SHARDSTREAM_SCOPE", "world"), ("SHARDSTREAM_WORKERS", "0"),
     ("SHARDSTREAM_FAILURE_POLICY", "retry"), ("SHARDSTREAM_RETAIN", "-1"), ("SHARDSTREAM_STATUS_EVERY", "soon"),
-    ("SHARDSTREAM_MIN_FREE_BYTES", "lots"),
+    ("SHARDSTREAM_MIN_FREE_BYTES", "lots"), ("SHARDSTREAM_VERIFY", "pages"), ("SHARDSTREAM_REQUIRE_CHECKSUM", "2"),
 ])
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError) as e:
@@ -142,7 +143,20 @@ def test_loader_call_fails_clearly_before_any_download(clean_env, tmp_path, srv)
     clean_env.setenv("SHARDSTREAM_TOTAL_SHARDS", "12")
     with pytest.raises(ConfigError, match="SHARDSTREAM_TOTAL_SHARDS=12.*8 train shards"):
         loader_fn(tok, B, T, "train", device="cpu")
+    clean_env.setenv("SHARDSTREAM_TOTAL_SHARDS", str(SHARDS))   # "all shards", the val shard counted in
+    with pytest.raises(ConfigError, match="SHARDSTREAM_TOTAL_SHARDS=9.*8 train shards .9 is its count with the "
+                                          "val shard, but the variable counts train shards only"):
+        loader_fn(tok, B, T, "train", device="cpu")
     clean_env.delenv("SHARDSTREAM_TOTAL_SHARDS")
+    clean_env.delenv("SHARDSTREAM_DATASET_SHARDS")          # a plain http source of unknown size
+    with pytest.raises(ConfigError, match="SHARDSTREAM_SOURCE=.*cannot be listed.*SHARDSTREAM_DATASET_SHARDS=T"):
+        loader_fn(tok, B, T, "train", device="cpu")
+    clean_env.setenv("SHARDSTREAM_DATASET_SHARDS", str(SHARDS))
+    for name, value in (("SHARDSTREAM_VERIFY", "pages"), ("SHARDSTREAM_REQUIRE_CHECKSUM", "maybe")):
+        clean_env.setenv(name, value)
+        with pytest.raises(ConfigError, match=f"{name}='{value}'"):
+            loader_fn(tok, B, T, "train", device="cpu")
+        clean_env.delenv(name)
     clean_env.setenv("SHARDSTREAM_SOURCE", "ftp://example.com/x")
     with pytest.raises(ConfigError, match="SHARDSTREAM_SOURCE='ftp://example.com/x'"):
         loader_fn(tok, B, T, "train", device="cpu")
@@ -244,6 +258,28 @@ def test_last_loader_dropped_in_one_of_our_threads(clean_env, tmp_path, srv, cap
     assert stops == ["shardstream-env-stop"]
 
 
+def test_integrity_variables_reach_the_fetches(clean_env, tmp_path, srv):
+    """SHARDSTREAM_REQUIRE_CHECKSUM=1 refuses a source without checksums before training starts;
+    SHARDSTREAM_VERIFY=decode decodes every page, as the event log's "checked" says."""
+    from shardstream.errors import PermanentFetchError
+    for k, v in stream_env(srv, tmp_path / "plain", SHARDSTREAM_REQUIRE_CHECKSUM="1").items():
+        clean_env.setenv(k, v)
+    assert StreamingSettings.from_env().require_checksum is True
+    with pytest.raises(PermanentFetchError, match="checksum"):
+        loader_fn(ByteTokenizer(), B, T, "train", device="cpu")
+    assert not list((tmp_path / "plain").glob("shard_*.parquet"))
+    assert not streaming_env._live and wait_no_threads() == []
+    # the Hub's URL form gives a sha256 per shard: required and present, and every page decoded
+    for k, v in stream_env(srv, tmp_path / "hub", SHARDSTREAM_SOURCE=srv.hub_url, SHARDSTREAM_REQUIRE_CHECKSUM="yes",
+                           SHARDSTREAM_VERIFY="decode").items():
+        clean_env.setenv(k, v)
+    g = loader_fn(ByteTokenizer(), B, T, "train", device="cpu")
+    next(g)
+    g.close()
+    checked = {e["checked"] for e in read_events(tmp_path / "hub") if e["event"] == "downloaded"}
+    assert checked == {"sha256+decode"}
+
+
 def test_settings_change_while_open_is_refused(clean_env, tmp_path, srv):
     for k, v in stream_env(srv, tmp_path / "cache").items():
         clean_env.setenv(k, v)
@@ -269,8 +305,16 @@ def test_status_lines_are_logged(clean_env, tmp_path, srv, caplog):
     assert any("shardstream status" in s for s in lines)
     status = [s for s in lines if "shards downloaded" in s]
     assert len(status) >= 3 and all(s.startswith("[Streaming]") for s in status)
-    assert "current: shard_00000" in status[0] and "current: shard_00002" in " ".join(status)
-    assert lines[-1].startswith("[Streaming] stopped")
+    # one line as training moves on to a new shard, naming it and the loader's read-ahead, and the data wait
+    assert "training: shard_00000, loader: shard_" in status[0]
+    assert "training: shard_00002, loader: shard_" in " ".join(status)
+    assert all(re.search(r"data wait [0-9.]+s \(\d+ waits?", s) for s in status)
+    assert lines[-1].startswith("[Streaming] stopped") and "data wait" in lines[-1]
+    # the shard in training is in the event log, so `shardstream status` shows it too
+    trained = [e["shard"] for e in read_events(tmp_path / "cache") if e["event"] == "training_shard"]
+    assert trained[:3] == [0, 1, 2]
+    text, _ = describe(tmp_path / "cache")
+    assert f"training on {shard_name(trained[-1])}" in text, text
 
 
 # --- nanochat's loop in real processes: budget, exact resume in a fresh process, atexit ---------------

@@ -30,15 +30,80 @@ def test_status_round_trips_through_json(tmp_path):
 
 def test_line_reads_like_the_seeds_status_line():
     line = _status().line()
-    assert line.startswith("7/10 shards downloaded, buffer: 5/5, current: shard_00001")
-    assert "1.2 GB/2.0 GB" in line
+    assert line.startswith("7/10 shards downloaded, buffer: 5/5, loader: shard_00001")
+    assert "1.2 GB/2.0 GB" in line and line.endswith("data wait 0.0s (0 waits)")
+    # a trainer knows the shard in training; the downloader's current_shard is the loader's read-ahead
+    assert "buffer: 5/5, training: shard_00000, loader: shard_00001, disk" in _status(training_shard=0).line()
 
 
 def test_render_names_every_figure():
-    text = _status(skipped=(3,), retries=4, waits=2, wait_seconds=1.5).render()
-    for needle in ("running", "7/10 verified", "5/5 ready ahead", "waited 2x, 1.5s", "budget 2.0 GB",
-                   "95.50 MB/s", "4 retries", "skipped 3"):
+    text = _status(skipped=(3,), retries=4, waits=2, wait_seconds=1.5, checked={"sha256": 12, "size+footer": 3},
+                   training_shard=0).render()
+    for needle in ("running", "7/10 verified", "5/5 ready ahead", "data wait    1.5s (2 waits)", "budget 2.0 GB",
+                   "95.50 MB/s", "4 retries", "skipped 3", "verified by  sha256: 12, size+footer only: 3",
+                   "training on shard_00000.parquet, the loader reads ahead at shard_00001.parquet"):
         assert needle in text, needle
+    assert "loader at shard_00001.parquet (it reads ahead of training)" in _status().render()
+    assert "verified by  -" in _status().render()
+
+
+def test_a_wait_in_progress_counts_up_to_now():
+    t = time.time()
+    st = _status(waits=3, wait_seconds=2.0, wait_shard=4, wait_started=t - 1.5)
+    assert st.data_wait(now=t) == "3.5s (3 waits; waiting 1.5s now for shard_00004)"
+    assert st.data_wait_seconds(now=t) == 3.5
+    assert "data wait 3.5s (3 waits; waiting 1.5s now for shard_00004)" in st.line(now=t)
+    assert "data wait    3.5s (3 waits; waiting 1.5s now for shard_00004)" in st.render(now=t)
+    # a stopped downloader has no wait in progress, whatever the snapshot says
+    assert _status(state="stopped", waits=3, wait_seconds=2.0, wait_started=t - 1).data_wait(now=t) == "2.0s (3 waits)"
+
+
+def test_the_event_log_tells_a_wait_in_progress_and_the_shard_in_training(tmp_path):
+    log = EventLog(tmp_path)
+    log.write("start", shard=None)
+    log.write("wait_start", shard=0, reader=None)      # the initial buffer: not a data wait
+    log.write("wait_end", shard=0, reader=None)
+    log.write("training_shard", shard=1)
+    log.write("wait_start", shard=2, reader=0)
+    t0 = read_events(tmp_path)[-1]["t"]
+    write_status(tmp_path, _status(waits=1, current_shard=2, cached=(1,)))
+    text, ok = describe(tmp_path, now=t0 + 2.0)
+    assert ok and "data wait    2.0s (1 wait; waiting 2.0s now for shard_00002)" in text, text
+    assert "training on shard_00001.parquet, the loader reads ahead at shard_00002.parquet" in text
+    log.write("wait_end", shard=2, reader=0)
+    text, _ = describe(tmp_path, now=t0 + 2.0)
+    assert "waiting" not in text and "training on shard_00001" in text
+    log.write("start", shard=None)                      # a new run forgets the last one's
+    log.close()
+    assert "training on" not in describe(tmp_path)[0]
+
+
+def test_read_events_tail_reads_the_end_only(tmp_path):
+    log = EventLog(tmp_path)
+    for i in range(2000):
+        log.write("downloaded", shard=i)
+    log.close()
+    tail = read_events(tmp_path, tail_bytes=4096)
+    assert 0 < len(tail) < 100 and tail[-1]["shard"] == 1999
+    assert [e["shard"] for e in tail] == list(range(2000 - len(tail), 2000))      # the cut line is dropped
+
+
+def test_checked_round_trips_and_a_wrong_type_is_refused(tmp_path):
+    st = _status(checked={"sha256+decode": 2, "md5": 1}, kind="download")
+    write_status(tmp_path, st)
+    assert read_status(tmp_path) == st
+    d = st.to_dict()
+    d["checked"] = {"sha256": "many"}
+    (tmp_path / "status.json").write_text(json.dumps(d))
+    text, ok = describe(tmp_path)
+    assert not ok and "not a shardstream status file" in text and "checked=" in text
+
+
+def test_render_of_a_download(tmp_path):
+    text = _status(kind="download", total_shards=5, shards_verified=2, in_flight=(2, 3), checked={"sha256": 2}).render()
+    assert text.startswith("shardstream download running")
+    assert "2/5 verified (train shards and the val shard 10)" in text and "downloading 2, 3" in text
+    assert "data wait" not in text and "position" not in text
 
 
 def test_human_bytes():

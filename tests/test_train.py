@@ -22,7 +22,7 @@ from shardstream.train import (ShardYield, lr_multiplier, main, packed_rows, par
                                shards_needed)
 
 REPO = Path(__file__).resolve().parents[1]
-STEP_RE = re.compile(r"^step (\d+)/(\d+) .*\| loss: ([0-9.]+) .*\| data-wait: ([0-9.]+)ms", re.M)
+STEP_RE = re.compile(r"^step (\d+)/(\d+) .*\| loss: ([0-9.]+) .*\| data wait: ([0-9.]+)s \(", re.M)
 BUDGET = 2_000_000            # bytes; the sample's 6 shards hold ~3.6 MB
 
 
@@ -50,7 +50,7 @@ def run(args, timeout=120):
 
 
 def steps(out):
-    """{step: (loss, data-wait ms)} from the step lines."""
+    """{step: (loss, data wait s)} from the step lines."""
     return {int(m[0]): (float(m[2]), float(m[3])) for m in STEP_RE.findall(out)}
 
 
@@ -99,7 +99,8 @@ def test_streaming_run_under_budget(reference):
     losses = steps(out)
     assert sorted(losses) == list(range(30))
     assert losses[29][0] < losses[0][0] - 0.3, "loss did not fall"
-    assert re.search(r"^\[Streaming\] \d+/\d+ shards downloaded, buffer: \d+/2, current: shard_\d{5}", out, re.M)
+    assert re.search(r"^\[Streaming\] \d+/\d+ shards downloaded, buffer: \d+/2, training: shard_\d{5}, "
+                     r"loader: shard_\d{5}, .* data wait [0-9.]+s \(\d+ waits?", out, re.M)
     assert "Streaming mode: calculated" in out and "Stopping streaming downloader..." in out
     events = [json.loads(line) for line in (tmp / "data" / "events.jsonl").read_text().splitlines()]
     assert events and max(e["bytes_on_disk"] for e in events) <= BUDGET
@@ -236,7 +237,7 @@ def test_seed_minimal_test_command_line(server, tmp_path):
     rc, out = run(seed + local)
     assert rc == 0, out[-3000:]
     assert sorted(steps(out)) == [0, 1, 2]
-    assert "Initialized StreamingDownloader: 4 shards" in out          # 5 shards = 4 train + val
+    assert "Initialized StreamingDownloader: 5 shards" in out          # 5 train shards, the val shard besides
     assert "(1 x 64 x 8 accumulation)" in out                            # 512 tokens = 8 micro-batches
     assert "Validation loss" in out and "Stopping streaming downloader..." in out
 
@@ -274,6 +275,20 @@ def test_flags_both_spellings_and_bool_forms():
     with pytest.raises(SystemExit):
         parse_args(["--no_such_flag=1"])
     assert parse_bytes("2MiB") == 2 * 2**20 and parse_bytes("500kb") == 500_000
+    # the integrity levels, in both spellings; a bad one is argparse's exit 2
+    a = parse_args(["--require-checksum", "--verify=decode"])
+    assert (a.require_checksum, a.verify) == (True, "decode")
+    a = parse_args(["--require_checksum=False", "--verify", "footer"])
+    assert (a.require_checksum, a.verify) == (False, "footer")
+    assert (parse_args([]).require_checksum, parse_args([]).verify) == (False, "footer")
+    for bad in (["--verify=pages"], ["--require_checksum=perhaps"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2
+    # --streaming_total_shards counts train shards: 1 is the least
+    assert parse_args(["--streaming_total_shards=1"]).streaming_total_shards == 1
+    with pytest.raises(ConfigError, match=">= 1 train shards"):
+        parse_args(["--streaming_total_shards=0"])
 
 
 def test_schedule_and_shard_arithmetic():
@@ -281,9 +296,10 @@ def test_schedule_and_shard_arithmetic():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[100] == 0.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     y = ShardYield(docs=1000, raw_tokens=2_000_000, trained_tokens=1_000_000)
-    assert shards_needed(3_500_000, y) == 5                          # 4 train shards + val
-    assert shards_needed(3_500_000, y, dataset_shards=3) == 3
-    assert shards_needed(3_500_000, y, read_ahead_docs=600) == 6
+    assert shards_needed(3_500_000, y) == 4                          # 4 train shards (the val shard besides)
+    assert shards_needed(3_500_000, y, train_shards=2) == 2
+    assert shards_needed(3_500_000, y, read_ahead_docs=600) == 5
+    assert shards_needed(1, y) == 1
     # best-fit packing: docs that fit are packed whole; a too-long doc is cropped to fill a row
     assert packed_rows([4, 4, 8], 8) == 2
     assert packed_rows([20, 20], 8) == 2
