@@ -127,7 +127,7 @@ def run_streaming(mode, srv, n, sizes, rate_bps, budget, work):
     return dict(ttfb=ttfb, waited=waited, waits=waits, wall=t_end - t_start, after=t_end - t_start - ttfb,
                 link_bps=link, downloaded=st.downloaded_bytes, peak=disk.peak, budget=budget,
                 window_max=max(windows, default=None), window_last=windows[-1] if windows else None,
-                events=data / "events.jsonl")
+                events=data / ".shardstream" / "events.jsonl")
 
 
 def run_all_first(srv, n, sizes, rate_bps, work):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, ShardStreamError
+from .layout import events_path
 from .shards import list_shards, shard_name
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def run_demo(args):
         print(f"[demo] training stopped ({result.signal or 'exit code %d' % result.exit_code})")
         return result.exit_code
 
-    timeline = plot_timeline(data / "events.jsonl", out / "timeline.png", progress=training_progress(result),
+    timeline = plot_timeline(events_path(data), out / "timeline.png", progress=training_progress(result),
                              title=f"shardstream demo: {args.shards} shards ({dataset_bytes / 1e6:.2f} MB) streamed "
                                    f"through a {budget / 1e6:.2f} MB budget at {args.rate:g} MB/s")
     print(summary(args, result, timeline, dataset_bytes, budget, steps, tokens_per_step))

@@ -2,9 +2,9 @@
 
 - `DownloaderStatus`: a frozen snapshot (`StreamingDownloader.get_status()`, or `shardstream download`'s),
   with `line()` for the trainer's one-line log and `render()` for a person.
-- `write_status` / `read_status`: the snapshot as `<data_dir>/status.json`, replaced atomically;
+- `write_status` / `read_status`: the snapshot as `<data_dir>/.shardstream/status.json`, replaced atomically;
   read_status raises ConfigError naming the file when it is not a shardstream status file.
-- `EventLog`: `<data_dir>/events.jsonl`, one JSON object per shard event (t, event, shard, bytes_on_disk,
+- `EventLog`: `<data_dir>/.shardstream/events.jsonl`, one JSON object per shard event (t, event, shard, bytes_on_disk,
   budget, ahead, reader_shard, ...) for the timeline plot. A trainer adds its own: "training_shard" (the
   shard its batches come from) and "downloaded" with by="trainer" (a shard it fetched itself).
 - `with_events(status, data_dir)`: the snapshot plus what only the event log knows: a reader's wait in
@@ -40,11 +40,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, UnsafePathError
-from .safefs import fopen_nofollow, open_nofollow
+from . import layout
+from .safefs import ensure_book_dir, fopen_nofollow, open_nofollow
 from .shards import shard_name
 
-STATUS_FILE = "status.json"
-EVENTS_FILE = "events.jsonl"
+STATUS_FILE = layout.STATUS_FILE
+EVENTS_FILE = layout.EVENTS_FILE
 STALE_SECONDS = 10.0          # a running downloader rewrites status.json every ~0.5 s
 EVENTS_TAIL = 64 << 10        # bytes of the event log's end read for a wait in progress (~250 events)
 # what vouched for a shard (FetchResult.checked), in words
@@ -229,7 +230,13 @@ def _ids(ids, limit=12):
 
 
 def status_path(data_dir):
-    return Path(data_dir) / STATUS_FILE
+    """DIR/.shardstream/status.json (layout.py)."""
+    return layout.status_path(data_dir)
+
+
+def events_path(data_dir):
+    """DIR/.shardstream/events.jsonl (layout.py)."""
+    return layout.events_path(data_dir)
 
 
 def _temp_name():
@@ -240,6 +247,7 @@ def _temp_name():
 def write_status(data_dir, status):
     """Write status.json atomically: a new temp file in the same dir (O_EXCL|O_NOFOLLOW), then os.replace,
     which replaces a link planted at status.json instead of writing through it."""
+    ensure_book_dir(data_dir)
     path = status_path(data_dir)
     tmp = path.with_name(_temp_name())
     try:
@@ -305,6 +313,8 @@ def read_status(data_dir):
     """The DownloaderStatus in data_dir's status.json, or None when there is none. ConfigError naming the
     file when it cannot be read or is not a status file (not JSON, not an object, fields of the wrong type)."""
     path = status_path(data_dir)
+    if not os.path.lexists(path) and os.path.lexists(Path(data_dir) / STATUS_FILE):
+        path = Path(data_dir) / STATUS_FILE             # an older shardstream's, at the top of the dir
     try:
         # O_NONBLOCK: a fifo planted there must not hang `shardstream status`
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -330,7 +340,8 @@ class EventLog:
     A symbolic link planted under that name is refused (UnsafePathError), never appended through."""
 
     def __init__(self, data_dir):
-        self.path = Path(data_dir) / EVENTS_FILE
+        ensure_book_dir(data_dir)
+        self.path = events_path(data_dir)
         self._lock = threading.Lock()
         self._f = fopen_nofollow(self.path, "a", buffering=1)
 
@@ -353,7 +364,7 @@ def read_events(data_dir, tail_bytes=None):
     the events in the file's last tail_bytes (the line cut in two there is dropped)."""
     out = []
     try:
-        with fopen_nofollow(Path(data_dir) / EVENTS_FILE, "rb") as f:     # a planted fifo: refused, not waited on
+        with fopen_nofollow(events_path(data_dir), "rb") as f:     # a planted fifo: refused, not waited on
             if tail_bytes is not None:
                 size = os.fstat(f.fileno()).st_size
                 if size > tail_bytes:

@@ -1,8 +1,8 @@
 """A PNG timeline of a streaming run, drawn with matplotlib from the downloader's events.jsonl.
 
-    plot_timeline("data/events.jsonl", "timeline.png")          # -> Timeline summary
+    plot_timeline("data/.shardstream/events.jsonl", "timeline.png")          # -> Timeline summary
     plot_timeline(events, png, progress=[(t, step, loss), ...]) # + a training panel (the demo passes it)
-    python -m shardstream.timeline data/events.jsonl timeline.png
+    python -m shardstream.timeline data/.shardstream/events.jsonl timeline.png
 
 Panels share the time axis (seconds since the first event):
 1. bytes on disk (shard files + partial files) against the disk budget;
@@ -54,7 +54,7 @@ def load_events(path):
     """The events in an events.jsonl file, in order, as dicts; lines that are not JSON objects are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"no event log at {path}: a StreamingDownloader writes <data_dir>/events.jsonl")
+        raise ConfigError(f"no event log at {path}: a StreamingDownloader writes <data_dir>/.shardstream/events.jsonl")
     events = []
     with open(path) as f:
         for line in f:
@@ -318,7 +318,7 @@ def plot_timeline(events_path, out_png, title=None, progress=None):
 def cli(argv=None):
     p = argparse.ArgumentParser(prog="python -m shardstream.timeline",
                                 description="Draw a PNG timeline from a downloader's events.jsonl.")
-    p.add_argument("events", help="path to events.jsonl (in the downloader's data dir)")
+    p.add_argument("events", help="path to events.jsonl (in the downloader's data dir, under .shardstream/)")
     p.add_argument("out", nargs="?", default="timeline.png", help="PNG to write (default timeline.png)")
     args = p.parse_args(argv)
     try:

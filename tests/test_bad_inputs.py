@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from shardstream import layout
 from shardstream import status as status_mod
 from shardstream.errors import ConfigError, UnsafePathError
 from shardstream.server import ShardServer
@@ -329,45 +330,57 @@ def outside(tmp_path):
     return f
 
 
-def test_event_log_refuses_a_planted_link(tmp_path, outside):
+def _book(tmp_path):
     d = tmp_path / "data"
-    d.mkdir()
-    (d / "events.jsonl").symlink_to(outside)
+    layout.book_dir(d).mkdir(parents=True)
+    return d
+
+
+def test_event_log_refuses_a_planted_link(tmp_path, outside):
+    d = _book(tmp_path)
+    layout.events_path(d).symlink_to(outside)
     with pytest.raises(UnsafePathError) as e:
         EventLog(d)
-    assert str(d / "events.jsonl") in str(e.value)
+    assert str(layout.events_path(d)) in str(e.value)
     assert outside.read_text() == "precious\n"
 
 
 def test_downloader_start_refuses_a_planted_event_log(hub, tmp_path, outside):
     from shardstream.downloader import StreamingDownloader
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "events.jsonl").symlink_to(outside)
+    d = _book(tmp_path)
+    layout.events_path(d).symlink_to(outside)
     dl = StreamingDownloader(source=hub.url, dataset_shards=6, total_shards=2, data_dir=d)
-    with pytest.raises(UnsafePathError, match=re.escape(str(d / "events.jsonl"))):
+    with pytest.raises(UnsafePathError, match=re.escape(str(layout.events_path(d)))):
         dl.start()
     assert outside.read_text() == "precious\n"
 
 
-def test_write_status_over_a_planted_link_replaces_the_link(tmp_path, outside):
+def test_a_planted_bookkeeping_dir_link_is_refused(tmp_path, outside):
     d = tmp_path / "data"
     d.mkdir()
-    (d / "status.json").symlink_to(outside)
+    (d / layout.BOOK_DIR).symlink_to(outside.parent)    # all our writes would land outside the data dir
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        EventLog(d)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        write_status(d, _status())
+
+
+def test_write_status_over_a_planted_link_replaces_the_link(tmp_path, outside):
+    d = _book(tmp_path)
+    layout.status_path(d).symlink_to(outside)
     write_status(d, _status())
     assert outside.read_text() == "precious\n"
-    assert not (d / "status.json").is_symlink() and read_status(d).total_shards == 4
+    assert not layout.status_path(d).is_symlink() and read_status(d).total_shards == 4
 
 
 def test_write_status_refuses_a_planted_temp_file(tmp_path, outside, monkeypatch):
-    d = tmp_path / "data"
-    d.mkdir()
-    planted = d / ".status.json.planted.tmp"
+    d = _book(tmp_path)
+    planted = layout.book_dir(d) / ".status.json.planted.tmp"
     planted.symlink_to(outside)
     monkeypatch.setattr(status_mod, "_temp_name", lambda: planted.name)
     with pytest.raises(UnsafePathError, match=re.escape(str(planted))):
         write_status(d, _status())
-    assert outside.read_text() == "precious\n" and not (d / "status.json").exists()
+    assert outside.read_text() == "precious\n" and not layout.status_path(d).exists()
 
 
 def test_status_file_that_is_a_fifo_does_not_hang(tmp_path):

@@ -3,6 +3,7 @@ the summary and the PNG timeline."""
 import json
 import re
 
+from shardstream import layout
 from shardstream.demo import cli
 from shardstream.status import describe
 
@@ -28,7 +29,7 @@ def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monk
     assert re.search(r"first step +after [0-9.]+s; downloading everything first would take [0-9.]+s", text)
     assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
     assert f"timeline     {out / 'timeline.png'}" in text
-    events = [json.loads(line) for line in (out / "data" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in layout.events_path(out / "data").read_text().splitlines()]
     assert max(e["bytes_on_disk"] for e in events) <= int(budget * 1e6) + 10_000
     assert (out / "checkpoints" / "step_000030.pt").is_file()
     # every shard came through the downloader, shard 0 and the val shard included, and the summary counts

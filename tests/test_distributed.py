@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from shardstream.layout import events_path
 from shardstream.distributed import NodeInfo, node_info, node_shards
 from shardstream.errors import ConfigError
 from shardstream.sample import make_sample
@@ -98,7 +99,7 @@ def results(out_dir, n):
 
 def downloads(data_dir):
     """Shards the downloader of data_dir started to download, in order (its events.jsonl), val shard left out."""
-    events = [json.loads(line) for line in (Path(data_dir) / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in events_path(data_dir).read_text().splitlines()]
     return [e["shard"] for e in events if e.get("event") == "download_start" and e["shard"] != SHARDS - 1]
 
 

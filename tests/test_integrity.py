@@ -32,10 +32,7 @@ def versions(tmp_path_factory):
     d = tmp_path_factory.mktemp("versions")
     make_shards(d, 2, chars=200_000)
     a, b = (d / name(0)).read_bytes(), (d / name(1)).read_bytes()
-    n = min(len(a), len(b))
-    # Same size, different bytes: cut B to A's length by re-writing it until sizes agree is not needed -
-    # the test only needs B to be a valid shard of A's size, so pad the smaller one's footer side instead.
-    if len(a) != len(b):
+    if len(a) != len(b):                # same size, other bytes: what a replaced file looks like
         b = _same_size_shard(d, len(a))
     assert len(a) == len(b) and a != b
     return a, b

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rel_common import EndlessHandler, TinyServer, make_shards, read_shard, tally
+from shardstream import layout
 from shardstream.downloader import DiskPolicy, FailurePolicy, StreamingDownloader
 from shardstream.errors import ConfigError, CorruptShardError, PermanentFetchError, ShardSkipped
 from shardstream.fetch import FetchPolicy, fetch_shard
@@ -48,8 +49,10 @@ def downloader(source, data, policy="fail", **kw):
 
 
 def our_file(name):
-    """The only names shardstream writes in a data dir (docs/ARCHITECTURE.md, cache.py)."""
-    if name in OURS or name.startswith(".write-test-"):
+    """The only names shardstream writes in a data dir (docs/ARCHITECTURE.md, layout.py): in the dir or
+    in its .shardstream folder."""
+    name = name.removeprefix(layout.BOOK_DIR + "/")
+    if name in OURS or name.startswith(".write-test-") or name == layout.BOOK_DIR:
         return True
     if not name.startswith("shard_") or len(name) < 19 or not name[6:11].isdigit():
         return False
@@ -246,7 +249,7 @@ def test_the_token_never_reaches_logs_status_events_or_errors(remote, tmp_path, 
     for f in [*data.rglob("*"), *(tmp_path / "data2").rglob("*")]:
         if f.is_file():
             _assert_no_token(f.read_bytes().decode("latin-1"), where=f.name)
-    assert (data / "status.json").exists() and (data / "events.jsonl").exists()
+    assert layout.status_path(data).exists() and layout.events_path(data).exists()
 
 
 def test_the_token_never_reaches_the_trainers_checkpoints_or_output(remote, tmp_path):

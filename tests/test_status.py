@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from shardstream import layout
 from shardstream.status import (DownloaderStatus, EventLog, cli, describe, human_bytes, read_events, read_status,
                                 write_status)
 
@@ -24,8 +25,8 @@ def test_status_round_trips_through_json(tmp_path):
     st = _status(skipped=(3,), error="DiskSpaceError: full")
     write_status(tmp_path, st)
     assert read_status(tmp_path) == st
-    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]     # the temp file was renamed away
-    assert json.loads((tmp_path / "status.json").read_text())["skipped"] == [3]
+    assert [p.name for p in layout.book_dir(tmp_path).iterdir()] == ["status.json"]   # the temp file was renamed away
+    assert json.loads(layout.status_path(tmp_path).read_text())["skipped"] == [3]
 
 
 def test_line_reads_like_the_seeds_status_line():
@@ -94,7 +95,7 @@ def test_checked_round_trips_and_a_wrong_type_is_refused(tmp_path):
     assert read_status(tmp_path) == st
     d = st.to_dict()
     d["checked"] = {"sha256": "many"}
-    (tmp_path / "status.json").write_text(json.dumps(d))
+    layout.status_path(tmp_path).write_text(json.dumps(d))
     text, ok = describe(tmp_path)
     assert not ok and "not a shardstream status file" in text and "checked=" in text
 
@@ -118,7 +119,8 @@ def test_event_log_appends_one_json_object_per_line(tmp_path):
     log.write("evicted", shard=0, bytes_on_disk=5, budget=None, ahead=1, reader_shard=1)
     log.close()
     log.write("ignored after close")
-    with open(tmp_path / "events.jsonl", "a") as f:
+    layout.book_dir(tmp_path).mkdir(exist_ok=True)
+    with open(layout.events_path(tmp_path), "a") as f:
         f.write('{"torn')                   # a crash mid-line must not break readers
     ev = read_events(tmp_path)
     assert [e["event"] for e in ev] == ["downloaded", "evicted"]

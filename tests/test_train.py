@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from shardstream import layout
 from shardstream.errors import ConfigError
 from shardstream.server import ShardServer
 from shardstream.train import (ShardYield, lr_multiplier, main, packed_rows, parse_args, parse_bytes,
@@ -102,10 +103,10 @@ def test_streaming_run_under_budget(reference):
     assert re.search(r"^\[Streaming\] \d+/\d+ shards downloaded, buffer: \d+/2, training: shard_\d{5}, "
                      r"loader: shard_\d{5}, .* data wait [0-9.]+s \(\d+ waits?", out, re.M)
     assert "Streaming mode: calculated" in out and "Stopping streaming downloader..." in out
-    events = [json.loads(line) for line in (tmp / "data" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in layout.events_path(tmp / "data").read_text().splitlines()]
     assert events and max(e["bytes_on_disk"] for e in events) <= BUDGET
     assert any(e["event"] == "downloaded" for e in events)
-    assert json.loads((tmp / "data" / "status.json").read_text())["state"] == "stopped"
+    assert json.loads(layout.status_path(tmp / "data").read_text())["state"] == "stopped"
     assert (tmp / "ckpt" / "step_000030.pt").is_file()
     assert len(hashes(tmp / "h.txt")) == 30
     assert not list((tmp / "ckpt").glob(".*tmp"))
@@ -140,7 +141,7 @@ def test_kill9_then_resume_sees_the_same_batches_and_losses(reference, server, t
     assert got_hashes == ref_hashes      # the steps before the kill matched too
     # the resume point's documents lie in shard 0: the resumed run fetched it again exactly when the
     # crashed run had deleted it behind the reader, and read the file left on disk otherwise
-    events = [json.loads(line) for line in (crash / "data" / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in layout.events_path(crash / "data").read_text().splitlines()
               if line.strip()]
     last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
     refetched = any(e["event"] == "downloaded" and e["shard"] == 0 for e in events[last_start:])
@@ -180,7 +181,7 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes(server, tmp_path, si
     assert 3 <= stopped < 400
     assert (tmp_path / "ckpt" / f"step_{stopped:06d}.pt").is_file()
     assert "Stopping streaming downloader..." in rest and "Download thread stopped" in rest
-    assert json.loads((tmp_path / "data" / "status.json").read_text())["state"] == "stopped"
+    assert json.loads(layout.status_path(tmp_path / "data").read_text())["state"] == "stopped"
     if sig != signal.SIGTERM:
         return
     before = hashes(tmp_path / "h.txt")

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 
+from shardstream import layout
 from shardstream.errors import ConfigError
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
@@ -113,7 +114,7 @@ def test_ten_steps_under_torchrun(runs):
     assert all(n <= 1 for n in runs["gets"]), runs["gets"]
     assert runs["gets"][0] == 1 and runs["gets"][SHARDS - 1] == 1 and sum(runs["gets"]) >= 3
     data = runs["dir"] / "data"
-    events = [json.loads(line) for line in (data / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in layout.events_path(data).read_text().splitlines()]
     assert events and max(e["bytes_on_disk"] for e in events) <= BUDGET
     assert sum(f.stat().st_size for f in data.glob("shard_*.parquet")) <= BUDGET
     # both ranks trained, on different rows; rank 0's checkpoint carries both ranks' loader states
@@ -171,7 +172,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(sample_dir, tmp_path):
     assert step < 400
     assert "Another rank received SIGTERM" in out
     assert (tmp_path / "ckpt" / f"step_{step:06d}.pt").is_file()   # --save_every set: rank 0 saved the stop
-    assert json.loads((tmp_path / "data" / "status.json").read_text())["state"] == "stopped"
+    assert json.loads(layout.status_path(tmp_path / "data").read_text())["state"] == "stopped"
 
 
 def test_total_batch_size_counts_every_rank(monkeypatch):
