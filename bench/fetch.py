@@ -134,7 +134,7 @@ def time_fetch(source, ids, out_dir, workers, fsync=True):
 
 def clear(d):
     for p in d.iterdir():
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()      # .shardstream/ too
     os.sync()                   # start each run with no dirty pages from the last one
 
 

@@ -61,7 +61,6 @@ import hashlib
 import http.server
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -75,6 +74,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
+from .units import positive_number
 
 logger = logging.getLogger(__name__)
 
@@ -767,13 +767,7 @@ def _port(text):
 
 def _rate(text):
     """--rate: MB/s > 0, finite."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = math.nan
-    if not (math.isfinite(rate) and rate > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give MB/s > 0, e.g. 0.5 (leave it out: no cap)")
-    return rate
+    return positive_number(text, "a rate in MB/s, e.g. 0.5 (leave it out: no cap)")
 
 
 def cli(argv):

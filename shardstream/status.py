@@ -26,7 +26,6 @@ either name, or under the temp file's, is never written through).
 """
 import argparse
 import json
-import math
 import os
 import secrets
 import socket
@@ -39,10 +38,11 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ConfigError, UnsafePathError
 from . import layout
+from .errors import ConfigError, UnsafePathError
 from .safefs import ensure_book_dir, fopen_nofollow, open_nofollow
 from .shards import shard_name
+from .units import positive_number
 
 STATUS_FILE = layout.STATUS_FILE
 EVENTS_FILE = layout.EVENTS_FILE
@@ -460,13 +460,7 @@ def _describe(data_dir, now=None):
 
 def _interval(text):
     """--interval: seconds > 0, finite."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0 (e.g. 1 or 0.5)")
-    return value
+    return positive_number(text, "seconds, e.g. 1 or 0.5")
 
 
 def cli(argv):

@@ -36,3 +36,17 @@ def parse_bytes(text):
     if value < 1:
         raise ConfigError(f"{shown} is not a positive number of bytes")
     return int(value)
+
+
+def positive_number(text, example):
+    """float(text) when it is a finite number > 0 (command-line seconds, rates); else an
+    argparse.ArgumentTypeError saying so, with an example of what to give."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0: give {example}")
+    return value
