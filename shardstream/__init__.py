@@ -6,7 +6,7 @@ from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchError,
                      ShardStreamError, ShardWaitTimeout, SourceUnreachable, StateMismatchError,
                      TransientFetchError, UnsafePathError)
 from .shards import extract_shard_id, shard_name
-from .source import Source, make_source
+from .source import Source
 
 __version__ = "0.1.0"
 
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {       # heavy pieces load on first use, so `import shardstream` stays light
     "StreamingDownloader": "downloader", "WindowPolicy": "downloader", "FailurePolicy": "downloader",
     "DiskPolicy": "downloader", "PrefetchPolicy": "prefetch", "DownloaderStatus": "status",
-    "ShardReader": "reader", "FetchPolicy": "fetch",
+    "ShardReader": "reader", "FetchPolicy": "fetch", "make_source": "listing",
 }
 
 

@@ -108,7 +108,7 @@ def training_progress(result):
 
 def run_demo(args):
     from .server import ShardServer
-    from .source import make_source
+    from .listing import make_source
     from .timeline import plot_timeline
     from .train import parse_args, prepare_tokenizer, train
 

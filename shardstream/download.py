@@ -38,7 +38,7 @@ from .cache import PARTIAL_RE
 from .errors import ConfigError, FetchCancelled, ShardStreamError
 from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
-from .source import make_source
+from .listing import make_source
 from .source import source_kind
 from .status import CHECK_WORDS, STALE_SECONDS, DownloaderStatus, read_status, write_status
 from .verify import row_group_limits

@@ -69,7 +69,8 @@ from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderC
 from .fetch import FetchPolicy, fetch_shard, remote_info
 from .prefetch import PrefetchController, PrefetchPolicy
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
-from .source import Source, make_source, redact_url
+from .source import Source, redact_url
+from .listing import make_source
 from .status import DownloaderStatus, EventLog, human_bytes, write_status
 from .verify import row_group_limits, verify_shard
 

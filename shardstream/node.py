@@ -535,7 +535,8 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
     downloader_kwargs: StreamingDownloader's arguments (total_shards, buffer_size, data_dir, source, ...).
     """
     from .downloader import StreamingDownloader
-    from .source import Source, make_source
+    from .source import Source
+    from .listing import make_source
     info = node_info() if info is None else info
     if partition not in PARTITIONS:
         raise ConfigError(f"partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")

@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
-from .shards import DATASETS, DEFAULT_DATASET, get_dataset, shard_name
+from .shards import shard_name
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 KINDS = ("http", "hf", "s3", "gs", "file")
@@ -328,53 +328,3 @@ def source_kind(url):
         raise ConfigError(f"source {redact_url(url)!r}: unknown scheme {scheme}://; give https://..., "
                           f"hf://datasets/ORG/NAME[@REV], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a local dir")
     return "file"
-
-
-def _known_count(url):
-    """The shard count of a known dataset whose Hub resolve URL url is (`<HF_ENDPOINT or the Hub>/datasets/
-    ORG/NAME/resolve/REV`, no folder under it); ConfigError saying what to give for any other http(s) URL."""
-    p = urlsplit(url)
-    hubs = {url_origin(hf_endpoint()), url_origin(HF_DEFAULT_ENDPOINT)}
-    parts = p.path.rstrip("/").split("/")
-    if url_origin(url) in hubs and len(parts) == 6 and parts[:2] == ["", "datasets"] and parts[4] == "resolve":
-        for d in DATASETS.values():
-            if "/".join(parts[2:4]) == d.repo:
-                return d.num_shards
-    raise ConfigError(f"source {redact_url(url)!r} is a plain http(s) URL, which cannot be listed, so its shard "
-                      f"count is unknown: give it (--dataset-shards T, SHARDSTREAM_DATASET_SHARDS=T or "
-                      f"dataset_shards=T: the shards there, the val shard included), or use a source that is "
-                      f"listed: hf://datasets/ORG/NAME, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a local dir")
-
-
-def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=None, allow_insecure=False,
-                storage_options=None):
-    """Build a Source from user input: url (or SHARDSTREAM_SOURCE, else the Hub URL of `dataset`).
-
-    url: any form in the module docstring. hf://, s3://, gs:// and local dirs are listed now (listing.py):
-    the Hub revision is pinned to its commit, and dataset_shards, when None, is the listed count. An
-    http(s) base URL cannot be listed: dataset_shards is required, unless the URL is a known dataset's
-    own Hub resolve URL (the default source is one), whose count is known; else ConfigError before any
-    request (a guessed count would ask for a shard that is not there). HF_TOKEN (or token=) goes to
-    the Hub's origin when the source is at it (scheme, host and port exactly); an explicit token= goes to
-    the source's own origin. storage_options go to fsspec for s3/gs (e.g. {"endpoint_url": ...}; the
-    usual AWS_* / GOOGLE_* variables work too).
-    """
-    url = url or os.environ.get("SHARDSTREAM_SOURCE")
-    if url is None:
-        url = hub_resolve_url(get_dataset(dataset).repo)
-    kind = source_kind(url)
-    if kind != "http":
-        from .listing import open_listed_source
-        return open_listed_source(kind, url, dataset_shards, token=token, allow_insecure=allow_insecure,
-                                  storage_options=storage_options)
-    if dataset_shards is None:
-        dataset_shards = _known_count(url)
-    if token is None:
-        # HF_TOKEN only when the source is at the Hub's exact origin (a malformed HF_ENDPOINT has none)
-        token = os.environ.get("HF_TOKEN") or None
-        hub = url_origin(hf_endpoint())
-        token_origin = hub if (token and hub and url_origin(url) == hub) else None
-    else:
-        token_origin = url_origin(url)
-    return Source(url.rstrip("/"), int(dataset_shards), token=token, token_origin=token_origin,
-                  allow_insecure=allow_insecure)

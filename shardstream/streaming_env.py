@@ -230,7 +230,7 @@ class StreamingSettings:
 
     def make_source(self):
         """The Source, with errors naming the variables they come from."""
-        from .source import make_source
+        from .listing import make_source
         try:
             src = make_source(self.source, dataset=self.dataset, dataset_shards=self.dataset_shards)
         except ConfigError as e:

@@ -682,7 +682,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     policy = None
     if args.streaming_mode:
         from .fetch import FetchPolicy, ensure_data_dir, fetch_shard
-        from .source import make_source
+        from .listing import make_source
         policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
         ensure_data_dir(data_dir)           # before make_source: an hf/s3/gs source is listed over the network
         source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)

@@ -132,7 +132,7 @@ def test_unwritable_data_dir_raises_at_once(srv, tmp_path):
 
 def test_the_local_sources_own_folder_is_refused_as_data_dir(shards_dir, tmp_path):
     import shutil
-    from shardstream.source import make_source
+    from shardstream.listing import make_source
     folder = tmp_path / "corpus"
     shutil.copytree(shards_dir, folder)
     before = sorted(p.name for p in folder.iterdir())

@@ -32,7 +32,8 @@ from shardstream.fetch import FetchPolicy, fetch_shard
 from shardstream.listing import shards_from_listing
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
-from shardstream.source import RemoteInfo, Source, make_source, redact_url
+from shardstream.source import RemoteInfo, Source, redact_url
+from shardstream.listing import make_source
 
 N = 6                                   # 5 train shards + val 5
 REPO = "org/data"

@@ -380,7 +380,7 @@ def test_a_failed_commit_leaves_no_verified_partial(versions, tmp_path):
 # The same rules for an fsspec source, and the downloader's deadline for a transfer in flight
 
 def test_an_object_changed_between_ranged_reads_is_never_committed_spliced(versions, tmp_path):
-    from shardstream.source import make_source
+    from shardstream.listing import make_source
     a, b = versions
     src_dir = tmp_path / "store"
     src_dir.mkdir()

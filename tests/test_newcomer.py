@@ -26,7 +26,8 @@ import pytest
 from shardstream.downloader import StreamingDownloader
 from shardstream.errors import ConfigError
 from shardstream.server import ShardServer
-from shardstream.source import Source, make_source
+from shardstream.source import Source
+from shardstream.listing import make_source
 from shardstream.status import read_events, read_status
 from shardstream.timeline import summarize
 

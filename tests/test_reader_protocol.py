@@ -24,7 +24,7 @@ from shardstream.loader import tokenizing_distributed_data_loader_with_state_bos
 from shardstream.reader import ShardReader
 from shardstream.sample import make_sample
 from shardstream.shards import shard_name
-from shardstream.source import make_source
+from shardstream.listing import make_source
 from shardstream.status import DownloaderStatus
 
 SHARDS = 5              # 4 train + 1 val

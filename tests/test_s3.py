@@ -26,7 +26,7 @@ from shardstream.downloader import DiskPolicy, FailurePolicy, StreamingDownloade
 from shardstream.errors import ConfigError, FetchCancelled, PermanentFetchError  # noqa: E402
 from shardstream.fetch import FetchPolicy, fetch_shard, remote_info  # noqa: E402
 from shardstream.shards import shard_name  # noqa: E402
-from shardstream.source import make_source  # noqa: E402
+from shardstream.listing import make_source  # noqa: E402
 from rel_common import shard_bytes_on_disk  # noqa: E402
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -26,7 +26,8 @@ from shardstream.fetch import FetchPolicy, fetch_shard
 from shardstream.loader import ShardPlan, iter_doc_batches
 from shardstream.server import Fault, ShardServer
 from shardstream.shards import shard_name
-from shardstream.source import Source, make_source
+from shardstream.source import Source
+from shardstream.listing import make_source
 
 N = 6                       # 5 train shards + val 5
 TOKEN = "hf_SECRETtok3n_0123456789abcdefXYZ"

@@ -14,7 +14,8 @@ from shardstream.fetch import FetchPolicy, fetch_shard, remote_info
 from shardstream.loader import STATE_VERSION, parse_resume_state
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
-from shardstream.source import Source, make_source
+from shardstream.source import Source
+from shardstream.listing import make_source
 
 FAST = FetchPolicy(connect_timeout=2, stall_timeout=5, max_attempts=3, backoff_initial=0.01, backoff_max=0.05,
                    chunk_bytes=16384, fsync=False)
