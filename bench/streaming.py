@@ -21,6 +21,13 @@ disk (sampled every 20 ms from the directory, partial files included) against th
 Targets: W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
 first batch <= 1.2x one shard's download; peak disk <= budget. One PNG per streaming case (disk, shards
 ahead, waits over time: shardstream.timeline) goes to bench/out/. --json writes the figures.
+
+Beside every measured case it prints what the planner predicts (shardstream.simulate, the scheduler of
+`shardstream plan` on a simulated clock) for the same shards, rates, budget and policy, with this
+machine's costs measured during the warm-up (a HEAD's round trip, the footer check after a transfer's
+last byte, a read's own cost) and the server's token bucket as the link (50 ms of credit banked while
+idle; emptied before every case), and a table of how well they agree (targets: first batch within 20 %,
+wait within 2 percentage points, peak disk within 15 %). bench/RESULTS.md, section 2b, has the figures.
 """
 import argparse
 import json
@@ -41,6 +48,7 @@ from shardstream.fetch import FetchPolicy  # noqa: E402
 from shardstream.sample import make_sample  # noqa: E402
 from shardstream.server import ShardServer  # noqa: E402
 from shardstream.shards import shard_name  # noqa: E402
+from shardstream.simulate import Link, Scenario, download_everything_first, simulate  # noqa: E402
 from shardstream.source import Source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -149,16 +157,52 @@ def run_all_first(srv, n, sizes, rate_bps, work):
 
 
 def warm_up(srv, n, work):
-    """One unmeasured shard through a downloader, so first-use costs (imports, the server's sha256 cache,
-    connection setup code paths) are not charged to the first measured case."""
+    """Unmeasured shards through a downloader, so first-use costs (imports, the server's sha256 cache,
+    connection setup code paths) are not charged to the first measured case. Returns what the simulation
+    needs to know of this machine, measured here at no rate cap, medians: (a HEAD's round trip, the parquet
+    footer check after a transfer's last byte, a read's cost beyond its sleep: wait_for_shard of a shard
+    on disk + release + the sleep's overshoot)."""
+    import requests
+
+    from shardstream.fetch import remote_info
+    from shardstream.verify import check_parquet
+    reads = []
     with StreamingDownloader(n, data_dir=work / "warm-up", source=Source(srv.url, n + 1), fetch_policy=POLICY,
                              disk_policy=NO_FLOOR, progress=False) as dl:
-        dl.wait_for_shard(0)
-        dl.release(0)
-    from shardstream.fetch import remote_info
-    for i in range(n + 1):                      # the server hashes each file once (X-Linked-Etag)
-        remote_info(Source(srv.url, n + 1), i, POLICY)
+        time.sleep(0.3)                         # the window comes in at no cap meanwhile
+        for i in range(4):
+            t0 = time.perf_counter()
+            dl.wait_for_shard(i)
+            time.sleep(0.05)
+            dl.release(i)
+            reads.append(time.perf_counter() - t0 - 0.05)
+    source = Source(srv.url, n + 1)
+    heads, checks = [], []
+    with requests.Session() as session:         # a worker's: one session, kept alive
+        for i in range(n + 1):                  # the server hashes each file once (X-Linked-Etag)
+            t0 = time.perf_counter()
+            remote_info(source, i, POLICY, session=session)
+            heads.append(time.perf_counter() - t0)
+    for i in range(min(n + 1, 8)):
+        t0 = time.perf_counter()
+        check_parquet(srv.directory / shard_name(i))
+        checks.append(time.perf_counter() - t0)
     shutil.rmtree(work / "warm-up", ignore_errors=True)
+    return tuple(sorted(v)[len(v) // 2] for v in (heads, checks, reads))
+
+
+def simulated(mode, n, sizes, rate_bps, w_bps, budget, costs):
+    """What shardstream.simulate predicts for this case: (first batch s, wait fraction, peak bytes, window max).
+    The link is the server's token bucket: W shared by all connections, 50 ms of credit banked while idle."""
+    head_s, check_s, read_s = costs
+    link = Link(w_bps / 1e6, probe_latency_s=head_s, verify_s=check_s, burst_s=0.05)
+    shards = tuple(sizes[i] for i in range(n + 1))
+    if mode == "all-first":
+        t = download_everything_first(shards, link, workers=4)
+        return t, 0.0, sum(shards), None
+    kw = dict(window=None, initial_buffer=1) if mode == "adaptive" else dict(window=5, initial_buffer=5)
+    r = simulate(Scenario(shards, rate_bps / 1e6, link, budget, workers=2, read_overhead_s=read_s, **kw)).worst
+    return r.first_step_s, r.wait_fraction, r.peak_disk_bytes, r.window_max
 
 
 def _events(data):
@@ -200,19 +244,24 @@ def main(argv=None):
               f"R = {rate_bps / 1e6:.2f} MB/s ({args.read_seconds:g} s a shard), budget {budget / 1e6:.1f} MB "
               f"({args.budget_shards:g} shards), {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
         with ShardServer(remote) as srv:
-            warm_up(srv, n, work)
+            costs = warm_up(srv, n, work)
+            print(f"per-shard costs measured at no rate cap (the simulation's parameters): HEAD {costs[0] * 1e3:.1f} ms, "
+                  f"footer check {costs[1] * 1e3:.1f} ms, a read's own cost {costs[2] * 1e3:.1f} ms", flush=True)
             for ratio in ratios:
                 w_bps = ratio * rate_bps
                 srv.set_rate(w_bps / 1e6)
                 one = shard / w_bps                                     # one shard's download at W
                 for mode in modes:
                     srv.reset_stats()
+                    srv.set_rate(w_bps / 1e6)                   # every case starts with an empty bucket
                     if mode == "all-first":
                         r = run_all_first(srv, n, sizes, rate_bps, work)
                     else:
                         r = run_streaming(mode, srv, n, sizes, rate_bps, budget, work)
                     r.update(mode=mode, ratio=ratio, w_bps=w_bps, r_bps=rate_bps, one_shard=one,
                              achieved_bps=sum(sizes[i] for i in range(n)) / r["wall"])
+                    r["sim_ttfb"], r["sim_wait"], r["sim_peak"], r["sim_window_max"] = simulated(
+                        mode, n, sizes, rate_bps, w_bps, budget, costs)
                     if r["events"] is not None and not args.no_plots:
                         from shardstream.timeline import plot_timeline
                         png = OUT / f"streaming_{mode}_wr{ratio:g}.png"
@@ -226,6 +275,8 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(rows))
+    print()
+    print(agreement(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -233,7 +284,8 @@ def main(argv=None):
 
 
 HEADER = (f"{'W/R':>5} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
-          f"{'achieved MB/s':>13} {'link MB/s':>9} {'link/W':>6} {'peak MB':>8} {'budget MB':>9} {'window':>6}")
+          f"{'achieved MB/s':>13} {'link MB/s':>9} {'link/W':>6} {'peak MB':>8} {'budget MB':>9} {'window':>6}"
+          f"  | {'sim 1st s':>9} {'sim wait %':>10} {'sim peak MB':>11}")
 
 
 def fmt_row(r):
@@ -242,7 +294,26 @@ def fmt_row(r):
     win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
     return (f"{r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>11.2f} {r['ttfb'] / r['one_shard']:>8.2f} {wait_pct:>7.2f} "
             f"{r['waits']:>5} {r['achieved_bps'] / 1e6:>13.2f} {r['link_bps'] / 1e6:>9.2f} "
-            f"{r['link_bps'] / r['w_bps']:>6.2f} {r['peak'] / 1e6:>8.1f} {budget} {win}")
+            f"{r['link_bps'] / r['w_bps']:>6.2f} {r['peak'] / 1e6:>8.1f} {budget} {win}"
+            f"  | {r['sim_ttfb']:>9.2f} {100 * r['sim_wait']:>10.2f} {r['sim_peak'] / 1e6:>11.1f}")
+
+
+def agreement(rows):
+    """Simulated vs measured per case, and whether each is within its target."""
+    lines = ["simulated (shardstream.simulate, same parameters) vs measured: first batch within 20 %, wait within "
+             "2 points, peak disk within 15 %",
+             f"{'W/R':>5} {'mode':<10} {'1st s':>6} {'sim':>6} {'ratio':>5}  {'wait %':>6} {'sim':>6} {'diff':>5}  "
+             f"{'peak MB':>7} {'sim':>6} {'ratio':>5}  {'window':>6} {'sim':>4}  agree"]
+    for r in rows:
+        wait = 100 * r["waited"] / r["after"] if r["after"] > 0 else 0.0
+        sw, f1, fp = 100 * r["sim_wait"], r["sim_ttfb"] / r["ttfb"], r["sim_peak"] / r["peak"] if r["peak"] else 0.0
+        ok = abs(f1 - 1) <= 0.2 and abs(sw - wait) <= 2 and abs(fp - 1) <= 0.15
+        win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
+        swin = f"{r['sim_window_max']:>4}" if r["sim_window_max"] is not None else f"{'-':>4}"
+        lines.append(f"{r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>6.2f} {r['sim_ttfb']:>6.2f} {f1:>5.2f}  "
+                     f"{wait:>6.2f} {sw:>6.2f} {sw - wait:>+5.2f}  {r['peak'] / 1e6:>7.2f} {r['sim_peak'] / 1e6:>6.2f} "
+                     f"{fp:>5.2f}  {win} {swin}  {'yes' if ok else 'NO'}")
+    return "\n".join(lines)
 
 
 def table(rows):

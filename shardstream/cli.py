@@ -14,6 +14,8 @@ COMMANDS = {
     "make-sample": ("shardstream.sample", "write offline sample shards in nanochat's layout"),
     "demo": ("shardstream.demo", "offline end-to-end demo: sample shards, local server, streaming training"),
     "bench": ("shardstream.bench", "run the benchmarks in bench/ and print their ratios"),
+    "plan": ("shardstream.plan", "simulate a streaming run with the downloader's own scheduler: first step, "
+                                 "data wait, peak disk, wire bytes per node"),
 }
 
 
