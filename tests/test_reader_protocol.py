@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 import torch.distributed as dist
 
+from nanochat_like import ByteTokenizer
 from shardstream.cache import ReadPlan
 from shardstream.distributed import Group, NodeLeader, NodeReader, Store
 from shardstream.downloader import StreamingDownloader
@@ -28,7 +29,6 @@ from shardstream.listing import make_source
 from shardstream.status import DownloaderStatus
 
 SHARDS = 5              # 4 train + 1 val
-BOS = 256
 KW = dict(B=4, T=64, tokenizer_threads=1, tokenizer_batch_size=8, buffer_size=24, device="cpu")
 
 METHODS = ("row_group_stride", "wait_for_shard", "release", "get_status", "start", "stop", "__enter__", "__exit__")
@@ -40,22 +40,6 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("protocol_shards")
     make_sample(d, SHARDS, 40_000, seed=3, docs_per_row_group=16, row_groups=3)
     return d
-
-
-class ByteTokenizer:
-    """nanochat's tokenizer interface over raw bytes."""
-
-    def get_bos_token_id(self):
-        return BOS
-
-    def get_vocab_size(self):
-        return 257
-
-    def identity(self):
-        return "bytes-v1"
-
-    def encode(self, texts, prepend=None, num_threads=1):
-        return [([prepend] if prepend is not None else []) + list(t.encode()[:500]) for t in texts]
 
 
 class TinySource:
