@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .checksums import CHECKSUM_FILE, write_sha256sums
 from .errors import ConfigError, ShardStreamError
 from .layout import events_path
 from .shards import list_shards, shard_name
@@ -80,6 +81,8 @@ def prepare_sample(directory, args):
         make_sample(directory, args.shards, args.chars_per_shard, seed=args.seed, row_groups=args.row_groups)
         marker.write_text(json.dumps(params))
         print(f"[demo] made {args.shards} sample shards in {directory} ({time.time() - t0:.1f}s)")
+    if not (directory / CHECKSUM_FILE).is_file():      # served beside them: every shard verified by sha256
+        write_sha256sums(directory, [directory / shard_name(i) for i in range(args.shards)])
     sizes = [(directory / shard_name(i)).stat().st_size for i in range(args.shards)]
     return sizes
 

@@ -36,6 +36,7 @@ def test_demo_streams_under_budget_and_draws_the_timeline(tmp_path, capsys, monk
     # each fetch; the timeline labels the val shard and draws the trainer's steps on its time axis
     fetched = sorted(e["shard"] for e in events if e["event"] == "downloaded")
     assert fetched == [0, 1, 2, 3, 4]
+    assert {e.get("checked") for e in events if e["event"] == "downloaded"} == {"sha256"}    # its SHA256SUMS
     assert re.search(r"streamed +all 4 train shards \+ the val shard: 5 downloads,", text)
     [tl] = drawn
     assert tl.downloaded_shards[0] == 0 and sorted(tl.downloaded_shards) == fetched and tl.val_shard == 4
