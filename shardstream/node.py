@@ -514,7 +514,13 @@ class NodeReader:
         return Path(self._call("wait", shard_id, timeout)["path"])
 
     def release(self, shard_id, *, reader=None, consumed=True):
-        self._call("release", shard_id, consumed=bool(consumed))
+        with self._lock:
+            if self._stopped:       # the leader lets every lease go when it stops: nothing to hand back
+                return
+        try:
+            self._call("release", shard_id, consumed=bool(consumed))
+        except DownloaderStopped:   # stopped while the release was in flight: the same
+            pass
 
     mark_consumed = release
 
