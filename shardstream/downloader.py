@@ -663,12 +663,6 @@ class StreamingDownloader:
             skipped=self._skipped.keys(), blocked=self._blocked.keys(), budget=c.budget, used_bytes=c.used_bytes(),
             retain=self.window.retain, parallel=self._parallel_limit(), max_shard_bytes=self._max_shard_bytes)
 
-    def _reader_shard(self):
-        return schedule.reader_shard(self._snapshot())
-
-    def _ahead(self):
-        return schedule.ahead(self._snapshot())
-
     def _update_window(self):
         """Adaptive prefetch: ask the controller for the window's size, within what the budget holds beside
         the val shard and the leased shards (lock held)."""
@@ -1055,12 +1049,13 @@ class StreamingDownloader:
             free = self.cache.free_bytes()
         except OSError:
             free = None
-        win = self._ahead()
+        snap = self._snapshot()
+        win = schedule.ahead(snap)
         err = self._crash or self._disk_error
         return DownloaderStatus(
             state=self._state, shards_verified=len(self._verified), total_shards=self.total_shards,
             ahead=sum(1 for s in win if s in self.cache.files), buffer_size=self._win,
-            current_shard=self._reader_shard(), bytes_on_disk=self.cache.disk_bytes(),
+            current_shard=schedule.reader_shard(snap), bytes_on_disk=self.cache.disk_bytes(),
             reserved_bytes=self.cache.reserved_bytes(), budget=self.cache.budget, free_disk_bytes=free,
             download_mbps=round(mbps, 3), downloaded_bytes=self._downloaded_bytes,
             in_flight=tuple(sorted(self.cache.inflight)), cached=tuple(sorted(self.cache.files)),
@@ -1074,9 +1069,10 @@ class StreamingDownloader:
         """Log one event to events.jsonl and refresh status.json (lock held)."""
         if self._events is None:
             return
-        win = self._ahead()
+        snap = self._snapshot()
+        win = schedule.ahead(snap)
         self._events.write(event, shard=shard, bytes_on_disk=self.cache.disk_bytes(), budget=self.cache.budget,
-                           ahead=sum(1 for s in win if s in self.cache.files), reader_shard=self._reader_shard(),
+                           ahead=sum(1 for s in win if s in self.cache.files), reader_shard=schedule.reader_shard(snap),
                            **{"window": self._win, **extra})
         self._write_status()
 

@@ -118,12 +118,6 @@ class Evict:
 
 
 @dataclass(frozen=True)
-class Blocked:
-    shard: int
-    why: str
-
-
-@dataclass(frozen=True)
 class Verdict:
     """What a reader waiting for a failing shard gets: mode "fail" (raise `failure`) or "skip"."""
     mode: str

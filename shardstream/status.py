@@ -44,8 +44,6 @@ from .safefs import ensure_book_dir, fopen_nofollow, open_nofollow
 from .shards import shard_name
 from .units import positive_number
 
-STATUS_FILE = layout.STATUS_FILE
-EVENTS_FILE = layout.EVENTS_FILE
 STALE_SECONDS = 10.0          # a running downloader rewrites status.json every ~0.5 s
 EVENTS_TAIL = 64 << 10        # bytes of the event log's end read for a wait in progress (~250 events)
 # what vouched for a shard (FetchResult.checked), in words
@@ -241,7 +239,7 @@ def events_path(data_dir):
 
 def _temp_name():
     # unguessable, so nobody can plant a link under it in advance; O_EXCL refuses one anyway
-    return f".{STATUS_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    return f".{layout.STATUS_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
 
 
 def write_status(data_dir, status):
@@ -313,8 +311,8 @@ def read_status(data_dir):
     """The DownloaderStatus in data_dir's status.json, or None when there is none. ConfigError naming the
     file when it cannot be read or is not a status file (not JSON, not an object, fields of the wrong type)."""
     path = status_path(data_dir)
-    if not os.path.lexists(path) and os.path.lexists(Path(data_dir) / STATUS_FILE):
-        path = Path(data_dir) / STATUS_FILE             # an older shardstream's, at the top of the dir
+    if not os.path.lexists(path) and os.path.lexists(Path(data_dir) / layout.STATUS_FILE):
+        path = Path(data_dir) / layout.STATUS_FILE             # an older shardstream's, at the top of the dir
     try:
         # O_NONBLOCK: a fifo planted there must not hang `shardstream status`
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))

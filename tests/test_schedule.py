@@ -4,7 +4,7 @@ import pytest
 
 from shardstream.cache import ReadPlan
 from shardstream.downloader import FailurePolicy
-from shardstream.schedule import (VAL_AFTER, Blocked, Evict, Failure, Fetch, JobKind, Probe, ShardState,
+from shardstream.schedule import (VAL_AFTER, Evict, Failure, Fetch, JobKind, Probe, ShardState,
                                   Snapshot, ahead, failure_verdict, fetch_size, make_room, next_action, next_read,
                                   over_budget_evictions, priority, reader_pos, routine_evictions, shard_state,
                                   val_room, window_room)
@@ -216,7 +216,3 @@ def test_failure_verdict(kw, waited, policy, want):
 def test_shard_state(kw, want):
     assert shard_state(snap(**kw), 4, now=10.0) is want
 
-
-def test_blocked_names_a_shard_and_why():
-    b = Blocked(4, "room")
-    assert (b.shard, b.why) == (4, "room")
