@@ -3,6 +3,8 @@
     ./run bench run_all              # from a fresh clone (sets up .venv); <= 10 minutes on 2 cores
     python bench/run_all.py          # the same, in a ready environment
     python bench/run_all.py --smoke  # ~30-60 s: tiny sizes, for CI (asserts only that it ran)
+    python bench/run_all.py --size real --only fetch,streaming   # real sizes: shards of 20-100 MB,
+                                     # W 10-100 MB/s (~15 minutes; nothing else should load the machine)
 
 Runs, each as its own process with the same Python (each prints its own table as it goes):
 1. bench/fetch.py      transfer: MB/s of one shard and of 8 shards, fetch_shard vs curl (same server, disk)
@@ -28,13 +30,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 
-# (name, full-run args, smoke args); --json is added for the ones that take it
+# (name, full-run args, smoke args, real-size args or None); --json is added for the ones that take it
 SUITE = [
-    ("fetch", ["--size-mb", "100", "--repeats", "2"], ["--quick", "--size-mb", "4", "--repeats", "1"]),
-    ("streaming", [], ["--smoke"]),
-    ("epochs", [], ["--smoke"]),
-    ("loader", [], ["--quick", "--repeats", "1"]),
-    ("resume", [], ["--smoke"]),
+    ("fetch", ["--size-mb", "100", "--repeats", "2"], ["--quick", "--size-mb", "4", "--repeats", "1"],
+     ["--size", "real"]),
+    ("streaming", [], ["--smoke"], ["--size", "real"]),
+    ("epochs", [], ["--smoke"], None),
+    ("loader", [], ["--quick", "--repeats", "1"], None),
+    ("resume", [], ["--smoke"], None),
 ]
 TAKES_JSON = {"streaming", "epochs", "resume"}
 
@@ -68,7 +71,7 @@ def _load(name):
         return None
 
 
-def summary(outputs):
+def summary(outputs, real=False):
     """[(item, figure, target, met)] from the benchmarks' JSON files and printed lines."""
     rows = []
     fetch = outputs.get("fetch", "")
@@ -80,9 +83,17 @@ def summary(outputs):
     for label, (best, med) in zip(("  same durability (curl+fsync)", "  same durability, 8 shards"), same):
         rows.append((label, f"fetch/(curl+fsync) {float(med):.2f} (median)", "(context)", None))
 
-    for r in _load("streaming") or []:
+    streamed = [(r, " real" if real else "") for r in _load("streaming_real" if real else "streaming") or []]
+    uncapped = {r["mode"]: r for r, _ in streamed if r.get("w_bps") is None}
+    if len(uncapped) == 2:
+        a, b = uncapped["adaptive"]["achieved_bps"], uncapped["all-first"]["achieved_bps"]
+        rows.append(("streaming real, uncapped download + read", f"{a / 1e6:.1f} vs {b / 1e6:.1f} MB/s of parquet "
+                     f"({a / b:.2f}x download-everything-first)", "ahead of download-all-then-read", a >= b))
+    for r, tag in streamed:
+        if r.get("w_bps") is None:
+            continue
         wr, mode = r["ratio"], r["mode"]
-        label = f"streaming W/R={wr:g} {mode}"
+        label = f"streaming{tag} W={r['w_bps'] / 1e6:.3g} W/R={wr:g} {mode}" if tag else f"streaming W/R={wr:g} {mode}"
         wait = 100 * r["waited"] / r["after"] if r["after"] > 0 else 0.0
         ttfb = r["ttfb"] / r["one_shard"]
         budget = f"{r['budget'] / 1e6:.1f} MB budget" if r["budget"] else "no budget"
@@ -140,25 +151,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", "--quick", action="store_true", dest="smoke", help="tiny sizes (CI)")
     p.add_argument("--only", default=None, help="comma-separated subset, e.g. streaming,epochs")
+    p.add_argument("--size", choices=("quick", "real"), default="quick",
+                   help="real: the benchmarks that have one run at real sizes (shards of 20-100 MB, W 10-100 MB/s)")
     args = p.parse_args(argv)
+    real = args.size == "real" and not args.smoke
     OUT.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     outputs, failed = {}, []
     t0 = time.monotonic()
-    with open(OUT / ("run_all_smoke.log" if args.smoke else "run_all.log"), "w") as log:
-        for name, full, smoke in SUITE:
-            if only and name not in only:
+    log_name = "run_all_smoke.log" if args.smoke else "run_all_real.log" if real else "run_all.log"
+    with open(OUT / log_name, "w") as log:
+        for name, full, smoke, real_args in SUITE:
+            if only and name not in only or real and real_args is None:
                 continue
-            extra = list(smoke if args.smoke else full)
+            extra = list(smoke if args.smoke else real_args if real else full)
             if name in TAKES_JSON:
-                (OUT / f"{name}.json").unlink(missing_ok=True)
-                extra += ["--json", str(OUT / f"{name}.json")]
+                out = OUT / f"{name}{'_real' if real else ''}.json"
+                out.unlink(missing_ok=True)
+                extra += ["--json", str(out)]
             rc, text, secs = run_one(name, extra, log)
             outputs[name] = text
             if rc not in (0, None):
                 failed.append(name)
             print(f"-- bench/{name}.py: {'skipped' if rc is None else f'exit {rc}'} in {secs:.0f} s", flush=True)
-    print_table(summary(outputs), time.monotonic() - t0, failed)
+    print_table(summary(outputs, real), time.monotonic() - t0, failed)
     return 1 if failed else 0
 
 

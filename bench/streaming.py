@@ -1,7 +1,8 @@
 """Streaming: a simulated trainer reading at R MB/s from a server capped at W MB/s, W/R in {0.8, 1.25, 4}.
 
-    python bench/streaming.py            # 24 train shards of ~0.3 MB, R = 0.7 MB/s (a read takes 0.4 s)
-    python bench/streaming.py --smoke    # 6 shards, W/R = 1.25 only (CI)
+    python bench/streaming.py               # 24 train shards of ~0.3 MB, R = 0.7 MB/s (a read takes 0.4 s)
+    python bench/streaming.py --smoke       # 6 shards, W/R = 1.25 only (CI)
+    python bench/streaming.py --size real   # 12 train shards of ~24 MB, W = 10, 25 and 100 MB/s (~6 min)
     shardstream bench streaming
 
 Offline: sample shards (shardstream.sample.make_sample) served by a local ShardServer whose token bucket
@@ -18,6 +19,10 @@ Figures per case: time to first batch (and / one shard's download time at W), da
 time after the first batch, achieved MB/s (train bytes the trainer read / wall time), link MB/s (bytes
 downloaded / time from start to the last download: the share of W the downloader used), peak bytes on
 disk (sampled every 20 ms from the directory, partial files included) against the budget, waits.
+The real size (`--size real`) uses nanochat-like shards of ~24 MB and sets W (10, 25, 100 MB/s) with R =
+W / ratio, and adds an uncapped case where the trainer really reads every shard's text column with
+pyarrow (no sleep): download + read, streaming against downloading everything first, in parquet MB/s.
+
 Targets: W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
 first batch <= 1.2x one shard's download; peak disk <= budget. One PNG per streaming case (disk, shards
 ahead, waits over time: shardstream.timeline) goes to bench/out/. --json writes the figures.
@@ -42,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's shardstream
 
+from shardstream.checksums import write_sha256sums  # noqa: E402
 from shardstream.download import download_shards  # noqa: E402
 from shardstream.downloader import DiskPolicy, StreamingDownloader  # noqa: E402
 from shardstream.fetch import FetchPolicy  # noqa: E402
@@ -96,19 +102,24 @@ class DiskSampler:
 
 
 def train(get, release, ids, sizes, rate_bps, t_start):
-    """The simulated trainer: for each shard get it, 'train' bytes/R seconds, release it.
-    Returns (time of the first batch, seconds waited after it, waits after it, time done)."""
+    """The simulated trainer: for each shard get it, 'train' bytes/R seconds, release it; with rate_bps
+    None it reads the shard's text column with pyarrow instead (the real work of a loader, as fast as
+    the machine goes). Returns (time of the first batch, seconds waited after it, waits after it, time done)."""
+    import pyarrow.parquet as pq
     first, waited, waits = None, 0.0, 0
     for i in ids:
         t0 = time.monotonic()
-        get(i)
+        path = get(i)
         t1 = time.monotonic()
         if first is None:
             first = t1
         else:
             waited += t1 - t0
             waits += (t1 - t0) > 0.005
-        time.sleep(sizes[i] / rate_bps)
+        if rate_bps is None:
+            pq.read_table(path, columns=["text"])
+        else:
+            time.sleep(sizes[i] / rate_bps)
         release(i)
     return first - t_start, waited, waits, time.monotonic()
 
@@ -149,7 +160,8 @@ def run_all_first(srv, n, sizes, rate_bps, work):
         bad = [r for r in res if isinstance(r, Exception)]
         if bad:
             raise SystemExit(f"download-everything-first failed: {bad[0]}")
-        ttfb, waited, waits, t_end = train(lambda i: None, lambda i: None, range(n), sizes, rate_bps, t_start)
+        ttfb, waited, waits, t_end = train(lambda i: data / shard_name(i), lambda i: None, range(n), sizes,
+                                           rate_bps, t_start)
     got = sum(r.size for r in res)
     return dict(ttfb=ttfb, waited=waited, waits=waits, wall=t_end - t_start, after=t_end - t_start - ttfb,
                 link_bps=got / (t_dl - t_start), downloaded=got, peak=disk.peak, budget=None,
@@ -213,62 +225,92 @@ def _events(data):
         return []
 
 
+REAL_CASES = ((25, 0.8), (25, 1.25), (25, 4), (10, 1.25), (100, 1.25), (None, None))   # (W MB/s, W/R)
+
+
+def cases(args, rate_bps):
+    """(W in bytes/s or None for uncapped, W/R or None, R in bytes/s or None for a real read) per case."""
+    if args.size == "real":
+        ratios = [float(x) for x in args.ratios.split(",")] if args.ratios else None
+        out = []
+        for w, ratio in REAL_CASES:
+            if w is None:
+                out.append((None, None, None))
+            elif ratios is None or ratio in ratios:
+                out.append((w * 1e6, ratio, w * 1e6 / ratio))
+        return out
+    ratios = [float(x) for x in (args.ratios or ("1.25" if args.smoke else "0.8,1.25,4")).split(",")]
+    return [(ratio * rate_bps, ratio, rate_bps) for ratio in ratios]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", "--quick", action="store_true", dest="smoke", help="a ~10 s smoke run (CI)")
-    p.add_argument("--shards", type=int, default=None, help="train shards (default 24, --smoke 6)")
-    p.add_argument("--chars", type=int, default=1_000_000, help="characters per shard (default 1,000,000: ~0.3 MB)")
-    p.add_argument("--read-seconds", type=float, default=None, help="seconds the trainer spends on a shard (default 0.4, --smoke 0.25)")
+    p.add_argument("--size", choices=("quick", "real"), default="quick",
+                   help="quick: shards of ~0.3 MB at R = 0.7 MB/s; real: 12 shards of ~24 MB, W 10-100 MB/s "
+                        "and an uncapped download + read (~6 min)")
+    p.add_argument("--shards", type=int, default=None, help="train shards (default 24, --smoke 6, real 12)")
+    p.add_argument("--chars", type=int, default=None,
+                   help="characters per shard (default 1,000,000: ~0.3 MB; real 88,000,000: ~24 MB)")
+    p.add_argument("--read-seconds", type=float, default=None, help="seconds the trainer spends on a shard (default 0.4, --smoke 0.25; real: from W and W/R)")
     p.add_argument("--ratios", default=None, help="W/R values, comma-separated (default 0.8,1.25,4)")
     p.add_argument("--budget-shards", type=float, default=8, help="budget in shards, val shard included")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    n = args.shards or (6 if args.smoke else 24)
+    real = args.size == "real"
+    n = args.shards or (12 if real else 6 if args.smoke else 24)
+    chars = args.chars or (88_000_000 if real else 1_000_000)
     args.read_seconds = args.read_seconds or (0.25 if args.smoke else 0.4)
-    ratios = [float(x) for x in (args.ratios or ("1.25" if args.smoke else "0.8,1.25,4")).split(",")]
-    modes = ["adaptive", "fixed-5", "all-first"]
 
     work = Path(tempfile.mkdtemp(prefix="shardstream-bench-streaming-"))
     rows = []
     try:
         remote = work / "remote"
         t0 = time.perf_counter()
-        make_sample(remote, n + 1, args.chars, seed=7)
+        paths = make_sample(remote, n + 1, chars, seed=7)
+        if real:        # as the Hub does: every shard's sha256 is known, so each is verified by it
+            write_sha256sums(remote, paths)
         sizes = {i: (remote / shard_name(i)).stat().st_size for i in range(n + 1)}
         shard = max(sizes.values())
-        rate_bps = sum(sizes[i] for i in range(n)) / n / args.read_seconds      # R
         budget = int(args.budget_shards * shard)
-        print(f"bench/streaming: {n} train shards + val of ~{shard / 1e6:.2f} MB (made in {time.perf_counter() - t0:.1f}s), "
-              f"R = {rate_bps / 1e6:.2f} MB/s ({args.read_seconds:g} s a shard), budget {budget / 1e6:.1f} MB "
-              f"({args.budget_shards:g} shards), {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
+        quick_r = sum(sizes[i] for i in range(n)) / n / args.read_seconds
+        todo = cases(args, quick_r)
+        rates = "R = W / ratio" if real else f"R = {quick_r / 1e6:.2f} MB/s ({args.read_seconds:g} s a shard)"
+        print(f"bench/streaming ({args.size}): {n} train shards + val of ~{shard / 1e6:.2f} MB (made in "
+              f"{time.perf_counter() - t0:.1f}s), {rates}, budget {budget / 1e6:.1f} MB ({args.budget_shards:g} "
+              f"shards), {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
         with ShardServer(remote) as srv:
             costs = warm_up(srv, n, work)
             print(f"per-shard costs measured at no rate cap (the simulation's parameters): HEAD {costs[0] * 1e3:.1f} ms, "
                   f"footer check {costs[1] * 1e3:.1f} ms, a read's own cost {costs[2] * 1e3:.1f} ms", flush=True)
-            for ratio in ratios:
-                w_bps = ratio * rate_bps
-                srv.set_rate(w_bps / 1e6)
-                one = shard / w_bps                                     # one shard's download at W
-                for mode in modes:
+            print(HEADER, flush=True)
+            for w_bps, ratio, rate_bps in todo:
+                one = shard / w_bps if w_bps else None                  # one shard's download at W
+                for mode in (["adaptive", "all-first"] if w_bps is None else ["adaptive", "fixed-5", "all-first"]):
                     srv.reset_stats()
-                    srv.set_rate(w_bps / 1e6)                   # every case starts with an empty bucket
+                    srv.set_rate(w_bps / 1e6 if w_bps else None)        # every case starts with an empty bucket
                     if mode == "all-first":
                         r = run_all_first(srv, n, sizes, rate_bps, work)
                     else:
                         r = run_streaming(mode, srv, n, sizes, rate_bps, budget, work)
                     r.update(mode=mode, ratio=ratio, w_bps=w_bps, r_bps=rate_bps, one_shard=one,
                              achieved_bps=sum(sizes[i] for i in range(n)) / r["wall"])
-                    r["sim_ttfb"], r["sim_wait"], r["sim_peak"], r["sim_window_max"] = simulated(
-                        mode, n, sizes, rate_bps, w_bps, budget, costs)
-                    if r["events"] is not None and not args.no_plots:
+                    r["sim_ttfb"] = r["sim_wait"] = r["sim_peak"] = r["sim_window_max"] = None
+                    if w_bps is not None:
+                        r["sim_ttfb"], r["sim_wait"], r["sim_peak"], r["sim_window_max"] = simulated(
+                            mode, n, sizes, rate_bps, w_bps, budget, costs)
+                    if r["events"] is not None and not args.no_plots and w_bps is not None:
                         from shardstream.timeline import plot_timeline
-                        png = OUT / f"streaming_{mode}_wr{ratio:g}.png"
+                        tag = "_real" if real else ""
+                        png = OUT / f"streaming{tag}_{mode}_w{w_bps / 1e6:g}_wr{ratio:g}.png" if real else \
+                            OUT / f"streaming_{mode}_wr{ratio:g}.png"
                         plot_timeline(r["events"], png, title=f"{mode}, W/R = {ratio:g} (W {w_bps / 1e6:.2f} MB/s, "
                                                               f"R {rate_bps / 1e6:.2f} MB/s)")
                         r["png"] = str(png.relative_to(OUT.parent.parent))
                     r["events"] = None
+                    r["shard_bytes"] = shard
                     rows.append(r)
                     print(fmt_row(r), flush=True)
     finally:
@@ -277,47 +319,63 @@ def main(argv=None):
     print(table(rows))
     print()
     print(agreement(rows))
+    uncapped = {r["mode"]: r for r in rows if r["w_bps"] is None}
+    if len(uncapped) == 2:
+        a, b = uncapped["adaptive"]["achieved_bps"], uncapped["all-first"]["achieved_bps"]
+        print(f"\nuncapped download + read: streaming {a / 1e6:.1f} MB/s of parquet, download-everything-first "
+              f"{b / 1e6:.1f} MB/s: {a / b:.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
-HEADER = (f"{'W/R':>5} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
+HEADER = (f"{'W':>5} {'W/R':>5} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
           f"{'achieved MB/s':>13} {'link MB/s':>9} {'link/W':>6} {'peak MB':>8} {'budget MB':>9} {'window':>6}"
           f"  | {'sim 1st s':>9} {'sim wait %':>10} {'sim peak MB':>11}")
+
+
+def _opt(value, spec, width, scale=1.0):
+    return f"{value * scale:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
 
 
 def fmt_row(r):
     wait_pct = 100 * r["waited"] / r["after"] if r["after"] > 0 else 0.0
     budget = f"{r['budget'] / 1e6:9.1f}" if r["budget"] else f"{'none':>9}"
-    win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
-    return (f"{r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>11.2f} {r['ttfb'] / r['one_shard']:>8.2f} {wait_pct:>7.2f} "
+    win = _opt(r["window_max"], "", 6)
+    w = f"{r['w_bps'] / 1e6:>5.3g}" if r["w_bps"] else f"{'none':>5}"
+    ratio = f"{r['ratio']:>5g}" if r["ratio"] is not None else f"{'-':>5}"
+    per_shard = r["ttfb"] / r["one_shard"] if r["one_shard"] else None
+    link_w = r["link_bps"] / r["w_bps"] if r["w_bps"] else None
+    return (f"{w} {ratio} {r['mode']:<10} {r['ttfb']:>11.2f} {_opt(per_shard, '.2f', 8)} {wait_pct:>7.2f} "
             f"{r['waits']:>5} {r['achieved_bps'] / 1e6:>13.2f} {r['link_bps'] / 1e6:>9.2f} "
-            f"{r['link_bps'] / r['w_bps']:>6.2f} {r['peak'] / 1e6:>8.1f} {budget} {win}"
-            f"  | {r['sim_ttfb']:>9.2f} {100 * r['sim_wait']:>10.2f} {r['sim_peak'] / 1e6:>11.1f}")
+            f"{_opt(link_w, '.2f', 6)} {r['peak'] / 1e6:>8.1f} {budget} {win}"
+            f"  | {_opt(r['sim_ttfb'], '.2f', 9)} {_opt(r['sim_wait'], '.2f', 10, 100)} "
+            f"{_opt(r['sim_peak'], '.1f', 11, 1e-6)}")
 
 
 def agreement(rows):
     """Simulated vs measured per case, and whether each is within its target."""
     lines = ["simulated (shardstream.simulate, same parameters) vs measured: first batch within 20 %, wait within "
              "2 points, peak disk within 15 %",
-             f"{'W/R':>5} {'mode':<10} {'1st s':>6} {'sim':>6} {'ratio':>5}  {'wait %':>6} {'sim':>6} {'diff':>5}  "
+             f"{'W':>5} {'W/R':>5} {'mode':<10} {'1st s':>6} {'sim':>6} {'ratio':>5}  {'wait %':>6} {'sim':>6} {'diff':>5}  "
              f"{'peak MB':>7} {'sim':>6} {'ratio':>5}  {'window':>6} {'sim':>4}  agree"]
     for r in rows:
+        if r["sim_ttfb"] is None:
+            continue
         wait = 100 * r["waited"] / r["after"] if r["after"] > 0 else 0.0
         sw, f1, fp = 100 * r["sim_wait"], r["sim_ttfb"] / r["ttfb"], r["sim_peak"] / r["peak"] if r["peak"] else 0.0
         ok = abs(f1 - 1) <= 0.2 and abs(sw - wait) <= 2 and abs(fp - 1) <= 0.15
         win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
         swin = f"{r['sim_window_max']:>4}" if r["sim_window_max"] is not None else f"{'-':>4}"
-        lines.append(f"{r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>6.2f} {r['sim_ttfb']:>6.2f} {f1:>5.2f}  "
+        lines.append(f"{r['w_bps'] / 1e6:>5.3g} {r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>6.2f} {r['sim_ttfb']:>6.2f} {f1:>5.2f}  "
                      f"{wait:>6.2f} {sw:>6.2f} {sw - wait:>+5.2f}  {r['peak'] / 1e6:>7.2f} {r['sim_peak'] / 1e6:>6.2f} "
                      f"{fp:>5.2f}  {win} {swin}  {'yes' if ok else 'NO'}")
     return "\n".join(lines)
 
 
 def table(rows):
-    lines = ["streaming (W = server cap, R = trainer; wait % = data-wait after the first batch / wall after it;"
+    lines = ["streaming (W = server cap in MB/s, none: uncapped and a real pyarrow read; R = trainer; wait % = data-wait after the first batch / wall after it;"
              " window = largest)", HEADER] + [fmt_row(r) for r in rows]
     return "\n".join(lines)
 
