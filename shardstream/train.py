@@ -658,28 +658,79 @@ def train(args):
                 dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What every phase of a run reads: the flags, this process's place, its device, where its files go."""
+    args: argparse.Namespace
+    info: object                # distributed.NodeInfo: rank, local rank, world size
+    device: str
+    device_type: str            # "cuda", "cpu" or "mps"
+    stopper: SignalStop
+    result: TrainResult         # filled in as the run goes
+    t_start: float
+    data_dir: Path
+    checkpoint_dir: Path
+
+
+@dataclass
+class _Data:
+    """Where the shards come from."""
+    source: object              # a Source when streaming; None: the shards already in data_dir
+    policy: object              # the FetchPolicy every streamed shard is checked by
+    data_id: str                # the fingerprint's "data"
+    dataset_shards: int | None
+    first_shard: object         # () -> the path of train shard 0, fetched if need be
+
+
+@dataclass
+class _Model:
+    """The model and optimizer (resumed when a checkpoint was given) and the geometry of a step."""
+    raw_model: object
+    model: object               # raw_model, in DistributedDataParallel under torchrun
+    optimizer: object
+    fingerprint: dict
+    tokens_per_step: int
+    grad_accum: int
+    num_iterations: int
+    start_step: int
+    loader_state: object        # what the loader resumes from (None: the start of the data)
+
+
 def _train(args, result, t_start, device, device_type, stopper, info):
-    import torch
-    import torch.distributed as dist
-    from .gpt import GPT, config_for_depth
-    from .loader import (tokenizing_distributed_data_loader_bos_bestfit,
-                         tokenizing_distributed_data_loader_with_state_bos_bestfit)
+    """The run's phases in order: data, tokenizer, model, downloader, the loop."""
     if args.core_metric_every > 0:
         logger.info("--core_metric_every %d: the CORE metric is not part of this trainer; ignored",
                     args.core_metric_every)
-
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
     base = nanochat_base_dir() / "shardstream"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "base_checkpoints" / f"d{args.depth}"
+    run = _Run(args, info, device, device_type, stopper, result, t_start, data_dir, checkpoint_dir)
 
     resume = None
     if args.resume_from_step != -1:
         resume = load_checkpoint(checkpoint_dir, args.resume_from_step)
         logger.info("Resuming from %s (step %d)", checkpoint_path(checkpoint_dir, resume["step"]), resume["step"])
+    data = _setup_data(run)
+    tokenizer, shard_yield = _setup_tokenizer(run, data, base)
+    result.shard_yield = shard_yield
+    m = _build_model(run, tokenizer, data, resume)
+    downloader, train_shards = _setup_downloader(run, data, m, shard_yield, resume)
+    _train_loop(run, tokenizer, m, downloader, train_shards)
 
-    # Where the data comes from, and how to get the first shard for the tokenizer.
-    source = None
-    policy = None
+    result.wall_seconds = time.time() - t_start
+    if result.exit_code == 0 and result.losses:
+        wait = f", data wait {result.downloader_status.data_wait()}" if result.downloader_status else ""
+        logger.info("Done: %d steps, loss %.4f -> %.4f%s, %.1fs in all", result.step - result.start_step,
+                    result.losses[0][1], result.losses[-1][1], wait, result.wall_seconds)
+    return result
+
+
+# -----------------------------------------------------------------------------------------------------
+# Setup: data, tokenizer, model, downloader
+
+def _setup_data(run):
+    """Where the data comes from, and how to get the first shard for the tokenizer."""
+    args, data_dir = run.args, run.data_dir
     if args.streaming_mode:
         from .fetch import FetchPolicy, ensure_data_dir, fetch_shard
         from .listing import make_source
@@ -689,7 +740,6 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         if args.streaming_total_shards != -1:
             check_train_shards(args.streaming_total_shards, source)     # before shard 0 is fetched
         data_id = source.identity()["source"]
-        dataset_shards = source.dataset_shards
 
         def first_shard():
             logger.info("Fetching %s to train the tokenizer and measure tokens per shard", shard_name(0))
@@ -699,25 +749,28 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                           attempts=r.attempts, resumed_from=r.resumed_from, checked=r.checked, by="trainer",
                           bytes_on_disk=shard_bytes(data_dir), budget=args.max_cache_bytes, ahead=0, reader_shard=None)
             return r.path
-    else:
-        on_disk = list_shards(data_dir) if data_dir.is_dir() else []
-        if len(on_disk) < 2:
-            raise ConfigError(f"{data_dir} holds {len(on_disk)} shard(s); the trainer needs at least 2 (train + "
-                              f"val). Download some (`shardstream download -n 4 --data-dir {data_dir}`) or "
-                              f"stream them with --streaming_mode=True")
-        data_id = f"local:{len(on_disk)} shards"
-        dataset_shards = None
+        return _Data(source, policy, data_id, source.dataset_shards, first_shard)
 
-        def first_shard():
-            return data_dir / shard_name(on_disk[0])
+    on_disk = list_shards(data_dir) if data_dir.is_dir() else []
+    if len(on_disk) < 2:
+        raise ConfigError(f"{data_dir} holds {len(on_disk)} shard(s); the trainer needs at least 2 (train + "
+                          f"val). Download some (`shardstream download -n 4 --data-dir {data_dir}`) or "
+                          f"stream them with --streaming_mode=True")
+    return _Data(None, None, f"local:{len(on_disk)} shards", None, lambda: data_dir / shard_name(on_disk[0]))
 
+
+def _setup_tokenizer(run, data, base):
+    """(tokenizer, ShardYield): local rank 0 of each node makes them, the node's other ranks load them."""
+    args, info = run.args, run.info
+    data_key = data.data_id if data.source else str(run.data_dir.resolve())
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
-        base / f"tokenizer_{_short_hash([data_id if source else str(data_dir.resolve()), args.vocab_size])}"
-    data_key = data_id if source else str(data_dir.resolve())
+        base / f"tokenizer_{_short_hash([data_key, args.vocab_size])}"
     if info.local_rank == 0:    # one process per node fetches shard 0, trains the tokenizer, measures the shard
-        tokenizer, shard_yield = stopper.waiting(prepare_tokenizer, tokenizer_dir, args.vocab_size, first_shard,
-                                                 data_key, args.max_seq_len, args.tokenizer_threads)
+        tokenizer, shard_yield = run.stopper.waiting(prepare_tokenizer, tokenizer_dir, args.vocab_size,
+                                                     data.first_shard, data_key, args.max_seq_len,
+                                                     args.tokenizer_threads)
     if info.distributed:
+        import torch.distributed as dist
         dist.barrier()          # main thread: every node's local rank 0 has saved the tokenizer and shard yield
     if info.local_rank != 0:
         def not_prepared():
@@ -726,11 +779,16 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                               f"--tokenizer_dir (a node-local or shared disk)")
         tokenizer, shard_yield = prepare_tokenizer(tokenizer_dir, args.vocab_size, not_prepared, data_key,
                                                    args.max_seq_len, args.tokenizer_threads)
-    result.shard_yield = shard_yield
+    return tokenizer, shard_yield
 
-    # The model and its optimizer.
+
+def _build_model(run, tokenizer, data, resume):
+    """The model and its optimizer, from the checkpoint `resume` when there is one (checked against this run)."""
+    import torch
+    from .gpt import GPT, config_for_depth
+    args, info, result = run.args, run.info, run.result
     model_config = config_for_depth(args.depth, args.max_seq_len, tokenizer.get_vocab_size())
-    raw_model = GPT(model_config).to(device)
+    raw_model = GPT(model_config).to(run.device)
     optimizer = raw_model.make_optimizer(args.lr, weight_decay=args.weight_decay)
     tokens_per_step = args.total_batch_size
     micro_tokens = args.device_batch_size * args.max_seq_len * info.world_size
@@ -742,12 +800,12 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     if num_iterations == -1:
         num_iterations = max(1, round(args.target_param_data_ratio * raw_model.num_params() / tokens_per_step))
     result.num_iterations = num_iterations
-    fingerprint = _fingerprint(args, data_id, dataset_shards, tokenizer, model_config, info.world_size)
+    fingerprint = _fingerprint(args, data.data_id, data.dataset_shards, tokenizer, model_config, info.world_size)
     ranks = f" x {info.world_size} ranks" if info.distributed else ""
     logger.info("Model: depth %d, width %d, %d heads, vocab %d, %s parameters; %s tokens per step "
                 "(%d x %d%s x %d accumulation), %d steps, device %s", args.depth, model_config.n_embd,
                 model_config.n_head, model_config.vocab_size, f"{raw_model.num_params():,}", f"{tokens_per_step:,}",
-                args.device_batch_size, args.max_seq_len, ranks, grad_accum, num_iterations, device)
+                args.device_batch_size, args.max_seq_len, ranks, grad_accum, num_iterations, run.device)
 
     start_step, loader_state = 0, None
     if resume is not None:
@@ -764,43 +822,59 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     model = raw_model
     if info.distributed:        # after the resume's weights: DDP broadcasts rank 0's parameters anyway
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(raw_model, device_ids=[torch.device(device).index]
-                                        if device_type == "cuda" else None)
+        model = DistributedDataParallel(raw_model, device_ids=[torch.device(run.device).index]
+                                        if run.device_type == "cuda" else None)
+    return _Model(raw_model, model, optimizer, fingerprint, tokens_per_step, grad_accum, num_iterations,
+                  start_step, loader_state)
 
-    # The streaming downloader.
-    downloader = None
-    train_shards = None
-    if source is not None:
-        # Train shards, the val shard besides: what SHARDSTREAM_TOTAL_SHARDS and StreamingDownloader(total_shards=) count.
-        train_shards = args.streaming_total_shards
-        saved = None if resume is None else checkpoint_train_shards(resume)
-        if train_shards == -1 and saved:
-            train_shards = saved
-        elif train_shards == -1:
-            tokens_needed = num_iterations * tokens_per_step
-            train_shards = shards_needed(tokens_needed, shard_yield, source.num_train_shards,
-                                         read_ahead_docs=loader_read_ahead_docs() * info.world_size)
-            logger.info("Streaming mode: calculated %d train shards needed for %s tokens (~%s tokens each; the val "
-                        "shard comes besides)", train_shards, f"{tokens_needed:,}", f"{shard_yield.trained_tokens:,}")
-        if saved is not None and saved != train_shards:
-            raise StateMismatchError(f"cannot resume from step {resume['step']}: the checkpoint streamed "
-                                     f"{saved} train shards, this run --streaming_total_shards {train_shards} "
-                                     f"(leave it at -1 to take the checkpoint's)")
-        check_train_shards(train_shards, source)
-        result.train_shards = train_shards
-        # One process: a StreamingDownloader. torchrun: the node's one downloader on local rank 0, a reader
-        # of it (through torchrun's store) on every other local rank.
-        from .distributed import make_node_downloader
-        downloader = make_node_downloader(
-            partition=args.streaming_partition, info=info, total_shards=train_shards,
-            buffer_size=args.streaming_buffer_size, data_dir=data_dir, source=source,
-            max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
-            prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=policy)
 
+def _setup_downloader(run, data, m, shard_yield, resume):
+    """(downloader, train shards) for a streaming run, (None, None) otherwise. The downloader is not started."""
+    if data.source is None:
+        return None, None
+    args, info, source = run.args, run.info, data.source
+    # Train shards, the val shard besides: what SHARDSTREAM_TOTAL_SHARDS and StreamingDownloader(total_shards=) count.
+    train_shards = args.streaming_total_shards
+    saved = None if resume is None else checkpoint_train_shards(resume)
+    if train_shards == -1 and saved:
+        train_shards = saved
+    elif train_shards == -1:
+        tokens_needed = m.num_iterations * m.tokens_per_step
+        train_shards = shards_needed(tokens_needed, shard_yield, source.num_train_shards,
+                                     read_ahead_docs=loader_read_ahead_docs() * info.world_size)
+        logger.info("Streaming mode: calculated %d train shards needed for %s tokens (~%s tokens each; the val "
+                    "shard comes besides)", train_shards, f"{tokens_needed:,}", f"{shard_yield.trained_tokens:,}")
+    if saved is not None and saved != train_shards:
+        raise StateMismatchError(f"cannot resume from step {resume['step']}: the checkpoint streamed "
+                                 f"{saved} train shards, this run --streaming_total_shards {train_shards} "
+                                 f"(leave it at -1 to take the checkpoint's)")
+    check_train_shards(train_shards, source)
+    run.result.train_shards = train_shards
+    # One process: a StreamingDownloader. torchrun: the node's one downloader on local rank 0, a reader
+    # of it (through torchrun's store) on every other local rank.
+    from .distributed import make_node_downloader
+    downloader = make_node_downloader(
+        partition=args.streaming_partition, info=info, total_shards=train_shards,
+        buffer_size=args.streaming_buffer_size, data_dir=run.data_dir, source=source,
+        max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
+        prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=data.policy)
+    return downloader, train_shards
+
+
+# -----------------------------------------------------------------------------------------------------
+# The training loop
+
+def _train_loop(run, tokenizer, m, downloader, train_shards):
+    """nanochat's loop: the first batch before step 0, then per step: val loss, stop, checkpoint, one optimizer
+    step that fetches the next batch as it trains. A signal saves the whole steps; the downloader stops at the end."""
+    import torch
+    import torch.distributed as dist
+    from .loader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+    args, info, stopper, result = run.args, run.info, run.stopper, run.result
     hash_log = None
     if args.batch_hash_log:
         hash_log = open(args.batch_hash_log + (f".rank{info.rank}" if info.rank else ""), "a", buffering=1)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if run.device_type == "cuda"
                 else contextlib.nullcontext())
     waiting = stopper.waiting
     if info.distributed:
@@ -813,95 +887,35 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     eval_tokens = args.eval_tokens if args.eval_tokens != -1 else 4 * args.device_batch_size * args.max_seq_len
     eval_batches = 0 if eval_tokens == 0 else max(1, eval_tokens // (args.device_batch_size * args.max_seq_len))
 
-    def evaluate():
-        loader = tokenizing_distributed_data_loader_bos_bestfit(
-            tokenizer, args.device_batch_size, args.max_seq_len, "val", tokenizer_threads=args.tokenizer_threads,
-            tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=device,
-            streaming_downloader=downloader, data_dir=None if downloader else data_dir)
-        raw_model.eval()
-        total = 0.0
-        try:
-            with torch.no_grad(), autocast:
-                for _ in range(eval_batches):
-                    x, y = loop_waiting(next, loader) if watch is None else watch.waiting(loop_waiting, next, loader)
-                    total += raw_model(x, y).item()
-        finally:
-            loader.close()
-            raw_model.train()
-        return mean_over_ranks(total / eval_batches)
-
-    def mean_over_ranks(value):
-        """value averaged over the ranks (an all_reduce in the main thread; every rank calls it)."""
-        if not info.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item() / info.world_size
-
-    def agree_on_stop():
-        """Whether to stop at this step boundary. Under torchrun the answer comes from the all_reduce
-        alone (a signal landing after it counts at the next boundary), so every rank gets the same one."""
-        if not info.distributed:
-            return stopper.requested
-        t = torch.tensor([stopper.signum or 0], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        agreed = int(t.item())
-        if agreed and stopper.signum is None:
-            stopper.signum = agreed
-            logger.warning("Another rank received %s: stopping at this step boundary", signal.Signals(agreed).name)
-        return bool(agreed)
-
-    def checkpoint(step, state):
-        if info.rank != 0:      # rank 0's loader state carries every rank's cursor: one file resumes them all
-            return
-        payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": raw_model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "loader_state": state, "fingerprint": fingerprint,
-                   "train_shards": train_shards, "num_iterations": num_iterations, "config": vars(args),
-                   "downloader": downloader.get_status().to_dict() if downloader else None}
-        path = save_checkpoint(checkpoint_dir, step, payload)
-        result.checkpoint = str(path)
-        logger.info("Saved checkpoint %s", path)
-
-    step = start_step
+    step, loader_state = m.start_step, m.loader_state
     orderly = False             # every rank ends here together (finished, or a stop they agreed on)
-    # What rank 0 says about the stream: the downloader's status with the shard in training (the loader
-    # state's pq_idx; the downloader's current_shard is the loader's read-ahead) and a wait in progress.
+    # What rank 0 says about the stream: the downloader's status with the shard in training and a wait in progress.
     talk = downloader is not None and info.rank == 0
-    events = None
-    trained = None
+    events, trained = None, None    # the event log; the shard in training (the loader state's pq_idx)
 
     def stream_status():
-        from .status import with_events
-        st = downloader.get_status()
-        if trained is not None:
-            st = replace(st, training_shard=trained)
-        if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
-            st = with_events(st, data_dir)
-        return st
-
-    def note_training(state):
-        """Log the shard training reads from when it changes (an event `shardstream status` shows)."""
-        nonlocal trained
-        if events is None or not isinstance(state, dict) or not isinstance(state.get("pq_idx"), int):
-            return
-        order = downloader.plan.order
-        shard = order[state["pq_idx"]] if 0 <= state["pq_idx"] < len(order) else None
-        if shard is not None and shard != trained:
-            from .status import event_fields
-            trained = shard
-            events.write("training_shard", shard=shard, step=step, **event_fields(downloader.get_status()))
+        return _stream_status(downloader, run.data_dir, trained)
 
     def step_line_wait():
         return f" | data wait: {stream_status().data_wait()}" if talk else ""
 
-    watch = WaitWatch(lambda blocked: f"step {step:05d}/{num_iterations:05d} | waiting for data: {blocked:.1f}s so far"
-                                      f"{step_line_wait()}") if talk else None
+    watch = WaitWatch(lambda blocked: f"step {step:05d}/{m.num_iterations:05d} | waiting for data: {blocked:.1f}s "
+                                      f"so far{step_line_wait()}") if talk else None
+
+    def get(loader, wait=loop_waiting):     # the next batch; a long wait shows in the log while it lasts
+        return wait(next, loader) if watch is None else watch.waiting(wait, next, loader)
+
     try:
         train_loader = None
 
         def next_batch(wait=loop_waiting):
-            batch = wait(next, train_loader) if watch is None else watch.waiting(wait, next, train_loader)
-            note_training(batch[2])
+            nonlocal trained
+            batch = get(train_loader, wait)
+            shard = _training_shard(downloader, batch[2]) if events is not None else None
+            if shard is not None and shard != trained:      # an event `shardstream status` shows
+                from .status import event_fields
+                trained = shard
+                events.write("training_shard", shard=shard, step=step, **event_fields(downloader.get_status()))
             return batch
 
         step_state = None
@@ -910,84 +924,46 @@ def _train(args, result, t_start, device, device_type, stopper, info):
                 waiting(downloader.start)       # blocks until the first shard is verified
             if talk:
                 from .status import EventLog
-                events = EventLog(data_dir)
+                events = EventLog(run.data_dir)
             train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 tokenizer, args.device_batch_size, args.max_seq_len, "train",
                 tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
-                buffer_size=LOADER_BUFFER_DOCS, device=device, resume_state_dict=loader_state,
-                streaming_downloader=downloader, data_dir=None if downloader else data_dir)
+                buffer_size=LOADER_BUFFER_DOCS, device=run.device, resume_state_dict=loader_state,
+                streaming_downloader=downloader, data_dir=None if downloader else run.data_dir)
             x, y, loader_state = next_batch(waiting)
-            result.seconds_to_first_batch = time.time() - t_start
+            result.seconds_to_first_batch = time.time() - run.t_start
             logger.info("First batch ready %.1fs after start%s", result.seconds_to_first_batch,
                         f" (data wait so far: {stream_status().data_wait()})" if talk else "")
             while True:
-                last_step = step >= num_iterations
+                last_step = step >= m.num_iterations
                 if eval_batches and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-                    val_loss = evaluate()
+                    val_loss = _evaluate(run, tokenizer, m.raw_model, downloader, eval_batches, autocast, get)
                     result.val_losses.append((step, val_loss))
                     logger.info("Step %05d | Validation loss: %.6f", step, val_loss)
-                if agree_on_stop():
+                if _agree_on_stop(run):
                     orderly = True      # at a step boundary, on every rank together
                     raise StopRun
-                if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                    checkpoint(step, loader_state)
+                if last_step or (args.save_every > 0 and step > m.start_step and step % args.save_every == 0):
+                    _checkpoint(run, m, step, loader_state, train_shards, downloader)
                 if last_step:
                     orderly = True
                     break
-
-                # One optimizer step: grad_accum micro-batches, fetching the next one as each trains.
                 step_state = loader_state
                 t0 = time.time()
-                loss_sum = 0.0
-                for micro in range(grad_accum):
-                    # DDP all-reduces the gradients after the last micro-batch's backward only
-                    sync = model.no_sync() if info.distributed and micro < grad_accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        with autocast:
-                            loss = model(x, y)
-                        (loss / grad_accum).backward()
-                    loss_sum += loss.item()
-                    if hash_log:
-                        hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
-                    x, y, loader_state = next_batch()
-                lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
-                                    args.final_lr_frac)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device_type == "cuda":
-                    torch.cuda.synchronize()
+                (x, y, loader_state), loss_sum, lrm = _train_step(run, m, step, (x, y, loader_state), next_batch,
+                                                                  autocast, hash_log)
                 dt = time.time() - t0
                 step += 1
                 step_state = None
                 result.step = step
-                train_loss = mean_over_ranks(loss_sum / grad_accum)
-                result.losses.append((step - 1, train_loss))
-                result.step_times.append((step, time.time()))
-                if step == start_step + 1:
-                    result.seconds_to_first_step = time.time() - t_start
-                if step % args.log_every == 0 or step in (start_step + 1, num_iterations):
-                    logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s%s | "
-                                "total time: %.2fm", step - 1, num_iterations, 100 * step / num_iterations, train_loss,
-                                args.lr * lrm, dt * 1000, f"{int(tokens_per_step / max(dt, 1e-9)):,}",
-                                step_line_wait(), (time.time() - t_start) / 60)
-                # after the first step, every --status_every steps, and "final" at the end (below)
-                if talk and (step % args.status_every == 0 or step == start_step + 1):
+                _log_step(run, m, step, _mean_over_ranks(run, loss_sum / m.grad_accum), lrm, dt, step_line_wait)
+                # after the first step, every --status_every steps, and "final" at the end (_stop_downloader)
+                if talk and (step % args.status_every == 0 or step == m.start_step + 1):
                     logger.info("[Streaming] %s", stream_status().line())
         except StopRun:
             # Signalled: the model holds `step` whole steps; the batch step `step` trains on first came
-            # with step_state (mid-step) or loader_state (at a boundary). Grads of a torn step are dropped.
-            optimizer.zero_grad(set_to_none=True)
-            result.signal = signal.Signals(stopper.signum).name
-            result.exit_code = 128 + stopper.signum
-            state = step_state if step_state is not None else loader_state
-            if args.save_every > 0 and state is not None:
-                checkpoint(step, state)
-            logger.warning("Stopped by %s at step %d%s", result.signal, step,
-                           "" if args.save_every > 0 else " (no checkpoint: --save_every is not set)")
+            # with step_state (mid-step) or loader_state (at a boundary).
+            _stopped(run, m, step, step_state if step_state is not None else loader_state, train_shards, downloader)
         finally:
             if train_loader is not None:
                 train_loader.close()
@@ -1005,26 +981,167 @@ def _train(args, result, t_start, device, device_type, stopper, info):
         if info.distributed and orderly:
             dist.barrier()      # no rank stops the node's downloader while another still reads through it
         if downloader is not None:
-            logger.info("Stopping streaming downloader...")
-            try:
-                last = downloader.get_status()
-            finally:
-                downloader.stop()
-            try:                # after the stop: the figures of the status.json it left, which `shardstream status` shows
-                last = downloader.get_status()
-            except ShardStreamError:
-                pass
-            result.downloader_status = replace(last, training_shard=trained) if trained is not None else last
-            result.data_wait_seconds = result.downloader_status.data_wait_seconds()
-            result.data_waits = result.downloader_status.waits
-            if info.rank == 0:
-                logger.info("[Streaming] final: %s", result.downloader_status.line())
-    result.wall_seconds = time.time() - t_start
-    if result.exit_code == 0 and result.losses:
-        wait = f", data wait {result.downloader_status.data_wait()}" if result.downloader_status else ""
-        logger.info("Done: %d steps, loss %.4f -> %.4f%s, %.1fs in all", step - start_step, result.losses[0][1],
-                    result.losses[-1][1], wait, result.wall_seconds)
-    return result
+            _stop_downloader(run, downloader, trained)
+
+
+def _stopped(run, m, step, state, train_shards, downloader):
+    """A signal ended the run after `step` whole steps: drop a torn step's grads, save when --save_every is set."""
+    result, signum = run.result, run.stopper.signum
+    m.optimizer.zero_grad(set_to_none=True)
+    result.signal = signal.Signals(signum).name
+    result.exit_code = 128 + signum
+    if run.args.save_every > 0 and state is not None:
+        _checkpoint(run, m, step, state, train_shards, downloader)
+    logger.warning("Stopped by %s at step %d%s", result.signal, step,
+                   "" if run.args.save_every > 0 else " (no checkpoint: --save_every is not set)")
+
+
+def _train_step(run, m, step, batch, next_batch, autocast, hash_log):
+    """One optimizer step over grad_accum micro-batches, fetching the next batch as each one trains.
+    Returns the batch after them, the summed loss and the LR multiplier."""
+    import torch
+    args = run.args
+    x, y, state = batch
+    loss_sum = 0.0
+    for micro in range(m.grad_accum):
+        # DDP all-reduces the gradients after the last micro-batch's backward only
+        sync = m.model.no_sync() if run.info.distributed and micro < m.grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                loss = m.model(x, y)
+            (loss / m.grad_accum).backward()
+        loss_sum += loss.item()
+        if hash_log:
+            hash_log.write(f"{step} {micro} {batch_digest(x, y)}\n")
+        x, y, state = next_batch()
+    lrm = lr_multiplier(step, m.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    for group in m.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(m.model.parameters(), args.grad_clip)
+    m.optimizer.step()
+    m.optimizer.zero_grad(set_to_none=True)
+    if run.device_type == "cuda":
+        torch.cuda.synchronize()
+    return (x, y, state), loss_sum, lrm
+
+
+def _log_step(run, m, step, train_loss, lrm, dt, step_line_wait):
+    """Record the step that made `step` steps done in the result, and log its step line when it is due."""
+    args, result = run.args, run.result
+    result.losses.append((step - 1, train_loss))
+    result.step_times.append((step, time.time()))
+    if step == m.start_step + 1:
+        result.seconds_to_first_step = time.time() - run.t_start
+    if step % args.log_every == 0 or step in (m.start_step + 1, m.num_iterations):
+        logger.info("step %05d/%05d (%.2f%%) | loss: %.6f | lr: %.2e | dt: %.2fms | tok/sec: %s%s | "
+                    "total time: %.2fm", step - 1, m.num_iterations, 100 * step / m.num_iterations, train_loss,
+                    args.lr * lrm, dt * 1000, f"{int(m.tokens_per_step / max(dt, 1e-9)):,}",
+                    step_line_wait(), (time.time() - run.t_start) / 60)
+
+
+def _evaluate(run, tokenizer, raw_model, downloader, batches, autocast, get):
+    """The val loss over `batches` micro-batches of the val shard, averaged over the ranks."""
+    import torch
+    from .loader import tokenizing_distributed_data_loader_bos_bestfit
+    args = run.args
+    loader = tokenizing_distributed_data_loader_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, "val", tokenizer_threads=args.tokenizer_threads,
+        tokenizer_batch_size=LOADER_BATCH_DOCS, buffer_size=LOADER_BUFFER_DOCS, device=run.device,
+        streaming_downloader=downloader, data_dir=None if downloader else run.data_dir)
+    raw_model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad(), autocast:
+            for _ in range(batches):
+                x, y = get(loader)
+                total += raw_model(x, y).item()
+    finally:
+        loader.close()
+        raw_model.train()
+    return _mean_over_ranks(run, total / batches)
+
+
+def _mean_over_ranks(run, value):
+    """value averaged over the ranks (an all_reduce in the main thread; every rank calls it)."""
+    if not run.info.distributed:
+        return value
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return t.item() / run.info.world_size
+
+
+def _agree_on_stop(run):
+    """Whether to stop at this step boundary. Under torchrun the answer comes from the all_reduce
+    alone (a signal landing after it counts at the next boundary), so every rank gets the same one."""
+    stopper = run.stopper
+    if not run.info.distributed:
+        return stopper.requested
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([stopper.signum or 0], dtype=torch.int64, device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    agreed = int(t.item())
+    if agreed and stopper.signum is None:
+        stopper.signum = agreed
+        logger.warning("Another rank received %s: stopping at this step boundary", signal.Signals(agreed).name)
+    return bool(agreed)
+
+
+def _checkpoint(run, m, step, state, train_shards, downloader):
+    """Save the model and optimizer after `step` steps with `state`, the loader state step's batch came with."""
+    if run.info.rank != 0:      # rank 0's loader state carries every rank's cursor: one file resumes them all
+        return
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": m.raw_model.state_dict(),
+               "optimizer": m.optimizer.state_dict(), "loader_state": state, "fingerprint": m.fingerprint,
+               "train_shards": train_shards, "num_iterations": m.num_iterations, "config": vars(run.args),
+               "downloader": downloader.get_status().to_dict() if downloader else None}
+    path = save_checkpoint(run.checkpoint_dir, step, payload)
+    run.result.checkpoint = str(path)
+    logger.info("Saved checkpoint %s", path)
+
+
+# -----------------------------------------------------------------------------------------------------
+# What rank 0 says about the stream
+
+def _stream_status(downloader, data_dir, trained):
+    """The downloader's status naming the shard in training (its current_shard is the loader's read-ahead)."""
+    from .status import with_events
+    st = downloader.get_status()
+    if trained is not None:
+        st = replace(st, training_shard=trained)
+    if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
+        st = with_events(st, data_dir)
+    return st
+
+
+def _training_shard(downloader, state):
+    """The shard a loader state's pq_idx points at (None when it names none)."""
+    if not isinstance(state, dict) or not isinstance(state.get("pq_idx"), int):
+        return None
+    order = downloader.plan.order
+    return order[state["pq_idx"]] if 0 <= state["pq_idx"] < len(order) else None
+
+
+def _stop_downloader(run, downloader, trained):
+    """Stop the downloader's threads; its last status, with the shard in training, goes into the result."""
+    result = run.result
+    logger.info("Stopping streaming downloader...")
+    try:
+        last = downloader.get_status()
+    finally:
+        downloader.stop()
+    try:                # after the stop: the figures of the status.json it left, which `shardstream status` shows
+        last = downloader.get_status()
+    except ShardStreamError:
+        pass
+    result.downloader_status = replace(last, training_shard=trained) if trained is not None else last
+    result.data_wait_seconds = result.downloader_status.data_wait_seconds()
+    result.data_waits = result.downloader_status.waits
+    if run.info.rank == 0:
+        logger.info("[Streaming] final: %s", result.downloader_status.line())
 
 
 def main(argv=None):
