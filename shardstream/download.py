@@ -39,9 +39,10 @@ from .errors import ConfigError, FetchCancelled, ShardStreamError
 from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
 from .listing import make_source
+from .settings import read_all
 from .source import source_kind
 from .status import CHECK_WORDS, STALE_SECONDS, DownloaderStatus, read_status, write_status
-from .verify import row_group_limits
+from .verify import configure_row_group_limits
 
 logger = logging.getLogger(__name__)
 STATUS_EVERY = 0.5          # seconds between status.json writes while downloading
@@ -124,8 +125,6 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
     """
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
-    if policy.verify_parquet:
-        row_group_limits()          # every shard is checked against these caps: a bad variable fails now, not per shard
     data_dir = ensure_data_dir(data_dir)
     stop = stop or threading.Event()
     sessions = _Sessions()
@@ -354,13 +353,15 @@ def cli(argv):
             raise ConfigError(f"-w must be >= 1, got {args.num_workers}")
         # Everything local first: the URL and an http(s) source (no I/O) before the data dir is made, the data
         # dir before an hf/s3/gs source is listed over the network.
-        row_group_limits()
+        env = read_all(["SHARDSTREAM_SOURCE", "SHARDSTREAM_DATA_DIR", "SHARDSTREAM_MAX_ROW_GROUP_BYTES",
+                        "SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
+        configure_row_group_limits(env["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], env["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
         policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
-        url = args.source or os.environ.get("SHARDSTREAM_SOURCE")
+        url = args.source or env["SHARDSTREAM_SOURCE"]
         listed = url is not None and source_kind(url) != "http"
         source = None if listed else make_source(url, args.dataset, args.dataset_shards,
                                                  allow_insecure=args.allow_insecure)
-        data_dir = ensure_data_dir(args.data_dir or default_data_dir(args.dataset))
+        data_dir = ensure_data_dir(args.data_dir or env["SHARDSTREAM_DATA_DIR"] or default_data_dir(args.dataset))
         if source is None:
             source = make_source(url, args.dataset, args.dataset_shards, allow_insecure=args.allow_insecure)
         n = args.num_files

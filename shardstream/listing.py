@@ -28,6 +28,7 @@ import re
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .settings import hf_token, read
 from .shards import DATASETS, DEFAULT_DATASET, SHARD_RE, get_dataset, shard_name
 from .source import (HF_DEFAULT_ENDPOINT, Source, _is_loopback, hf_endpoint, hub_resolve_url, redact_url,
                      source_kind, url_origin, url_problem)
@@ -46,7 +47,7 @@ def open_listed_source(kind, url, dataset_shards=None, *, token=None, allow_inse
         repo, revision, folder = parse_hf_url(url)
         endpoint = hf_endpoint()
         _check_endpoint(endpoint, allow_insecure)
-        token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
+        token = token if token is not None else hf_token()
         sha = resolve_revision(repo, revision, token, allow_insecure=allow_insecure)
         files = list_tree(repo, sha, folder, token, allow_insecure=allow_insecure)
         base = hub_resolve_url(repo, sha, endpoint) + (f"/{folder}" if folder else "")
@@ -164,7 +165,7 @@ def cli(argv):
     p.add_argument("--allow-insecure", action="store_true", help="permit plain http to a non-loopback host")
     args = p.parse_args(argv)
 
-    url = args.source or os.environ.get("SHARDSTREAM_SOURCE")
+    url = args.source or read("SHARDSTREAM_SOURCE")
     if url is None:
         from .shards import DEFAULT_DATASET, get_dataset
         url = f"hf://datasets/{get_dataset(args.dataset or DEFAULT_DATASET).repo}"
@@ -214,7 +215,7 @@ def _known_count(url):
 
 def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=None, allow_insecure=False,
                 storage_options=None):
-    """Build a Source from user input: url (or SHARDSTREAM_SOURCE, else the Hub URL of `dataset`).
+    """Build a Source from user input: url, else the Hub URL of `dataset` (SHARDSTREAM_SOURCE is the edges').
 
     url: any form in the module docstring. hf://, s3://, gs:// and local dirs are listed now (listing.py):
     the Hub revision is pinned to its commit, and dataset_shards, when None, is the listed count. An
@@ -225,8 +226,7 @@ def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=No
     the source's own origin. storage_options go to fsspec for s3/gs (e.g. {"endpoint_url": ...}; the
     usual AWS_* / GOOGLE_* variables work too).
     """
-    url = url or os.environ.get("SHARDSTREAM_SOURCE")
-    if url is None:
+    if not url:
         url = hub_resolve_url(get_dataset(dataset).repo)
     kind = source_kind(url)
     if kind != "http":
@@ -236,7 +236,7 @@ def make_source(url=None, dataset=DEFAULT_DATASET, dataset_shards=None, token=No
         dataset_shards = _known_count(url)
     if token is None:
         # HF_TOKEN only when the source is at the Hub's exact origin (a malformed HF_ENDPOINT has none)
-        token = os.environ.get("HF_TOKEN") or None
+        token = hf_token()
         hub = url_origin(hf_endpoint())
         token_origin = hub if (token and hub and url_origin(url) == hub) else None
     else:

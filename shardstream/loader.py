@@ -63,6 +63,7 @@ import torch
 
 from .errors import ConfigError, CorruptShardError, ShardSkipped, StateMismatchError
 from .reader import ShardReader
+from .settings import torchrun_env
 from .shards import default_data_dir, list_shards, shard_name
 from .verify import check_row_group, decoded_too_big, row_group_limits
 
@@ -82,8 +83,8 @@ def get_dist_info(rank=None, world_size=None):
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        elif int(os.environ.get("RANK", -1)) != -1:
-            r, w = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))
+        elif int(torchrun_env().get("RANK", -1)) != -1:
+            r, w = int(torchrun_env()["RANK"]), int(torchrun_env().get("WORLD_SIZE", 1))
         else:
             r, w = 0, 1
         rank = r if rank is None else rank
@@ -566,10 +567,14 @@ class BatchEmitter:
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cuda",
         resume_state_dict=None, buffer_size=1000, *, streaming_downloader=None, data_dir=None,
-        ddp_rank=None, ddp_world_size=None, state_every=STATE_EVERY, prefetch=PREFETCH_CHUNKS):
+        ddp_rank=None, ddp_world_size=None, state_every=STATE_EVERY, prefetch=PREFETCH_CHUNKS,
+        share_state=True, dist_timeout=None):
     """Infinite generator of (inputs, targets, state_dict); see the module docstring.
 
     Arguments are checked (and a resume state matched) when this is called, before the first batch.
+    share_state / dist_timeout: under torchrun, whether rank 0's state carries every rank's cursor, and the
+    seconds a silent rank is waited for (None: torchrun.DEFAULT_TIMEOUT). Called with neither a downloader
+    nor a data dir (nanochat's way) they, the data dir and the row-group caps come from SHARDSTREAM_*.
     """
     for name, v, lo in (("B", B, 1), ("T", T, 1), ("tokenizer_threads", tokenizer_threads, 1),
                         ("tokenizer_batch_size", tokenizer_batch_size, 1), ("buffer_size", buffer_size, 1),
@@ -583,13 +588,14 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu'")
     if streaming_downloader is None and data_dir is None:
-        from .streaming_env import env_downloader    # SHARDSTREAM_STREAMING=1: an unmodified nanochat streams
-        lease = env_downloader(split, resuming=resume_state_dict is not None)    # (docs/NANOCHAT.md)
+        from .streaming_env import env_downloader, local_settings   # the drop-in's edge (docs/NANOCHAT.md)
+        lease = env_downloader(split, resuming=resume_state_dict is not None)    # SHARDSTREAM_STREAMING=1
+        data_dir, share_state, dist_timeout = local_settings()
         if lease is not None:
             return lease.run(lambda dl: tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device, resume_state_dict,
                 buffer_size, streaming_downloader=dl, ddp_rank=ddp_rank, ddp_world_size=ddp_world_size,
-                state_every=state_every, prefetch=prefetch))
+                state_every=state_every, prefetch=prefetch, share_state=share_state, dist_timeout=dist_timeout))
     plan = ShardPlan(split, streaming_downloader, data_dir)
     if plan.stride is not None and ddp_rank is None and ddp_world_size is None:
         ddp_rank, ddp_world_size = plan.stride          # partition="node": row groups over the local ranks
@@ -599,7 +605,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
                    "world_size": world, "tokenizer": tokenizer_identity(tokenizer),
                    "buffer_size": buffer_size, "tokenizer_batch_size": tokenizer_batch_size}
     from .loadersync import LoaderSync       # DDP: rank 0's state carries every rank's (exact resume)
-    sync = LoaderSync.for_loader(split, rank, world, fingerprint, resume_state_dict)
+    sync = LoaderSync.for_loader(split, rank, world, fingerprint, resume_state_dict, share_state=share_state,
+                                 timeout=dist_timeout)
     if sync is not None:
         resume_state_dict, plan.rows_read = sync.resume_state, sync.rows_read
     start = parse_resume_state(resume_state_dict, fingerprint, rank, world, len(plan))

@@ -8,11 +8,11 @@ no row group of the interrupted epoch is read twice or skipped (docs/DISTRIBUTED
 what is not). Nothing here touches shards or downloaders.
 """
 import logging
-import os
 import time
 
 from .errors import StateMismatchError
-from .torchrun import POLL_MAX, POLL_MIN, dist_timeout, node_info, open_store
+from .settings import torchrun_env
+from .torchrun import DEFAULT_TIMEOUT, POLL_MAX, POLL_MIN, node_info, open_store
 
 logger = logging.getLogger(__name__)
 P = "[shardstream.distributed]"
@@ -51,13 +51,14 @@ class LoaderSync:
         self.ns = None
 
     @classmethod
-    def for_loader(cls, split, rank, world, fingerprint, resume_state_dict):
-        """None unless this train loader runs under torchrun (world > 1) or resumes from a DDP state."""
+    def for_loader(cls, split, rank, world, fingerprint, resume_state_dict, share_state=True, timeout=None):
+        """None unless this train loader runs under torchrun (world > 1) or resumes from a DDP state.
+        share_state: put every rank's cursor in rank 0's state (the edges pass SHARDSTREAM_SHARE_STATE);
+        timeout: seconds a silent rank is waited for (None: DEFAULT_TIMEOUT)."""
         if split != "train":
             return None
         info = node_info()
-        share = (info.world_size > 1 and bool(os.environ.get("MASTER_ADDR"))
-                 and os.environ.get("SHARDSTREAM_SHARE_STATE", "1") != "0")
+        share = info.world_size > 1 and bool(torchrun_env().get("MASTER_ADDR")) and share_state
         has_ddp = isinstance(resume_state_dict, dict) and isinstance(resume_state_dict.get("ddp"), dict)
         if not share and not has_ddp:
             return None
@@ -65,7 +66,8 @@ class LoaderSync:
         if has_ddp:
             state, batch, layers = cls._own_state(resume_state_dict, info, rank, world, fingerprint)
             rows_read = _rows_read_fn(layers) if layers else None
-        sync = cls(info, rank, world, state, rows_read, batch, layers, share, dist_timeout())
+        sync = cls(info, rank, world, state, rows_read, batch, layers, share,
+                   DEFAULT_TIMEOUT if timeout is None else float(timeout))
         if share:
             n = _loader_count.get(split, 0)
             _loader_count[split] = n + 1

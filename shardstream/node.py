@@ -41,7 +41,7 @@ from pathlib import Path
 from . import errors
 from .errors import ConfigError, DownloaderStopped, RankLost, ShardStreamError
 from .shards import shard_name
-from .torchrun import BEAT_EVERY, POLL_MAX, POLL_MIN, Heartbeat, Watch, dist_timeout, node_info, open_store
+from .torchrun import BEAT_EVERY, DEFAULT_TIMEOUT, POLL_MAX, POLL_MIN, Heartbeat, Watch, node_info, open_store
 
 logger = logging.getLogger(__name__)
 P = "[shardstream.distributed]"
@@ -537,7 +537,7 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
     scope:     "node" (one downloader per node, node-local cache) or "cluster" (one for the whole job:
                a cache dir shared by every node).
     timeout:   seconds a silent peer (or a rank that never asks for its first shard) is waited for
-               (default SHARDSTREAM_DIST_TIMEOUT or 300).
+               (default torchrun.DEFAULT_TIMEOUT, 300; the edges pass SHARDSTREAM_DIST_TIMEOUT).
     downloader_kwargs: StreamingDownloader's arguments (total_shards, buffer_size, data_dir, source, ...).
     """
     from .downloader import StreamingDownloader
@@ -549,7 +549,7 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
     if scope == "cluster" and partition == "node":
         raise ConfigError("scope='cluster' (one downloader for a shared cache dir) streams every shard: "
                           "use it with partition='global'")
-    timeout = dist_timeout() if timeout is None else float(timeout)
+    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     group = Group.of(info, scope)
 
     src = downloader_kwargs.pop("source", None)

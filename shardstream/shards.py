@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .settings import nanochat_base_dir as nanochat_base_dir_setting
 
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.parquet$")
 
@@ -62,16 +63,15 @@ def train_shard_ids(dataset_shards):
     return range(dataset_shards - 1)
 
 
-def nanochat_base_dir():
-    return Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+def nanochat_base_dir(env=None):
+    """nanochat's base dir: $NANOCHAT_BASE_DIR (nanochat decides its data dir by it too), else ~/.cache/nanochat."""
+    return Path(nanochat_base_dir_setting(env) or Path.home() / ".cache" / "nanochat")
 
 
-def default_data_dir(dataset=DEFAULT_DATASET):
-    """SHARDSTREAM_DATA_DIR, else nanochat's $NANOCHAT_BASE_DIR/<data_subdir>."""
-    env = os.environ.get("SHARDSTREAM_DATA_DIR")
-    if env:
-        return Path(env)
-    return nanochat_base_dir() / get_dataset(dataset).data_subdir
+def default_data_dir(dataset=DEFAULT_DATASET, env=None):
+    """nanochat's data dir for `dataset`: $NANOCHAT_BASE_DIR/<data_subdir>. The edges put SHARDSTREAM_DATA_DIR
+    before it (settings.py); this does not read it."""
+    return nanochat_base_dir(env) / get_dataset(dataset).data_subdir
 
 
 def list_shards(data_dir):

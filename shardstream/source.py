@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from . import settings
 from .errors import ConfigError
 from .shards import shard_name
 
@@ -43,8 +44,9 @@ _HOST_RE = re.compile(r"[\w-]+(\.[\w-]+)*\.?")     # a DNS name (IDNA letters to
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def hf_endpoint():
-    return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+def hf_endpoint(env=None):
+    """$HF_ENDPOINT (the Hub's own variable), else the Hub."""
+    return (settings.hf_endpoint(env) or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_resolve_url(repo, revision="main", endpoint=None):

@@ -462,7 +462,8 @@ def _interval(text):
 
 
 def cli(argv):
-    from .shards import DEFAULT_DATASET, default_data_dir
+    from .settings import read
+    from .shards import default_data_dir
     p = argparse.ArgumentParser(prog="shardstream status",
                                 description="Show a StreamingDownloader's or a `shardstream download`'s status (from "
                                             "<data-dir>/status.json and its event log).")
@@ -472,14 +473,12 @@ def cli(argv):
     p.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes with --watch")
     p.add_argument("--json", action="store_true", help="print the raw status.json")
     args = p.parse_args(argv)
-    if args.data_dir:
-        data_dir = Path(args.data_dir)
-    else:
-        try:
-            data_dir = default_data_dir(os.environ.get("SHARDSTREAM_DATASET") or DEFAULT_DATASET)
-        except ConfigError as e:
-            print(f"shardstream status: SHARDSTREAM_DATASET: {e}", file=sys.stderr)
-            return 2
+    try:
+        data_dir = Path(args.data_dir or read("SHARDSTREAM_DATA_DIR")
+                        or default_data_dir(read("SHARDSTREAM_DATASET")))
+    except ConfigError as e:
+        print(f"shardstream status: {e}", file=sys.stderr)
+        return 2
     if args.json:
         try:
             st = with_events(read_status(data_dir), data_dir)

@@ -6,8 +6,8 @@ loader (shardstream/loader.py) asks this module for one instead of reading a loc
     lease = env_downloader("train")          # None when SHARDSTREAM_STREAMING is off
     gen = lease.run(lambda dl: make_the_loader(streaming_downloader=dl))
 
-- Settings: `StreamingSettings.from_env()` reads the SHARDSTREAM_* variables (VARIABLES below); a bad
-  value raises ConfigError naming the variable, what it holds, and what to write instead.
+- Settings: `StreamingSettings.from_env()` reads the SHARDSTREAM_* variables through settings.py (VARIABLES
+  below); a bad value raises ConfigError naming the variable, what it holds, and what to write instead.
 - One downloader per data dir and process, shared by reference count: the train generator and the val
   generators nanochat builds for every evaluation use the same one, so a val loader never starts a
   second downloader on the same cache dir. Train shards stream for as long as the run reads (the window
@@ -25,7 +25,6 @@ loader (shardstream/loader.py) asks this module for one instead of reading a loc
   terminal shows it beside the downloader's own status.json.
 """
 import atexit
-import difflib
 import logging
 import os
 import sys
@@ -37,49 +36,26 @@ from dataclasses import dataclass, fields
 
 from .cache import discard_partials
 from .errors import ConfigError
-from .fetch import VERIFY_LEVELS
 from .node import NodeReader
-from .shards import DATASETS, DEFAULT_DATASET, default_data_dir
-from .units import parse_bytes
-from .verify import row_group_limits
+from .settings import DROP_IN, SETTINGS, read, read_all, torchrun_env, warn_unknown
+from .shards import DEFAULT_DATASET, default_data_dir
+from .verify import configure_row_group_limits
 
 logger = logging.getLogger(__name__)
 P = "[Streaming]"
 
-# every variable this module reads, with its default and meaning (docs/NANOCHAT.md shows this table)
-VARIABLES = {
-    "SHARDSTREAM_STREAMING": ("0", "1 turns streaming on for loaders called without streaming_downloader="),
-    "SHARDSTREAM_SOURCE": ("the Hub URL of the dataset", "where shards live: https://..., hf://datasets/ORG/NAME, "
-                                                         "s3://BUCKET/PREFIX, gs://..., a local dir"),
-    "SHARDSTREAM_DATASET": (DEFAULT_DATASET, f"a known dataset ({', '.join(DATASETS)}): default source, shard "
-                                             f"count and data dir name"),
-    "SHARDSTREAM_DATASET_SHARDS": ("the dataset's count", "shards in the dataset, val shard included (an http "
-                                                          "source of another dataset needs it)"),
-    "SHARDSTREAM_DATA_DIR": ("$NANOCHAT_BASE_DIR/base_data_climbmix", "the cache dir (nanochat's data dir)"),
-    "SHARDSTREAM_MAX_CACHE_BYTES": ("none", "disk budget for the cache: 20GB, 500MB, 1.5GiB or a byte count"),
-    "SHARDSTREAM_BUFFER_SIZE": ("5", "train shards kept ready ahead of the reader, or 'auto' (adaptive)"),
-    "SHARDSTREAM_TOTAL_SHARDS": ("-1", "train shards to stream before wrapping to shard 0, the val shard besides "
-                                       "(-1: all)"),
-    "SHARDSTREAM_RETAIN": ("0", "consumed shards kept behind the reader"),
-    "SHARDSTREAM_WORKERS": ("2", "parallel downloads"),
-    "SHARDSTREAM_FAILURE_POLICY": ("fail", "a shard that cannot be fetched: fail, wait or skip"),
-    "SHARDSTREAM_MIN_FREE_BYTES": ("1GB", "free-disk floor: no download goes below it"),
-    "SHARDSTREAM_PARTITION": ("global", "under torchrun: global (nanochat's order) or node (1/N of the shards "
-                                        "per node)"),
-    "SHARDSTREAM_SCOPE": ("node", "under torchrun: node (one downloader per node) or cluster (one per job, "
-                                  "shared cache dir)"),
-    "SHARDSTREAM_STATUS_EVERY": ("0", "seconds between [Streaming] status lines (0: every new shard; off: "
-                                      "none)"),
-    "SHARDSTREAM_REQUIRE_CHECKSUM": ("0", "1 refuses a shard the source gives no sha256/md5 for (0: checked by "
-                                          "size and parquet footer then)"),
-    "SHARDSTREAM_VERIFY": ("footer", "footer (size, checksum when there is one, parquet footer) or decode (also "
-                                     "read and decompress every page before a shard is used)"),
-}
-OTHER_VARIABLES = ("SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",    # read by torchrun.py, loadersync.py
-                   "SHARDSTREAM_MAX_ROW_GROUP_BYTES", "SHARDSTREAM_MAX_ROW_GROUP_ROWS")    # by verify.py
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
+# every variable this module reads (settings.SETTINGS holds their types, defaults and meanings)
+VARIABLES = tuple(s.name for s in SETTINGS if DROP_IN in s.where)
+_FIELDS = {"SHARDSTREAM_SOURCE": "source", "SHARDSTREAM_DATASET": "dataset",
+           "SHARDSTREAM_DATASET_SHARDS": "dataset_shards", "SHARDSTREAM_MAX_CACHE_BYTES": "max_cache_bytes",
+           "SHARDSTREAM_TOTAL_SHARDS": "total_shards", "SHARDSTREAM_RETAIN": "retain",
+           "SHARDSTREAM_WORKERS": "workers", "SHARDSTREAM_FAILURE_POLICY": "failure_policy",
+           "SHARDSTREAM_MIN_FREE_BYTES": "min_free_bytes", "SHARDSTREAM_PARTITION": "partition",
+           "SHARDSTREAM_SCOPE": "scope", "SHARDSTREAM_STATUS_EVERY": "status_every",
+           "SHARDSTREAM_REQUIRE_CHECKSUM": "require_checksum", "SHARDSTREAM_VERIFY": "verify",
+           "SHARDSTREAM_MAX_ROW_GROUP_BYTES": "max_row_group_bytes",
+           "SHARDSTREAM_MAX_ROW_GROUP_ROWS": "max_row_group_rows", "SHARDSTREAM_DIST_TIMEOUT": "dist_timeout",
+           "SHARDSTREAM_SHARE_STATE": "share_state"}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -87,19 +63,22 @@ _FALSE = ("", "0", "false", "no", "off")
 
 def streaming_enabled(env=None):
     """SHARDSTREAM_STREAMING as a bool (unset: off)."""
-    env = os.environ if env is None else env
-    value = env.get("SHARDSTREAM_STREAMING", "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"SHARDSTREAM_STREAMING={env['SHARDSTREAM_STREAMING']!r}: write 1 to stream shards "
-                      f"(or 0 / leave it unset to read a local data dir)")
+    return read("SHARDSTREAM_STREAMING", env)
+
+
+def local_settings(env=None):
+    """(data_dir, share_state, dist_timeout) for a loader called with neither a downloader nor a data dir,
+    reading nanochat's local dir; sets the process's row-group caps too. ConfigError for a bad value."""
+    v = read_all(["SHARDSTREAM_DATA_DIR", "SHARDSTREAM_SHARE_STATE", "SHARDSTREAM_DIST_TIMEOUT",
+                  "SHARDSTREAM_MAX_ROW_GROUP_BYTES", "SHARDSTREAM_MAX_ROW_GROUP_ROWS"], env)
+    configure_row_group_limits(v["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], v["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
+    return (v["SHARDSTREAM_DATA_DIR"] or os.fspath(default_data_dir(env=env)), v["SHARDSTREAM_SHARE_STATE"],
+            v["SHARDSTREAM_DIST_TIMEOUT"])
 
 
 @dataclass(frozen=True)
 class StreamingSettings:
-    """What the SHARDSTREAM_* variables ask for (VARIABLES says which variable sets which field)."""
+    """What the SHARDSTREAM_* variables ask for (_FIELDS says which variable sets which field)."""
     source: str | None = None           # None: the Hub URL of `dataset`
     dataset: str = DEFAULT_DATASET
     dataset_shards: int | None = None   # None: the dataset's (or the listed) count
@@ -117,103 +96,22 @@ class StreamingSettings:
     status_every: float | None = 0.0    # None: no status lines
     require_checksum: bool = False
     verify: str = "footer"              # fetch.VERIFY_LEVELS
+    max_row_group_bytes: int | None = None     # None: verify.py's defaults
+    max_row_group_rows: int | None = None
+    dist_timeout: float | None = None   # None: torchrun.DEFAULT_TIMEOUT
+    share_state: bool = True
 
     @classmethod
     def from_env(cls, env=None):
         """The settings, or one ConfigError listing every bad variable."""
-        env = os.environ if env is None else env
-        problems = []
-
-        def get(name, parse, default, hint):
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return default
-            try:
-                return parse(raw.strip())
-            except ConfigError as e:        # parse_bytes says what is wrong with the value
-                problems.append(f"{name}={raw!r}: {e}; {hint}")
-                return default
-            except (ValueError, KeyError, TypeError):
-                problems.append(f"{name}={raw!r}: {hint}")
-                return default
-
-        def int_at_least(lo, extra=()):
-            def parse(s):
-                if s.lower() in extra:
-                    return extra[s.lower()]
-                v = int(s)
-                if v < lo:
-                    raise ValueError(s)
-                return v
-            return parse
-
-        def one_of(choices):
-            def parse(s):
-                if s.lower() not in choices:
-                    raise ValueError(s)
-                return s.lower()
-            return parse
-
-        def flag(s):
-            if s.lower() in _TRUE:
-                return True
-            if s.lower() in _FALSE:
-                return False
-            raise ValueError(s)
-
-        def seconds(s):
-            if s.lower() in ("off", "none", "-1"):
-                return None
-            v = float(s)
-            if not v >= 0:
-                raise ValueError(s)
-            return v
-
-        kw = {
-            "source": env.get("SHARDSTREAM_SOURCE") or None,
-            "dataset": get("SHARDSTREAM_DATASET", one_of(DATASETS), DEFAULT_DATASET,
-                           f"choose one of {', '.join(DATASETS)} (or set SHARDSTREAM_SOURCE and "
-                           f"SHARDSTREAM_DATASET_SHARDS for another dataset)"),
-            "dataset_shards": get("SHARDSTREAM_DATASET_SHARDS", int_at_least(2), None,
-                                  "write the number of shards in the dataset, val shard included (an int >= 2)"),
-            "max_cache_bytes": get("SHARDSTREAM_MAX_CACHE_BYTES",
-                                   lambda s: None if s.lower() in ("none", "0", "-1") else parse_bytes(s), None,
-                                   "write a disk budget like 20GB, 500MB, 1.5GiB or 20000000000 "
-                                   "(none or unset: no budget)"),
-            "retain": get("SHARDSTREAM_RETAIN", int_at_least(0), 0, "write an int >= 0"),
-            "workers": get("SHARDSTREAM_WORKERS", int_at_least(1), 2, "write an int >= 1 (parallel downloads)"),
-            "failure_policy": get("SHARDSTREAM_FAILURE_POLICY", one_of(("fail", "wait", "skip")), "fail",
-                                  "write fail, wait or skip"),
-            "min_free_bytes": get("SHARDSTREAM_MIN_FREE_BYTES",
-                                  lambda s: 0 if s == "0" else parse_bytes(s), None,
-                                  "write a byte count like 1GB or 500MB (0: no floor)"),
-            "partition": get("SHARDSTREAM_PARTITION", one_of(("global", "node")), "global",
-                             "write global (every node reads every shard) or node (1/N of the shards per node)"),
-            "scope": get("SHARDSTREAM_SCOPE", one_of(("node", "cluster")), "node",
-                         "write node (one downloader per node) or cluster (one per job, shared cache dir)"),
-            "status_every": get("SHARDSTREAM_STATUS_EVERY", seconds, 0.0,
-                                "write seconds >= 0 between [Streaming] lines (0: every new shard), or off"),
-            "require_checksum": get("SHARDSTREAM_REQUIRE_CHECKSUM", flag, False,
-                                    "write 1 to refuse shards without a sha256/md5 at the source, or 0"),
-            "verify": get("SHARDSTREAM_VERIFY", one_of(VERIFY_LEVELS), "footer",
-                          f"write {' or '.join(VERIFY_LEVELS)}"),
-        }
-        buffer = get("SHARDSTREAM_BUFFER_SIZE", int_at_least(1, {"auto": "auto"}), 5,
-                     "write the number of shards to keep ready ahead of the reader (an int >= 1), or auto")
+        v = read_all([name for name in VARIABLES if name != "SHARDSTREAM_STREAMING"], env,
+                     what="bad streaming settings in the environment")
+        kw = {field: v[name] for name, field in _FIELDS.items()}
+        buffer = v["SHARDSTREAM_BUFFER_SIZE"]
         kw["adaptive"] = buffer == "auto"
         kw["buffer_size"] = 5 if buffer == "auto" else buffer
-        kw["total_shards"] = get("SHARDSTREAM_TOTAL_SHARDS", int_at_least(1, {"-1": -1, "all": -1}), -1,
-                                 "write the number of train shards to stream (an int >= 1; the val shard comes "
-                                 "besides), or -1 for all")
-        try:
-            row_group_limits(env=env)       # verify.py reads them per shard: a bad one fails here, before any download
-        except ConfigError as e:
-            problems.append(str(e))
-        if problems:
-            raise ConfigError("bad streaming settings in the environment (docs/NANOCHAT.md lists them):\n  "
-                              + "\n  ".join(problems))
-        data_dir = env.get("SHARDSTREAM_DATA_DIR") or os.fspath(default_data_dir(kw["dataset"]))
-        _warn_unknown(env)
+        data_dir = v["SHARDSTREAM_DATA_DIR"] or os.fspath(default_data_dir(kw["dataset"], env=env))
+        warn_unknown(env, logger, P)
         return cls(data_dir=data_dir, **kw)
 
     def describe(self):
@@ -267,14 +165,6 @@ class StreamingSettings:
         return kw
 
 
-def _warn_unknown(env):
-    known = set(VARIABLES) | set(OTHER_VARIABLES)
-    for name in sorted(k for k in env if k.startswith("SHARDSTREAM_") and k not in known):
-        close = difflib.get_close_matches(name, known, n=1)
-        logger.warning(f"{P} {name} is not a shardstream variable and is ignored"
-                       + (f" (did you mean {close[0]}?)" if close else ""))
-
-
 # -----------------------------------------------------------------------------------------------------
 # One shared downloader per data dir, reference-counted by the generators using it
 
@@ -293,7 +183,7 @@ class _Shared:
         self.alive = True
         self.trained = None             # the shard the train loader's batches come from now
         self.last_report = float("-inf")
-        self.talk = distributed is False or os.environ.get("RANK", "0") == "0"   # one rank prints
+        self.talk = distributed is False or torchrun_env().get("RANK", "0") == "0"   # one rank prints
         self.events = None              # our own lines in the downloader's event log (opened on first use)
 
     @classmethod
@@ -304,7 +194,9 @@ class _Shared:
         _make_visible()
         kw = settings.downloader_kwargs(split, resuming)
         kw["source"] = settings.make_source()
-        dl = make_node_downloader(partition=settings.partition, scope=settings.scope, **kw)
+        configure_row_group_limits(settings.max_row_group_bytes, settings.max_row_group_rows)
+        dl = make_node_downloader(partition=settings.partition, scope=settings.scope,
+                                  timeout=settings.dist_timeout, **kw)
         shared = cls(settings, dl, info.distributed)
         if shared.talk:
             logger.info(f"{P} streaming on (SHARDSTREAM_STREAMING=1): {settings.describe()}"

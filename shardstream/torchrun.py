@@ -13,13 +13,13 @@ collective is ever issued from a background thread (it would interleave with tra
 """
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from .errors import ConfigError, RankLost
+from .settings import read, torchrun_env
 
 logger = logging.getLogger(__name__)
 P = "[shardstream.distributed]"
@@ -29,18 +29,11 @@ BEAT_EVERY = 1.0                    # heartbeat period
 POLL_MIN, POLL_MAX = 0.005, 0.1     # store polling interval: fast after activity, slower when idle
 
 
-def dist_timeout():
-    """SHARDSTREAM_DIST_TIMEOUT in seconds (default DEFAULT_TIMEOUT); ConfigError for a bad value."""
-    v = os.environ.get("SHARDSTREAM_DIST_TIMEOUT")
-    if v is None:
-        return DEFAULT_TIMEOUT
-    try:
-        t = float(v)
-        if t <= 0:
-            raise ValueError
-        return t
-    except ValueError:
-        raise ConfigError(f"SHARDSTREAM_DIST_TIMEOUT must be a number of seconds > 0, got {v!r}") from None
+def dist_timeout(env=None):
+    """SHARDSTREAM_DIST_TIMEOUT in seconds (default DEFAULT_TIMEOUT), for the edges to pass on as timeout=;
+    ConfigError for a bad value."""
+    t = read("SHARDSTREAM_DIST_TIMEOUT", env)
+    return DEFAULT_TIMEOUT if t is None else t
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -64,7 +57,7 @@ class NodeInfo:
 def node_info(env=None):
     """NodeInfo from RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (torchrun sets them all);
     one process when RANK is unset."""
-    env = os.environ if env is None else env
+    env = torchrun_env() if env is None else env
     if "RANK" not in env:
         return NodeInfo()
 
@@ -105,22 +98,23 @@ def setup_ddp(device_type=None):
 # -----------------------------------------------------------------------------------------------------
 # The store: our own client of torchrun's TCPStore, every operation non-blocking
 
-def open_store(timeout=None, prefix=None):
+def open_store(timeout=DEFAULT_TIMEOUT, prefix=None):
     """A client of the job's TCPStore (MASTER_ADDR:MASTER_PORT), namespaced per run and restart."""
     import torch.distributed as dist
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    env = torchrun_env()
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if not addr or not port:
         raise ConfigError("MASTER_ADDR/MASTER_PORT are not set: run under torchrun (or set them to the job's "
                           "TCPStore) to use shardstream's multi-process mode")
-    timeout = dist_timeout() if timeout is None else timeout
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     try:
         client = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:
         raise RankLost(f"cannot reach the job's key-value store at {addr}:{port} within {timeout:g} s ({e}): "
                        f"is the torchrun agent (or rank 0) running?") from None
     if prefix is None:
-        prefix = (f"shardstream/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
-                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        prefix = (f"shardstream/{env.get('TORCHELASTIC_RUN_ID', 'run')}/"
+                  f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
     return Store(dist.PrefixStore(prefix, client))
 
 

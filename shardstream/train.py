@@ -202,8 +202,15 @@ def parse_args(argv=None):
             raise ConfigError(f"--{name} must be within [0, 1], got {getattr(args, name)}")
     if args.warmup_ratio + args.warmdown_ratio > 1.0:
         raise ConfigError("--warmup_ratio + --warmdown_ratio must not exceed 1")
-    from .verify import row_group_limits
-    row_group_limits()          # SHARDSTREAM_MAX_ROW_GROUP_*: every shard is checked against them, so check them now
+    # The trainer is an edge: the SHARDSTREAM_* settings it honours are read here, once, and passed on.
+    from .settings import read_all
+    from .verify import configure_row_group_limits
+    env = read_all(["SHARDSTREAM_SOURCE", "SHARDSTREAM_DATA_DIR", "SHARDSTREAM_MAX_ROW_GROUP_BYTES",
+                    "SHARDSTREAM_MAX_ROW_GROUP_ROWS", "SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE"])
+    configure_row_group_limits(env["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], env["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
+    args.source = args.source or env["SHARDSTREAM_SOURCE"]
+    args.data_dir = args.data_dir or env["SHARDSTREAM_DATA_DIR"]
+    args.dist_timeout, args.share_state = env["SHARDSTREAM_DIST_TIMEOUT"], env["SHARDSTREAM_SHARE_STATE"]
     return args
 
 
@@ -857,7 +864,8 @@ def _setup_downloader(run, data, m, shard_yield, resume):
         partition=args.streaming_partition, info=info, total_shards=train_shards,
         buffer_size=args.streaming_buffer_size, data_dir=run.data_dir, source=source,
         max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
-        prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=data.policy)
+        prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=data.policy,
+        timeout=getattr(args, "dist_timeout", None))
     return downloader, train_shards
 
 
@@ -929,7 +937,8 @@ def _train_loop(run, tokenizer, m, downloader, train_shards):
                 tokenizer, args.device_batch_size, args.max_seq_len, "train",
                 tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=LOADER_BATCH_DOCS,
                 buffer_size=LOADER_BUFFER_DOCS, device=run.device, resume_state_dict=loader_state,
-                streaming_downloader=downloader, data_dir=None if downloader else run.data_dir)
+                streaming_downloader=downloader, data_dir=None if downloader else run.data_dir,
+                share_state=getattr(args, "share_state", True), dist_timeout=getattr(args, "dist_timeout", None))
             x, y, loader_state = next_batch(waiting)
             result.seconds_to_first_batch = time.time() - run.t_start
             logger.info("First batch ready %.1fs after start%s", result.seconds_to_first_batch,

@@ -10,7 +10,8 @@ uncompressed as the footer declares them (check_row_group, run by check_parquet 
 by the loader before each read) and as they decode (decoded_too_big, checked by the loader while it
 reads, since a footer can lie and a dictionary page can expand far beyond its declared size).
 Defaults are generous for real data (nanochat's shards have row groups of 1,024 documents, a few MB);
-SHARDSTREAM_MAX_ROW_GROUP_BYTES / SHARDSTREAM_MAX_ROW_GROUP_ROWS raise them for genuine bigger shards.
+the edges (CLI, trainer, drop-in) raise them for genuine bigger shards from SHARDSTREAM_MAX_ROW_GROUP_BYTES
+/ _ROWS with configure_row_group_limits: fetch.py and the loader check every shard without passing limits.
 """
 import hashlib
 import os
@@ -23,7 +24,7 @@ from .errors import ConfigError, CorruptShardError
 
 HASH_CHUNK = 1 << 20
 
-MAX_BYTES_ENV = "SHARDSTREAM_MAX_ROW_GROUP_BYTES"
+MAX_BYTES_ENV = "SHARDSTREAM_MAX_ROW_GROUP_BYTES"   # named in the messages: what raises a cap
 MAX_ROWS_ENV = "SHARDSTREAM_MAX_ROW_GROUP_ROWS"
 DEFAULT_MAX_ROW_GROUP_BYTES = 512 << 20    # of `text` per row group, uncompressed (real ones: a few MB)
 DEFAULT_MAX_ROW_GROUP_ROWS = 1 << 20       # pyarrow's own default maximum row group length
@@ -47,20 +48,25 @@ def _positive_int(value, name):
     return n
 
 
-def row_group_limits(max_bytes=None, max_rows=None, env=None):
-    """RowGroupLimits from the arguments, else SHARDSTREAM_MAX_ROW_GROUP_BYTES / _ROWS (unset or empty:
-    not set), else the defaults. A bad value (not a positive integer) raises ConfigError naming the argument or variable."""
-    env = os.environ if env is None else env
+_configured = RowGroupLimits()      # the process's caps: the defaults until an edge configures them
 
-    def pick(value, arg_name, var, default):
-        if value is not None:
-            return _positive_int(value, arg_name)
-        if env.get(var, "").strip():
-            return _positive_int(env[var].strip(), f"environment variable {var}")
-        return default
 
-    return RowGroupLimits(pick(max_bytes, "max_row_group_bytes", MAX_BYTES_ENV, DEFAULT_MAX_ROW_GROUP_BYTES),
-                          pick(max_rows, "max_row_group_rows", MAX_ROWS_ENV, DEFAULT_MAX_ROW_GROUP_ROWS))
+def configure_row_group_limits(max_bytes=None, max_rows=None):
+    """Set the process's caps (None: the default), what row_group_limits() gives from now on. The edges call
+    it with SHARDSTREAM_MAX_ROW_GROUP_BYTES / _ROWS (settings.py); a bad value is a ConfigError naming it."""
+    global _configured
+    _configured = RowGroupLimits(
+        DEFAULT_MAX_ROW_GROUP_BYTES if max_bytes is None else _positive_int(max_bytes, "max_row_group_bytes"),
+        DEFAULT_MAX_ROW_GROUP_ROWS if max_rows is None else _positive_int(max_rows, "max_row_group_rows"))
+    return _configured
+
+
+def row_group_limits(max_bytes=None, max_rows=None):
+    """RowGroupLimits from the arguments, else the process's caps (configure_row_group_limits; the defaults
+    unless an edge set them). A bad argument (not a positive integer) raises ConfigError naming it."""
+    return RowGroupLimits(
+        _configured.max_bytes if max_bytes is None else _positive_int(max_bytes, "max_row_group_bytes"),
+        _configured.max_rows if max_rows is None else _positive_int(max_rows, "max_row_group_rows"))
 
 
 def text_column_index(meta):
@@ -127,7 +133,7 @@ def sha256_file(path, *, limit=None, hasher=None):
 
 def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None):
     """Raise CorruptShardError unless path's parquet footer parses, has a string `text` column, and no
-    row group is over the limits (row_group_limits: the arguments, else the environment, else defaults).
+    row group is over the limits (row_group_limits: the arguments, else the process's caps).
 
     Returns (num_rows, num_row_groups) for callers that want them.
     """

@@ -121,7 +121,7 @@ def main():
             reader = SlowReader(dl, cfg["slow_seconds"])
         loader = loader_fn(tok, cfg["B"], cfg["T"], "train", tokenizer_threads=1, tokenizer_batch_size=16,
                            device="cpu", resume_state_dict=resume, buffer_size=cfg.get("buffer_docs", 32),
-                           streaming_downloader=reader)
+                           streaming_downloader=reader, dist_timeout=cfg.get("timeout", 30))
         k = 0
         while True:
             x, y, state = next(loader)

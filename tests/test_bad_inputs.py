@@ -92,8 +92,8 @@ def test_parse_bytes_refuses(text):
 
 
 def test_one_parse_bytes_everywhere():
-    from shardstream import streaming_env, train
-    assert streaming_env.parse_bytes is parse_bytes and train.parse_bytes is parse_bytes
+    from shardstream import settings, train
+    assert settings.parse_bytes is parse_bytes and train.parse_bytes is parse_bytes
 
 
 @pytest.mark.parametrize("value", ["1e400", "inf", "nan", "-1", "-5GB", "0.5"])

@@ -26,7 +26,8 @@ from shardstream.sample import make_sample
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
 from shardstream.status import describe, read_events, read_status
-from shardstream.streaming_env import StreamingSettings, parse_bytes
+from shardstream.streaming_env import StreamingSettings
+from shardstream.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "nanochat_like.py"

@@ -11,8 +11,10 @@ import pytest
 
 from shardstream.errors import ConfigError, CorruptShardError
 from shardstream.loader import READ_BATCH_ROWS, ShardPlan, _open_parquet, _read_texts, iter_doc_batches
+from shardstream.settings import read
 from shardstream.verify import (DEFAULT_MAX_ROW_GROUP_BYTES, DEFAULT_MAX_ROW_GROUP_ROWS, MAX_BYTES_ENV, MAX_ROWS_ENV,
-                                RowGroupLimits, check_parquet, row_group_limits, text_column_index)
+                                RowGroupLimits, check_parquet, configure_row_group_limits, row_group_limits,
+                                text_column_index)
 
 MIB = 1 << 20
 DOC = 64 * 1024                 # characters per bomb document
@@ -20,9 +22,10 @@ BOMB_DOCS = 64                  # 64 x 64 KiB = 4 MiB of "a"
 
 
 @pytest.fixture(autouse=True)
-def _no_caps_in_env(monkeypatch):
-    monkeypatch.delenv(MAX_BYTES_ENV, raising=False)
-    monkeypatch.delenv(MAX_ROWS_ENV, raising=False)
+def _default_caps():
+    configure_row_group_limits()        # the process's caps are the defaults before and after each test
+    yield
+    configure_row_group_limits()
 
 
 def write_bomb(path, docs=BOMB_DOCS, doc_chars=DOC, dictionary=False):
@@ -56,8 +59,8 @@ def test_check_parquet_rejects_a_bomb_over_the_cap_naming_row_group_size_and_cap
     assert f"raise {MAX_BYTES_ENV}" in msg
 
 
-def test_the_cap_comes_from_the_environment_too(bomb, monkeypatch):
-    monkeypatch.setenv(MAX_BYTES_ENV, str(MIB))
+def test_the_cap_comes_from_the_process_caps_too(bomb):
+    configure_row_group_limits(max_bytes=MIB)           # what an edge does with SHARDSTREAM_MAX_ROW_GROUP_BYTES
     with pytest.raises(CorruptShardError, match=r"row group 0 .* over the cap of 1,048,576 bytes"):
         check_parquet(bomb)
     assert check_parquet(bomb, max_row_group_bytes=8 * MIB) == (BOMB_DOCS, 1)     # the argument wins
@@ -68,10 +71,10 @@ def test_the_bomb_passes_the_default_cap(bomb):
     assert check_parquet(bomb) == (BOMB_DOCS, 1)
 
 
-def test_rows_per_row_group_are_capped(bomb, monkeypatch):
+def test_rows_per_row_group_are_capped(bomb):
     with pytest.raises(CorruptShardError, match=rf"row group 0 declares {BOMB_DOCS} rows, over the cap of 10 rows"):
         check_parquet(bomb, max_row_group_rows=10)
-    monkeypatch.setenv(MAX_ROWS_ENV, "10")
+    configure_row_group_limits(max_rows=10)
     with pytest.raises(CorruptShardError, match=f"raise {MAX_ROWS_ENV}"):
         check_parquet(bomb)
     assert check_parquet(bomb, max_row_group_rows=BOMB_DOCS) == (BOMB_DOCS, 1)
@@ -88,16 +91,14 @@ def test_every_row_group_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["abc", "0", "-5", "1.5", "1e9", "512MB"])
-def test_a_bad_cap_setting_is_a_config_error_naming_it(sample_dir, monkeypatch, bad):
-    monkeypatch.setenv(MAX_BYTES_ENV, bad)
-    with pytest.raises(ConfigError) as e:
-        check_parquet(sample_dir / "shard_00000.parquet")
-    assert MAX_BYTES_ENV in str(e.value) and repr(bad) in str(e.value)
-    pf = _open_parquet(sample_dir / "shard_00000.parquet")
-    with pytest.raises(ConfigError, match=MAX_BYTES_ENV):       # not reported as a corrupt shard
-        _read_texts(pf, 0, sample_dir / "shard_00000.parquet")
-    with pytest.raises(ConfigError, match=MAX_ROWS_ENV):
-        row_group_limits(env={MAX_ROWS_ENV: bad})
+def test_a_bad_cap_setting_is_a_config_error_naming_it(bad):
+    for var in (MAX_BYTES_ENV, MAX_ROWS_ENV):
+        with pytest.raises(ConfigError) as e:
+            read(var, env={var: bad})
+        assert var in str(e.value) and repr(bad) in str(e.value)
+    with pytest.raises(ConfigError, match="max_row_group_bytes"):
+        configure_row_group_limits(max_bytes=bad)
+    assert row_group_limits() == RowGroupLimits()       # a refused setting leaves the caps as they were
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "x"])
@@ -108,13 +109,17 @@ def test_a_bad_cap_argument_is_a_config_error(sample_dir, bad):
         check_parquet(sample_dir / "shard_00000.parquet", max_row_group_rows=bad)
 
 
-def test_limits_resolve_argument_then_environment_then_default():
-    assert row_group_limits(env={}) == RowGroupLimits(DEFAULT_MAX_ROW_GROUP_BYTES, DEFAULT_MAX_ROW_GROUP_ROWS)
-    assert row_group_limits(env={MAX_BYTES_ENV: "", MAX_ROWS_ENV: " "}) == RowGroupLimits()     # empty: unset
-    got = row_group_limits(env={MAX_BYTES_ENV: " 2048 ", MAX_ROWS_ENV: "7"})
+def test_limits_resolve_argument_then_process_caps_then_default(monkeypatch):
+    monkeypatch.setenv(MAX_BYTES_ENV, "2048")           # library code never reads the environment
+    assert row_group_limits() == RowGroupLimits(DEFAULT_MAX_ROW_GROUP_BYTES, DEFAULT_MAX_ROW_GROUP_ROWS)
+    assert read(MAX_BYTES_ENV, env={MAX_BYTES_ENV: " "}) is None                # empty: unset
+    configure_row_group_limits(read(MAX_BYTES_ENV, env={MAX_BYTES_ENV: " 2048 "}), 7)
+    got = row_group_limits()
     assert (got.max_bytes, got.max_rows) == (2048, 7)
-    got = row_group_limits(max_bytes=4096, max_rows=9, env={MAX_BYTES_ENV: "2048", MAX_ROWS_ENV: "7"})
+    got = row_group_limits(max_bytes=4096, max_rows=9)
     assert (got.max_bytes, got.max_rows) == (4096, 9)
+    configure_row_group_limits(None, None)
+    assert row_group_limits() == RowGroupLimits()
 
 
 def test_the_sample_shards_pass_the_default_caps(sample_dir):
@@ -127,10 +132,10 @@ def test_the_sample_shards_pass_the_default_caps(sample_dir):
 
 # --- the loader (also reads local folders that were never verified) ----------------------------------
 
-def test_read_texts_refuses_the_bomb_before_reading(bomb, monkeypatch):
+def test_read_texts_refuses_the_bomb_before_reading(bomb):
     pf = _open_parquet(bomb)
     assert _read_texts(pf, 0, bomb) == ["a" * DOC] * BOMB_DOCS          # the default cap lets it through
-    monkeypatch.setenv(MAX_BYTES_ENV, str(MIB))
+    configure_row_group_limits(max_bytes=MIB)
     with pytest.raises(CorruptShardError) as e:
         _read_texts(pf, 0, bomb)
     msg = str(e.value)
@@ -146,12 +151,12 @@ def test_read_texts_equals_pyarrow_on_the_sample_shards(sample_dir):
             assert _read_texts(pf, rg, p) == want
 
 
-def test_read_texts_stops_a_dictionary_bomb_while_decoding(tmp_path, monkeypatch):
+def test_read_texts_stops_a_dictionary_bomb_while_decoding(tmp_path):
     # honest footer: one 16 KiB dictionary entry, 256 tiny indices -> declares a few KB, decodes to 4 MiB
     p = write_bomb(tmp_path / "dict.parquet", docs=256, doc_chars=16 * 1024, dictionary=True)
     assert declared_text_bytes(p) < 64 * 1024
     assert check_parquet(p, max_row_group_bytes=MIB) == (256, 1)       # the footer cannot tell
-    monkeypatch.setenv(MAX_BYTES_ENV, str(MIB))
+    configure_row_group_limits(max_bytes=MIB)
     with pytest.raises(CorruptShardError) as e:
         _read_texts(_open_parquet(p), 0, p)
     msg = str(e.value)
@@ -173,7 +178,7 @@ def _zigzag_varint(n):
             return bytes(out)
 
 
-def test_read_texts_stops_a_footer_that_lies(bomb, tmp_path, monkeypatch):
+def test_read_texts_stops_a_footer_that_lies(bomb, tmp_path):
     """Rewrite the footer's declared uncompressed size (an i64 varint) to 1.1 MB: pyarrow still reads the
     full 4 MiB (it allocates by the page headers), so only the check while decoding can stop it."""
     liar = tmp_path / "liar.parquet"
@@ -189,19 +194,19 @@ def test_read_texts_stops_a_footer_that_lies(bomb, tmp_path, monkeypatch):
     assert declared_text_bytes(liar) == 1_100_000
     assert pq.read_table(liar).column("text").to_pylist() == ["a" * DOC] * BOMB_DOCS     # pyarrow reads it all
     assert check_parquet(liar, max_row_group_bytes=2 * MIB) == (BOMB_DOCS, 1)
-    monkeypatch.setenv(MAX_BYTES_ENV, str(2 * MIB))
+    configure_row_group_limits(max_bytes=2 * MIB)
     with pytest.raises(CorruptShardError, match=r"row group 0 decodes to more than 2,097,152 bytes .*"
                                                 r"its footer declares 1,100,000"):
         _read_texts(_open_parquet(liar), 0, liar)
 
 
-def test_a_local_folder_with_a_bomb_stops_the_document_stream(sample_dir, bomb, tmp_path, monkeypatch):
+def test_a_local_folder_with_a_bomb_stops_the_document_stream(sample_dir, bomb, tmp_path):
     d = tmp_path / "local"
     d.mkdir()
     shutil.copy(sample_dir / "shard_00000.parquet", d / "shard_00000.parquet")
     shutil.copy(bomb, d / "shard_00001.parquet")
     shutil.copy(sample_dir / "shard_00005.parquet", d / "shard_00002.parquet")     # the val shard
-    monkeypatch.setenv(MAX_BYTES_ENV, str(MIB))
+    configure_row_group_limits(max_bytes=MIB)
     plan = ShardPlan("train", data_dir=d)
     seen = set()
     with pytest.raises(CorruptShardError, match=r"shard_00001\.parquet: row group 0 declares .* over the cap"):

@@ -177,9 +177,10 @@ def test_https_is_required_for_non_loopback_hosts_unless_opted_out(tmp_path, mon
         with pytest.raises(ConfigError, match="https"):
             StreamingDownloader(N - 1, data_dir=tmp_path, source=url, dataset_shards=N)
         assert Source(url, N, allow_insecure=True).base_url == url
-    monkeypatch.setenv("SHARDSTREAM_SOURCE", "http://192.168.1.5/shards")
+    monkeypatch.setenv("SHARDSTREAM_SOURCE", "http://192.168.1.5/shards")     # as the edges read it
+    from shardstream.settings import read
     with pytest.raises(ConfigError, match="https"):
-        make_source(dataset_shards=N)
+        make_source(read("SHARDSTREAM_SOURCE"), dataset_shards=N)
     for url in ("http://127.0.0.1:8000/d", "http://localhost:8000/d", "http://[::1]:8000/d", "https://10.0.0.1/d"):
         assert Source(url, N).base_url == url
 

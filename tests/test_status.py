@@ -174,4 +174,6 @@ def test_cli_default_data_dir_follows_shardstream_dataset(tmp_path, monkeypatch,
     monkeypatch.delenv("SHARDSTREAM_DATASET")                  # climbmix's dir holds no status
     assert cli([]) == 1 and "base_data_climbmix" in capsys.readouterr().out
     monkeypatch.setenv("SHARDSTREAM_DATASET", "nope")
-    assert cli([]) == 2 and "unknown dataset 'nope'" in capsys.readouterr().err
+    assert cli([]) == 2 and "SHARDSTREAM_DATASET='nope': choose one of climbmix" in capsys.readouterr().err
+    monkeypatch.setenv("SHARDSTREAM_DATA_DIR", str(tmp_path / "base_data"))     # the CLI reads it, first
+    assert cli([]) == 0 and "7/10 verified" in capsys.readouterr().out
