@@ -300,10 +300,11 @@ class ShardCache:
         self.files[shard] = size
         self.consumed.pop(shard, None)
 
-    def abandon(self, shard):
-        """A download stopped or failed: its reservation ends, whatever partial bytes it left count."""
+    def abandon(self, shard, left=None):
+        """A download stopped or failed: its reservation ends, whatever partial bytes it left count (`left`:
+        partial_bytes(shard) measured by the caller before taking its lock; None: measured here)."""
         self.inflight.pop(shard, None)
-        left = self.partial_bytes(shard)
+        left = self.partial_bytes(shard) if left is None else left
         if left:
             self.partials[shard] = left
         else:

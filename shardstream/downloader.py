@@ -46,8 +46,16 @@ for a failing shard (at once for a permanent failure such as a 404), the policy 
 the fetch error, "wait" keeps waiting (warning every `warn_every` s), "skip" records the shard as skipped
 and raises ShardSkipped so the reader moves on. A crashed worker makes the reader's next call raise.
 
-Every shard event goes to <data_dir>/events.jsonl (each with the window's size) and refreshes
-<data_dir>/status.json (see status.py; its buffer_size is the window's current size).
+Every shard event goes to <data_dir>/.shardstream/events.jsonl (each with the window's size) and
+refreshes status.json there (see status.py; its buffer_size is the window's current size). Both are
+written by the status thread: events queue under the lock and are written outside it, in order, each
+with the time it happened.
+
+This module is the executor; the decisions are pure functions elsewhere: schedule.py (what to fetch,
+probe, evict; transfer_limit), prefetch.py (the adaptive window), policies.py (the arguments, the budget
+and free-space checks), failures.py (failed fetches and what a waiting reader gets), report.py (the
+status and event records), existing.py (what a data dir holds at start); statuswriter.py writes the
+status files on the status thread.
 """
 import contextlib
 import errno
@@ -57,111 +65,42 @@ import random
 import tempfile
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
-from . import schedule
-from .cache import ReadPlan, ShardCache
+from . import failures, report, schedule
+from .cache import ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
-                     FetchCancelled, FetchError, PermanentFetchError, ShardSkipped, ShardWaitTimeout,
-                     TransientFetchError)
-from .fetch import FetchPolicy, fetch_shard, remote_info
-from .prefetch import PrefetchController, PrefetchPolicy
+                     FetchCancelled, FetchError, ShardSkipped, ShardWaitTimeout)
+from .existing import SHA_AUTO_LIMIT, scan_existing  # noqa: F401  (SHA_AUTO_LIMIT: re-exported)
+from .fetch import fetch_shard, remote_info
+from .listing import make_source
+from .policies import (FAILURE_MODES, DiskPolicy, FailurePolicy, WindowPolicy,  # noqa: F401  (re-exported)
+                       budget_problem, disk_check, resolve_options, resolve_plan)
+from .prefetch import LinkClock, PrefetchController
+from .report import RATE_WINDOW  # noqa: F401  (re-exported)
 from .shards import DEFAULT_DATASET, default_data_dir, shard_name
 from .source import Source, redact_url
-from .listing import make_source
-from .status import DownloaderStatus, EventLog, human_bytes, write_status
-from .verify import row_group_limits, verify_shard
+from .status import human_bytes
+from .statuswriter import StatusWriter
 
 logger = logging.getLogger(__name__)
 P = "[StreamingDownloader]"
-SHA_AUTO_LIMIT = 2 << 30        # verify_existing="auto": hash shards found on disk when they total <= 2 GiB
-RATE_WINDOW = 5.0               # seconds of transfer history behind "download MB/s (recent)"
 
-
-# -----------------------------------------------------------------------------
-# Policies
-
-@dataclass(frozen=True)
-class WindowPolicy:
-    """How many shards to keep, ahead and behind, and the hard byte budget."""
-    buffer_size: int = 5                  # verified shards kept ready ahead of the slowest reader
-    retain: int = 0                       # consumed shards kept behind it
-    max_cache_bytes: int | None = None    # hard budget: files + partials + reservations (None = none)
-    initial_buffer: int = 1               # train shards start() downloads before returning
-    cycle: bool = False                   # after the last train shard, prefetch shard 0.. (next epoch)
-
-    def __post_init__(self):
-        _check_int("buffer_size", self.buffer_size, 1, "keep at least one shard ahead of the reader")
-        _check_int("retain", self.retain, 0, "use 0 to delete consumed shards at once")
-        _check_int("initial_buffer", self.initial_buffer, 0, "use 0 to return from start() at once")
-        if self.initial_buffer > self.buffer_size:
-            raise ConfigError(f"initial_buffer={self.initial_buffer} is larger than buffer_size={self.buffer_size}: "
-                              f"the window never holds more than buffer_size shards ahead")
-        if self.max_cache_bytes is not None:
-            if isinstance(self.max_cache_bytes, bool) or not isinstance(self.max_cache_bytes, (int, float)) \
-                    or self.max_cache_bytes <= 0:
-                raise ConfigError(f"max_cache_bytes must be a positive number of bytes or None (no budget), "
-                                  f"got {self.max_cache_bytes!r}")
-            object.__setattr__(self, "max_cache_bytes", int(self.max_cache_bytes))
-
-
-FAILURE_MODES = ("fail", "wait", "skip")
-
-
-@dataclass(frozen=True)
-class FailurePolicy:
-    """What happens when a shard the reader waits for cannot be fetched."""
-    mode: str = "fail"                    # "fail": raise; "wait": keep waiting; "skip": move on without it
-    deadline: float = 300.0               # seconds the reader waits on a failing shard before `mode` applies
-    warn_every: float = 60.0              # a waiting reader logs a warning this often
-    retry_initial: float = 1.0            # backoff between fetch calls for one shard (full jitter)...
-    retry_max: float = 60.0               # ...doubling up to this
-
-    def __post_init__(self):
-        if self.mode not in FAILURE_MODES:
-            raise ConfigError(f"failure policy mode must be one of {', '.join(FAILURE_MODES)}, got {self.mode!r}")
-        for name in ("deadline", "warn_every", "retry_initial", "retry_max"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"FailurePolicy.{name} must be a number of seconds >= 0, got {v!r}")
-
-
-@dataclass(frozen=True)
-class DiskPolicy:
-    """Free-space guard, checked before every download against the shard's known size."""
-    warn_free_bytes: int = 5_000_000_000  # warn when a download would leave less than this free
-    min_free_bytes: int = 1_000_000_000   # refuse to download (and tell the reader) under this
-    recheck_seconds: float = 5.0          # how often a paused downloader looks again
-
-    def __post_init__(self):
-        for name in ("warn_free_bytes", "min_free_bytes", "recheck_seconds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"DiskPolicy.{name} must be a number >= 0, got {v!r}")
-
-
-def _check_int(name, value, minimum, hint):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r} ({hint})")
-
-
-@dataclass
-class _Failure:
-    """Why a shard is not on disk yet."""
-    attempts: int = 0          # HTTP attempts in all
-    rounds: int = 0            # failed fetch calls (drives the backoff)
-    error: BaseException | None = None
-    permanent: bool = False
-    retry_at: float = 0.0      # monotonic time before which no worker retries it
-
-
-# -----------------------------------------------------------------------------
 
 class StreamingDownloader:
     """Background download of train shards 0..total_shards-1 (and the val shard), a window ahead of the
-    reader, under a disk budget. Thread-safe; a context manager (start on enter, stop on exit)."""
+    reader, under a disk budget. Thread-safe; a context manager (start on enter, stop on exit).
+
+    Threads: `workers` + 1 workers (each runs one probe or one fetch at a time; the last is kept for a
+    shard a reader waits for), one status thread, and the readers' own. One lock (`_cond`) guards the
+    bookkeeping, and schedule.py decides under it on a Snapshot. It is never held across a fetch or a
+    HEAD, a hash or verification, the free-space statvfs (measured just before taking it: _next_job,
+    get_status), a scan of partial files (_download_failed), or a write of status.json / events.jsonl
+    (records queue in `_outbox`; the status thread writes them). The only file operations under it are
+    the cache's own on one shard, which must be atomic with the bookkeeping: a lease's flock (lease,
+    release) and an eviction's unlink (delete), so no reader is handed a file being deleted."""
 
     def __init__(self, total_shards=-1, buffer_size=5, data_dir=None, source=None, retain=0,
                  max_cache_bytes=None, workers=2, initial_buffer=1, failure_policy="fail", *,
@@ -169,153 +108,60 @@ class StreamingDownloader:
                  warn_free_bytes=None, min_free_bytes=None, dataset=DEFAULT_DATASET, dataset_shards=None,
                  verify_existing="auto", progress=True, status_interval=0.5, plan=None, prefetch=None,
                  start_at=None):
-        # --- policies: dataclasses, or the seed's loose keyword arguments
-        if window is None:
-            window = WindowPolicy(buffer_size, retain, max_cache_bytes, initial_buffer)
-        elif not isinstance(window, WindowPolicy):
-            raise ConfigError(f"window must be a WindowPolicy, got {type(window).__name__}")
-        elif (buffer_size, retain, max_cache_bytes, initial_buffer) != (5, 0, None, 1):
-            raise ConfigError("give either window=WindowPolicy(...) or buffer_size/retain/max_cache_bytes/"
-                              "initial_buffer, not both")
-        if isinstance(failure_policy, str):
-            failure_policy = FailurePolicy(failure_policy, **({} if deadline is None else {"deadline": deadline}))
-        elif not isinstance(failure_policy, FailurePolicy):
-            raise ConfigError(f"failure_policy must be 'fail', 'wait', 'skip' or a FailurePolicy, "
-                              f"got {failure_policy!r}")
-        elif deadline is not None:
-            raise ConfigError("give the deadline inside FailurePolicy(...), or failure_policy as a string, not both")
-        if disk_policy is None:
-            kw = {k: v for k, v in (("warn_free_bytes", warn_free_bytes), ("min_free_bytes", min_free_bytes))
-                  if v is not None}
-            disk_policy = DiskPolicy(**kw)
-        elif not isinstance(disk_policy, DiskPolicy):
-            raise ConfigError(f"disk_policy must be a DiskPolicy, got {type(disk_policy).__name__}")
-        elif warn_free_bytes is not None or min_free_bytes is not None:
-            raise ConfigError("give either disk_policy=DiskPolicy(...) or warn_free_bytes/min_free_bytes, not both")
-        if fetch_policy is None:
-            fetch_policy = FetchPolicy()
-        if prefetch == "auto":
-            prefetch = PrefetchPolicy()
-        elif prefetch is not None and not isinstance(prefetch, PrefetchPolicy):
-            raise ConfigError(f"prefetch must be None (a fixed window of buffer_size), 'auto' or a PrefetchPolicy, "
-                              f"got {prefetch!r}")
-        _check_int("workers", workers, 1, "parallel downloads")
-        if verify_existing not in ("auto", "size", "sha256"):
-            raise ConfigError(f"verify_existing must be 'auto', 'size' or 'sha256', got {verify_existing!r}")
-        self.window = window
-        self.failure_policy = failure_policy
-        self.disk_policy = disk_policy
-        self.fetch_policy = fetch_policy
-        self.workers = workers
-        self.verify_existing = verify_existing
-        self.progress = progress
-        self.status_interval = status_interval
-        self.prefetch = prefetch
+        opts = resolve_options(buffer_size=buffer_size, retain=retain, max_cache_bytes=max_cache_bytes,
+                               initial_buffer=initial_buffer, window=window, failure_policy=failure_policy,
+                               deadline=deadline, disk_policy=disk_policy, warn_free_bytes=warn_free_bytes,
+                               min_free_bytes=min_free_bytes, fetch_policy=fetch_policy, prefetch=prefetch,
+                               workers=workers, verify_existing=verify_existing)
+        self.window, self.failure_policy, self.disk_policy = opts.window, opts.failure, opts.disk
+        self.fetch_policy, self.prefetch, self.workers = opts.fetch, opts.prefetch, opts.workers
+        self.verify_existing, self.progress, self.status_interval = opts.verify_existing, progress, status_interval
+        self._source = _resolve_source(source, dataset, dataset_shards)
+        self.plan, self.total_shards, self._start_pos = resolve_plan(self._source, plan, total_shards,
+                                                                     self.window, start_at)
+        self._data_dir = _writable_data_dir(data_dir, dataset, self._source)
+        self._init_state()
+        w = self.window
+        logger.info(f"{P} Initialized StreamingDownloader: {self.total_shards} shards, buffer_size={w.buffer_size}"
+                    f"{' (adaptive)' if self.prefetch is not None else ''}, retain={w.retain}, budget="
+                    f"{'none' if w.max_cache_bytes is None else human_bytes(w.max_cache_bytes)}"
+                    f", workers={self.workers}, failure policy={self.failure_policy.mode}")
+        logger.info(f"{P} Data directory: {self._data_dir}")
 
-        # --- source and plan
-        if source is None or isinstance(source, str):
-            source = make_source(source, dataset=dataset, dataset_shards=dataset_shards)
-        elif not isinstance(source, Source):
-            raise ConfigError(f"source must be a Source or a base URL string, got {type(source).__name__}")
-        elif dataset_shards is not None and dataset_shards != source.dataset_shards:
-            raise ConfigError(f"dataset_shards={dataset_shards} disagrees with the Source's "
-                              f"dataset_shards={source.dataset_shards}")
-        self._source = source
-        n_train = source.num_train_shards
-        if plan is None:
-            if total_shards is None or total_shards == -1:
-                total_shards = n_train
-            _check_int("total_shards", total_shards, 1, "-1 or None streams every train shard")
-            if total_shards > n_train:
-                raise ConfigError(f"total_shards={total_shards} but the dataset at {redact_url(source.base_url)} has "
-                                  f"only {n_train} train shards (0..{n_train - 1}; shard {source.val_shard} is val): "
-                                  f"ask for at most {n_train}, or -1 for all")
-            plan = ReadPlan.sequential(total_shards, epochs=None if window.cycle else 1)
-        elif not isinstance(plan, ReadPlan):
-            raise ConfigError(f"plan must be a ReadPlan (shardstream.cache), got {type(plan).__name__}")
-        else:
-            bad = [s for s in plan.order if s >= n_train]
-            if bad:
-                raise ConfigError(f"the read plan names shard {bad[0]}, but the dataset at "
-                                  f"{redact_url(source.base_url)} has train shards 0..{n_train - 1} only "
-                                  f"(shard {source.val_shard} is val)")
-            if total_shards not in (None, -1, plan.epoch_length):
-                raise ConfigError(f"total_shards={total_shards} disagrees with the plan's {plan.epoch_length} "
-                                  f"shards: leave total_shards out (-1) when passing plan=")
-            total_shards = plan.epoch_length
-        if window.initial_buffer > total_shards:
-            raise ConfigError(f"initial_buffer={window.initial_buffer} is more than total_shards={total_shards}")
-        self.total_shards = total_shards
-        self.plan = plan
-        # Where the window starts before any reader asks (see schedule.reader_pos): start_at's first read, else the
-        # plan's start when start() fills an initial buffer, else nowhere yet (None): a run resuming with
-        # initial_buffer=0 prefetches nothing until its reader's first request anchors the window there.
-        if start_at is not None:
-            if isinstance(start_at, bool) or not isinstance(start_at, int) or start_at not in plan:
-                raise ConfigError(f"start_at must be a shard id of the read plan (the shard the reader asks for "
-                                  f"first, e.g. a resume's), got {start_at!r}")
-            self._start_pos = plan.locate(start_at)
-        else:
-            self._start_pos = 0 if window.initial_buffer > 0 else None
-
-        row_group_limits()      # a bad SHARDSTREAM_MAX_ROW_GROUP_* is a ConfigError now, not at the first verify
-
-        # --- data dir: created and writable, or a clear error now
-        self._data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
-        source.check_data_dir(self._data_dir)   # eviction must never delete a local source's own shards
-        try:
-            self._data_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self._data_dir, prefix=".write-test-"):
-                pass
-        except OSError as e:
-            raise ConfigError(f"data dir {self._data_dir} is not a writable directory ({e.strerror or e}): "
-                              f"pass data_dir= (or SHARDSTREAM_DATA_DIR) pointing somewhere writable") from None
-
-        # --- state, all guarded by self._cond
+    def _init_state(self):
+        """The bookkeeping, all guarded by self._cond."""
         self._cond = threading.Condition(threading.RLock())
-        self.cache = ShardCache(self._data_dir, window.max_cache_bytes)
+        self.cache = ShardCache(self._data_dir, self.window.max_cache_bytes)
         self._stop = threading.Event()
         self._threads = []
         self._state = "created"
-        self._events = None
+        self._status = StatusWriter(self._data_dir, self._locked_progress, self._status_of, self.status_interval)
+        self._origin = report.Origin(self.total_shards, self.val_shard, str(self._data_dir),
+                                     redact_url(self._source.base_url), os.getpid(), _hostname())
+        self._counts = report.Counts()
         self._info = {}                  # shard -> RemoteInfo
         self._sizes = {}                 # shard -> its remote size (None: the source did not say)
         self._info_pending = set()       # shards whose remote_info a worker is asking for
-        self._failures = {}              # shard -> _Failure
+        self._failures = {}              # shard -> schedule.Failure (failures.record)
         self._troubled = {}              # shard -> (tries failed, last cause) inside its fetch call in flight
         self._skipped = {}               # shard -> reason
         self._blocked = {}               # shard -> why it is waiting for room in the budget
         self._demand = Counter()         # shard -> readers waiting for it
         self._demand_order = {}          # shard -> when the first of them started
         self._cursor = {}                # reader -> plan position of the shard it last asked for
-        self._current = {}               # reader -> that shard
         self._verified = set()           # plan shards verified during this run (downloaded or reused)
         self._crash = None
         self._disk_error = None
         self._disk_retry_at = 0.0
         self._last_disk_warn = 0.0
-        self._retries = self._n_failures = self._waits = 0
-        self._checked = Counter()        # what vouched for each shard downloaded: "sha256", "size+footer"...
-        self._wait_seconds = 0.0
-        self._downloaded_bytes = 0
-        self._rate = deque()             # (monotonic time, bytes)
-        self._last_status_write = 0.0
-        self._begun = {}                 # shard -> monotonic time its transfer began
-        self._transferring = set()       # shards in flight whose bytes are arriving now (they hold the link)
-        self._body_seconds = {}          # shard -> seconds its bytes took (verify and commit not counted)
         self._initial = ()               # while start() fills the initial buffer: only these are fetched
         self._last_read = {}             # reader -> (plan position, monotonic time it got the shard, bytes)
-        self._ctl = None if prefetch is None else PrefetchController(prefetch, start_ahead=window.buffer_size)
-        self._win = window.buffer_size   # the window's current size (fixed, or the controller's decision)
-        self._win_reason = "fixed" if prefetch is None else "not measured yet"
+        self._ctl = None if self.prefetch is None else PrefetchController(self.prefetch,
+                                                                          start_ahead=self.window.buffer_size)
+        self._clock = LinkClock(None if self._ctl is None else self._ctl.meter)   # transfers on the link
+        self._win = self.window.buffer_size   # the window's current size (fixed, or the controller's decision)
         self._win_base = None            # what the measured rates alone ask for (adaptive)
         self._max_shard_bytes = 0        # the largest known size of a planned shard (the window's unit)
-        logger.info(f"{P} Initialized StreamingDownloader: {total_shards} shards, buffer_size={window.buffer_size}"
-                    f"{' (adaptive)' if prefetch is not None else ''}"
-                    f", retain={window.retain}, budget="
-                    f"{'none' if window.max_cache_bytes is None else human_bytes(window.max_cache_bytes)}"
-                    f", workers={workers}, failure policy={failure_policy.mode}")
-        logger.info(f"{P} Data directory: {self._data_dir}")
 
     # --- what the reader sees
     @property
@@ -372,19 +218,20 @@ class StreamingDownloader:
                 return self
             self._state = "starting"
         try:
-            self._events = EventLog(self._data_dir)
+            self._status.open()
             logger.info(f"{P} Starting download of {self.total_shards} shards with buffer_size={self.buffer_size}")
             with self._cond:
                 self._event("start", total_shards=self.total_shards, buffer_size=self.buffer_size,
                             retain=self.window.retain, val_shard=self.val_shard)
-            self._scan_existing()
+            self._adopt(scan_existing(self.cache, self._source, set(self.plan.order) | {self.val_shard},
+                                      self.verify_existing, self.fetch_policy, self._stop, self.workers))
             self._check_budget()
             with self._cond:
                 self._initial = tuple(self._initial_targets())
                 self._update_window()
             for k in range(self.workers + 1):       # the last one is free for a shard a reader waits for
                 self._spawn(self._worker_loop, f"shardstream-dl-worker-{k}", k)
-            self._spawn(self._status_loop, "shardstream-dl-status")
+            self._spawn(self._status.run, "shardstream-dl-status", self._stop)
             with self._cond:
                 if self._state == "starting":   # a worker may have crashed already: keep saying so
                     self._state = "running"
@@ -398,6 +245,47 @@ class StreamingDownloader:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         self._threads.append(t)
         t.start()
+
+    def _adopt(self, found):
+        """Take what existing.scan_existing found on disk into the bookkeeping; delete what the budget
+        cannot hold (shards not needed soon)."""
+        with self._cond:
+            for shard in sorted(set(found.files) | set(found.corrupt)):
+                if shard in found.infos:
+                    self._note_info(shard, found.infos[shard])
+                if shard in found.corrupt:
+                    self._event("corrupt_removed", shard, error=found.corrupt[shard])
+                    continue
+                self.cache.files[shard] = found.files[shard]
+                if shard in self.plan:
+                    self._verified.add(shard)
+            self.cache.partials = dict(found.partials)
+            logger.info(f"{P} Found {len(self.cache.files)} shards already downloaded"
+                        + (f" ({len(found.partials)} partial downloads to resume)" if found.partials else ""))
+            self._event("scan", found=sorted(self.cache.files), partials=sorted(found.partials))
+            evict = schedule.over_budget_evictions(self._snapshot())
+            if evict:
+                logger.warning(f"{P} The data dir holds {human_bytes(self.cache.used_bytes())} of shards, over the "
+                               f"budget of {human_bytes(self.cache.budget)}: deleting {len(evict)} not needed soon")
+                for e in evict:
+                    self._delete(e.shard, e.why)
+
+    def _check_budget(self):
+        """A budget must hold the val shard plus two train shards, or the window cannot move (the sizes are
+        asked with the lock released)."""
+        if self.cache.budget is None:
+            return
+        with self._cond:
+            first = self.plan.at(max(0, schedule.reader_pos(self._snapshot()) + 1))
+            infos = {s: self._info.get(s) for s in (first, self.val_shard)}
+        for s, info in infos.items():
+            if info is None:
+                infos[s] = info = remote_info(self._source, s, self.fetch_policy, stop=self._stop)
+                with self._cond:
+                    self._note_info(s, info)
+        problem = budget_problem(self.cache.budget, infos[self.val_shard].size or 0, infos[first].size or 0)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def _initial_targets(self):
         return self.plan.ahead((self._start_pos or 0) - 1, self.window.initial_buffer)
@@ -426,12 +314,13 @@ class StreamingDownloader:
         logger.info(f"{P} Initial buffer ready, training can start")
 
     def stop(self):
-        """Stop the workers (mid-transfer too: partial files stay for a later resume) and join every thread.
-        A second call does nothing."""
+        """Stop the workers (mid-transfer too: partial files stay for a later resume) and join every thread;
+        then write the last events and status.json. A second call does nothing."""
         with self._cond:
             if self._stop.is_set():
                 return
             self._stop.set()
+            self._status.wake()
             self._cond.notify_all()
             started = bool(self._threads)
         if started:
@@ -443,9 +332,8 @@ class StreamingDownloader:
         with self._cond:
             if self._state != "crashed":
                 self._state = "stopped"
-            if self._events is not None:
-                self._event("stopped")
-                self._events.close()
+            self._event("stopped")
+        self._status.close()
         if started:
             logger.info(f"{P} Download thread stopped")
 
@@ -484,9 +372,8 @@ class StreamingDownloader:
     mark_consumed = release
 
     def get_status(self):
-        """A DownloaderStatus snapshot (status.py)."""
-        with self._cond:
-            return self._status()
+        """A DownloaderStatus snapshot (status.py); the free disk space is measured outside the lock."""
+        return self._status_of(self._locked_progress())
 
     # -------------------------------------------------------------------------
     # waiting
@@ -521,32 +408,12 @@ class StreamingDownloader:
                 self._update_window()
             self._demand[shard] += 1
             self._demand_order.setdefault(shard, t0)
-            self._waits += reader is not None
+            self._counts.waits += reader is not None
             self._event("wait_start", shard, reader=reader)
             logger.info(f"{P} Waiting for {shard_name(shard)}...")
             self._cond.notify_all()
-            last_warn = t0
             try:
-                while True:
-                    self._raise_if_crashed()
-                    if self._stop.is_set():
-                        raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
-                    if shard in self.cache.files:
-                        path = self._hand_over(shard, reader, lease, waited=True)
-                        if path is not None:
-                            return path
-                    now = time.monotonic()
-                    waited = now - t0
-                    self._check_failure(shard, waited)
-                    if timeout is not None and waited >= timeout:
-                        raise ShardWaitTimeout(f"{shard_name(shard)} was not ready within {timeout:g} s "
-                                               f"({self._why_not_ready(shard)})")
-                    if now - last_warn >= self.failure_policy.warn_every:
-                        last_warn = now
-                        logger.warning(f"{P} still waiting for {shard_name(shard)} after {waited:.0f} s: "
-                                       f"{self._why_not_ready(shard)}")
-                    left = 0.25 if timeout is None else max(0.0, min(0.25, timeout - waited))
-                    self._cond.wait(left)
+                return self._wait_loop(shard, timeout, reader, lease, t0)
             finally:
                 waited = time.monotonic() - t0
                 self._demand[shard] -= 1
@@ -554,9 +421,32 @@ class StreamingDownloader:
                     del self._demand[shard]
                     self._demand_order.pop(shard, None)
                 if reader is not None:
-                    self._wait_seconds += waited
+                    self._counts.wait_seconds += waited
                 self._event("wait_end", shard, reader=reader, seconds=round(waited, 4),
                             ok=shard in self.cache.files)
+
+    def _wait_loop(self, shard, timeout, reader, lease, t0):
+        """_wait's loop (lock held): until shard is handed over, the failure policy or the timeout raises."""
+        last_warn = t0
+        while True:
+            self._raise_if_crashed()
+            if self._stop.is_set():
+                raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
+            if shard in self.cache.files:
+                path = self._hand_over(shard, reader, lease, waited=True)
+                if path is not None:
+                    return path
+            now = time.monotonic()
+            waited = now - t0
+            self._check_failure(shard, waited)
+            if timeout is not None and waited >= timeout:
+                raise ShardWaitTimeout(f"{shard_name(shard)} was not ready within {timeout:g} s "
+                                       f"({self._why_not_ready(shard)})")
+            if now - last_warn >= self.failure_policy.warn_every:
+                last_warn = now
+                logger.warning(f"{P} still waiting for {shard_name(shard)} after {waited:.0f} s: "
+                               f"{self._why_not_ready(shard)}")
+            self._cond.wait(0.25 if timeout is None else max(0.0, min(0.25, timeout - waited)))
 
     def _hand_over(self, shard, reader, lease, waited=False):
         """Lease shard and return its path; None when another process sharing the data dir deleted it
@@ -588,63 +478,27 @@ class StreamingDownloader:
         if self._ctl is not None and last is not None and last[0] is not None and pos == last[0] + 1:
             self._ctl.meter.read_done(last[2], now - last[1])
         self._cursor[reader] = pos
-        self._current[reader] = shard
         self._evict_routine(keep=shard)         # it is read now: not consumed, whatever the plan says next
         self._cond.notify_all()
 
     def _check_failure(self, shard, waited):
-        """Apply the failure policy to a shard the reader is waiting for (lock held)."""
-        if shard in self._skipped:
-            raise ShardSkipped(f"{shard_name(shard)} was skipped: {self._skipped[shard]}", shard_id=shard)
-        if self._disk_error is not None and shard not in self.cache.inflight:
-            raise DiskSpaceError(str(self._disk_error))
-        if shard in self._blocked and not self.cache.inflight and waited >= self.failure_policy.deadline:
-            raise DiskSpaceError(f"{shard_name(shard)} cannot be downloaded: {self._blocked[shard]}")
-        verdict = schedule.failure_verdict(self._snapshot(), shard, waited, self.failure_policy)
-        if verdict is None:             # "wait" keeps waiting: the reader's loop warns every warn_every s
+        """Apply the failure policy to a shard a reader is waiting for (lock held): failures.reader_outcome."""
+        out = failures.reader_outcome(self._snapshot(), shard, waited, self.failure_policy, skipped=self._skipped,
+                                      blocked=self._blocked, disk_error=self._disk_error,
+                                      url=redact_url(self._source.url(shard)))
+        if out is None:
             return
-        f, mode = verdict.failure, verdict.mode
-        if verdict.in_flight:
-            url = redact_url(self._source.url(shard))
-            f = _Failure(attempts=f.attempts, error=TransientFetchError(
-                f"{shard_name(shard)} ({url}): {f.attempts} tries failed while its download was in flight, last: "
-                f"{f.error}", shard_id=shard, url=url, attempts=f.attempts, cause=f.error))
-        if mode == "fail":
-            raise self._failure_error(shard, f)
-        if mode == "skip":
-            reason = f"{type(f.error).__name__} after {f.attempts} attempts: {f.error}"
-            self._skipped[shard] = reason
-            self._n_failures += not f.permanent     # a permanent failure was counted when recorded
-            logger.error(f"{P} SKIPPING {shard_name(shard)} ({redact_url(self._source.url(shard))}): {reason}. "
+        if out.kind is failures.Outcome.SKIP:
+            self._skipped[shard] = out.reason
+            self._counts.failures += out.counts
+            logger.error(f"{P} SKIPPING {shard_name(shard)} ({redact_url(self._source.url(shard))}): {out.reason}. "
                          f"Training goes on without it (failure policy 'skip').")
-            self._event("skipped", shard, error=reason)
-            raise ShardSkipped(f"{shard_name(shard)} was skipped: {reason}", shard_id=shard, cause=f.error)
-
-    def _failure_error(self, shard, f):
-        e = f.error
-        url = redact_url(self._source.url(shard))
-        msg = (f"{shard_name(shard)} could not be downloaded from {url} after {f.attempts} attempts "
-               f"({'permanent' if f.permanent else f'still failing after the {self.failure_policy.deadline:g} s deadline'}); "
-               f"last cause: {type(e).__name__}: {e}")
-        cls = type(e) if isinstance(e, FetchError) else (PermanentFetchError if f.permanent else TransientFetchError)
-        err = cls(msg, shard_id=shard, url=url, attempts=f.attempts, cause=e)
-        err.__cause__ = e
-        return err
+            self._event("skipped", shard, error=out.reason)
+        raise out.error
 
     def _why_not_ready(self, shard):
-        if shard in self.cache.inflight:
-            r, got = self.cache.inflight[shard]
-            tries, cause = self._troubled.get(shard, (0, None))
-            trouble = f"; {tries} tries failed, last: {cause}" if tries else ""
-            return f"downloading, {human_bytes(got)} of {human_bytes(r)}{trouble}"
-        if shard in self._blocked:
-            return f"waiting for room: {self._blocked[shard]}"
-        f = self._failures.get(shard)
-        if f is not None and f.error is not None:
-            return f"{f.attempts} failed attempts, last: {type(f.error).__name__}: {f.error}"
-        if self._disk_error is not None:
-            return str(self._disk_error)
-        return "queued behind other downloads"
+        return failures.why_not_ready(shard, inflight=self.cache.inflight, troubled=self._troubled,
+                                      blocked=self._blocked, failures=self._failures, disk_error=self._disk_error)
 
     # -------------------------------------------------------------------------
     # the window
@@ -653,15 +507,19 @@ class StreamingDownloader:
         """What the scheduler (schedule.py) needs to know, lock held. Mappings are the live ones: the
         scheduler only reads them, and it runs under the same lock."""
         c = self.cache
-        return schedule.Snapshot(
+        snap = schedule.Snapshot(
             plan=self.plan, val_shard=self.val_shard, cursors=self._cursor, start_pos=self._start_pos,
             initial=self._initial, initial_buffer=self.window.initial_buffer, window=self._win,
             window_base=self._win_base, adaptive=self._ctl is not None, verified=len(self._verified),
             files=c.files, partials=c.partials, inflight=c.inflight.keys(), leased=c.leased(),
-            transferring=self._transferring, consumed=tuple(c.consumed), demand=tuple(sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))),
+            transferring=self._clock.transferring, consumed=tuple(c.consumed),
+            demand=tuple(sorted(self._demand, key=lambda s: self._demand_order.get(s, 0))),
             sizes=self._sizes, probing=self._info_pending, failures=self._failures, troubled=self._troubled,
             skipped=self._skipped.keys(), blocked=self._blocked.keys(), budget=c.budget, used_bytes=c.used_bytes(),
-            retain=self.window.retain, parallel=self._parallel_limit(), max_shard_bytes=self._max_shard_bytes)
+            retain=self.window.retain, parallel=self.workers, max_shard_bytes=self._max_shard_bytes)
+        if self._ctl is None:                   # a fixed window: every worker
+            return snap
+        return replace(snap, parallel=schedule.transfer_limit(snap, self._ctl.rates(), self.workers))
 
     def _update_window(self):
         """Adaptive prefetch: ask the controller for the window's size, within what the budget holds beside
@@ -672,16 +530,9 @@ class StreamingDownloader:
         self._win_base = w.base
         if w.size != self._win:
             logger.info(f"{P} Window {self._win} -> {w.size} shards ahead ({w.reason})")
-            self._win, self._win_reason = w.size, w.reason
+            self._win = w.size
             self._event("window", size=w.size, base=w.base, bump=w.bump, room=w.room, reason=w.reason)
             self._cond.notify_all()
-
-    def _parallel_limit(self):
-        """Transfers allowed at once: every worker with a fixed window; adaptive: see prefetch.py. A shard a
-        reader waits for may start one more (_pick): it starts now, not after a prefetch."""
-        if self._ctl is None:
-            return self.workers
-        return min(self._ctl.parallel(self.workers), self.workers)
 
     def _evict_routine(self, keep=None):
         """Carry out schedule.routine_evictions. `keep`: a shard a reader is asking for right now."""
@@ -745,28 +596,36 @@ class StreamingDownloader:
             session.close()
 
     def _next_job(self):
-        """Block until there is something to do: ("info", shard), ("fetch", shard) or None to stop."""
-        with self._cond:
-            while not self._stop.is_set() and self._crash is None:
-                now = time.monotonic()
-                job = self._pick(now)
-                if job is None:
-                    self._cond.wait(0.25)
-                    continue
-                kind, shard = job
-                if kind == "info":
-                    self._info_pending.add(shard)
+        """Block until there is something to do: ("info", shard), ("fetch", shard) or None to stop. Before a
+        fetch begins, the free space is measured with the lock released (statvfs may block on a slow or
+        network disk), then the job is picked again under the lock and checked against that measure."""
+        free = None                             # (shard, free bytes) measured for it just now
+        while True:
+            with self._cond:
+                while not self._stop.is_set() and self._crash is None:
+                    now = time.monotonic()
+                    job = self._pick(now)
+                    if job is None:
+                        free = None
+                        self._cond.wait(0.25)
+                        continue
+                    kind, shard = job
+                    if kind == "info":
+                        self._info_pending.add(shard)
+                        return job
+                    if free is None or free[0] != shard:
+                        break                   # measure outside the lock, then pick again
+                    size = schedule.fetch_size(self._snapshot(), shard)
+                    ok = self._disk_ok(shard, size, free[1], now) and self._make_room(shard, size)
+                    free = None
+                    if not ok:
+                        self._cond.wait(0.25)
+                        continue
+                    self._begin(shard, size, now)
                     return job
-                size = schedule.fetch_size(self._snapshot(), shard)
-                if not self._disk_ok(shard, size, now) or not self._make_room(shard, size):
-                    self._cond.wait(0.25)
-                    continue
-                self.cache.begin(shard, size)
-                self._begun[shard] = now
-                self._link(shard, True, now)
-                self._event("download_start", shard, size=size)
-                return job
-        return None
+                else:
+                    return None
+            free = (shard, self.cache.free_bytes())
 
     def _pick(self, now):
         """schedule.next_action as a job: ("info", shard) to ask its size first, or ("fetch", shard)."""
@@ -777,27 +636,31 @@ class StreamingDownloader:
             return None
         return ("info" if action.kind is schedule.JobKind.PROBE else "fetch"), action.shard
 
-    def _disk_ok(self, shard, size, now):
+    def _begin(self, shard, size, now):
+        """A fetch of shard begins (lock held): its room is reserved, it holds the link."""
+        self.cache.begin(shard, size)
+        self._clock.begin(shard, now)
+        self._cond.notify_all()
+        self._event("download_start", shard, size=size)
+
+    def _disk_ok(self, shard, size, free, now):
+        """policies.disk_check on `free` bytes measured just before (lock held); pauses downloads under the
+        floor for DiskPolicy.recheck_seconds, and tells the readers."""
         dp = self.disk_policy
-        need = max(0, size - self.cache.partials.get(shard, 0))
-        free = self.cache.free_bytes()
-        after = free - need
-        if after < dp.min_free_bytes:
-            msg = (f"only {free / 1e9:.2f} GB free in {self._data_dir}; downloading {shard_name(shard)} "
-                   f"({human_bytes(need)}) would leave {after / 1e9:.2f} GB, under the floor of "
-                   f"{dp.min_free_bytes / 1e9:.2f} GB: free some space, lower max_cache_bytes or buffer_size, "
-                   f"or lower DiskPolicy.min_free_bytes")
+        v = disk_check(free, max(0, size - self.cache.partials.get(shard, 0)), dp, now=now,
+                       last_warn=self._last_disk_warn, where=self._data_dir, what=shard_name(shard))
+        if not v.ok:
             if self._disk_error is None:
-                logger.error(f"{P} Downloads paused: {msg}")
+                logger.error(f"{P} Downloads paused: {v.message}")
                 self._event("disk_low", shard, free=free, floor=dp.min_free_bytes)
-            self._disk_error = DiskSpaceError(msg)
+            self._disk_error = DiskSpaceError(v.message)
             self._disk_retry_at = now + dp.recheck_seconds
             self._cond.notify_all()
             return False
         if self._disk_error is not None:
             logger.info(f"{P} Free space is back above the floor ({free / 1e9:.2f} GB): downloads resume")
             self._disk_error = None
-        if after < dp.warn_free_bytes and now - self._last_disk_warn >= 60:
+        if v.warn:
             self._last_disk_warn = now
             logger.warning(f"{P} Low disk space: {free / 1e9:.2f} GB free in {self._data_dir} "
                            f"(warning under {dp.warn_free_bytes / 1e9:.2f} GB)")
@@ -806,14 +669,11 @@ class StreamingDownloader:
     def _get_info(self, shard, session):
         try:
             info = remote_info(self._source, shard, self.fetch_policy, session=session, stop=self._stop)
-        except FetchCancelled:
-            with self._cond:
-                self._info_pending.discard(shard)
-            return
         except FetchError as e:
             with self._cond:
                 self._info_pending.discard(shard)
-                self._record_failure(shard, e)
+                if not isinstance(e, FetchCancelled):
+                    self._record_failure(shard, e)
             return
         with self._cond:
             self._info_pending.discard(shard)
@@ -827,77 +687,33 @@ class StreamingDownloader:
             self._max_shard_bytes = info.size
             self._update_window()
 
-    def _link(self, shard, busy, now):
-        """A transfer of shard starts or stops holding the link (lock held): its bytes arrive, or it
-        verifies, commits or backs off (then the next transfer may start)."""
-        if busy == (shard in self._transferring):
-            return
-        if busy:
-            self._transferring.add(shard)
-        else:
-            self._transferring.discard(shard)
-            began = self._begun.get(shard)
-            if began is not None:
-                self._body_seconds[shard] = now - began
-        if self._ctl is not None:
-            (self._ctl.meter.transfer_started if busy else self._ctl.meter.transfer_ended)(now)
-        self._cond.notify_all()
-
     def _on_link(self, shard, busy):
+        """fetch_shard's on_link: the transfer starts or stops receiving (then the next one may start)."""
         with self._cond:
-            self._link(shard, busy, time.monotonic())
+            if self._clock.hold(shard, busy, time.monotonic()):
+                self._cond.notify_all()
 
     def _transfer_over(self, shard, nbytes=0):
         """A transfer ended (lock held): measure it when it brought bytes, for the adaptive window."""
         self._troubled.pop(shard, None)
-        now = time.monotonic()
-        self._link(shard, False, now)
-        began = self._begun.pop(shard, None)
-        seconds = self._body_seconds.pop(shard, None)
-        if self._ctl is not None and nbytes and began is not None:
-            self._ctl.meter.download_done(nbytes, seconds if seconds is not None else now - began, now)
+        if self._clock.end(shard, nbytes, time.monotonic()):
             self._update_window()
+        self._cond.notify_all()
 
     def _download(self, shard, session):
         name = shard_name(shard)
         logger.info(f"{P} Downloading {name}...")
-        info = self._info[shard]
         try:
             res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
-                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=info,
+                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=self._info[shard],
                               on_retry=lambda cause: self._on_retry(shard, cause),
                               on_link=lambda busy: self._on_link(shard, busy))
-        except FetchCancelled:
-            with self._cond:
-                self.cache.abandon(shard)
-                self._transfer_over(shard)
-                self._event("cancelled", shard)
-            return
-        except (FetchError, CorruptShardError) as e:
-            with self._cond:
-                self.cache.abandon(shard)
-                self._transfer_over(shard)
-                self._record_failure(shard, e)
-            return
-        except (DiskSpaceError, OSError) as e:
-            if not isinstance(e, DiskSpaceError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                with self._cond:
-                    self.cache.abandon(shard)
-                    self._transfer_over(shard)
-                raise
-            with self._cond:
-                self.cache.abandon(shard)
-                self._transfer_over(shard)
-                self._disk_error = DiskSpaceError(f"the disk of {self._data_dir} is full (while downloading "
-                                                  f"{name}: {e}): free some space or lower max_cache_bytes")
-                self._disk_retry_at = time.monotonic() + self.disk_policy.recheck_seconds
-                logger.error(f"{P} {self._disk_error}")
-                self._event("disk_full", shard, error=str(e))
-                self._cond.notify_all()
+        except BaseException as e:              # (re-raised there unless it is a fetch's own outcome)
+            self._download_failed(shard, e)
             return
         with self._cond:
             self.cache.finish(shard, res.size)
-            self._retries += max(0, res.attempts - 1)  # fetch_shard retried (resumed) within the call
+            self._counts.retries += max(0, res.attempts - 1)  # fetch_shard retried (resumed) within the call
             self._transfer_over(shard, 0 if res.already_present else res.bytes_downloaded)
             self._failures.pop(shard, None)
             if shard in self.plan:
@@ -908,9 +724,32 @@ class StreamingDownloader:
             self._event("downloaded", shard, size=res.size, seconds=round(res.seconds, 4),
                         attempts=res.attempts, resumed_from=res.resumed_from, checked=res.checked)
             if res.checked is not None:
-                self._checked[res.checked] += 1
+                self._counts.checked[res.checked] += 1
             self._evict_routine()
             self._cond.notify_all()
+
+    def _download_failed(self, shard, e):
+        """fetch_shard raised e: the reservation ends (the partial bytes left are counted, measured before
+        taking the lock); a fetch error is retried after a backoff, a full disk pauses downloads, a
+        cancelled fetch (stop) is noted, anything else is a bug and crashes the worker."""
+        left = self.cache.partial_bytes(shard)
+        with self._cond:
+            self.cache.abandon(shard, left)
+            self._transfer_over(shard)
+            if isinstance(e, FetchCancelled):
+                self._event("cancelled", shard)
+            elif isinstance(e, (FetchError, CorruptShardError)):
+                self._record_failure(shard, e)
+            elif isinstance(e, DiskSpaceError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                self._disk_error = DiskSpaceError(f"the disk of {self._data_dir} is full (while downloading "
+                                                  f"{shard_name(shard)}: {e}): free some space or lower "
+                                                  f"max_cache_bytes")
+                self._disk_retry_at = time.monotonic() + self.disk_policy.recheck_seconds
+                logger.error(f"{P} {self._disk_error}")
+                self._event("disk_full", shard, error=str(e))
+                self._cond.notify_all()
+            else:
+                raise e
 
     def _on_retry(self, shard, cause):
         with self._cond:
@@ -921,173 +760,79 @@ class StreamingDownloader:
     def _on_bytes(self, shard, n):
         with self._cond:
             self.cache.progress(shard, n)
-            self._downloaded_bytes += n
+            self._counts.add_bytes(n, time.monotonic())
             if self._ctl is not None:
                 self._ctl.meter.add_bytes(n)
-            now = time.monotonic()
-            self._rate.append((now, n))
-            while self._rate and self._rate[0][0] < now - RATE_WINDOW:
-                self._rate.popleft()
 
     def _record_failure(self, shard, e):
-        f = self._failures.setdefault(shard, _Failure())
-        tried = max(1, getattr(e, "attempts", 0) or 1)
-        f.attempts += tried
-        self._retries += tried - 1                  # the call's own retries; the call's retry is counted below
-        f.rounds += 1
-        f.error = e
-        f.permanent = isinstance(e, PermanentFetchError)
-        fp = self.failure_policy
-        if f.permanent and fp.mode != "wait":
-            f.retry_at = float("inf")
-            self._n_failures += 1
+        """A fetch call (or a probe) of shard failed (lock held): failures.record, then log and tell."""
+        r = failures.record(self._failures.get(shard), e, self.failure_policy, time.monotonic(), random.random())
+        self._failures[shard] = r.failure
+        self._counts.retries += r.retries
+        self._counts.failures += r.failures
+        if r.gave_up:
             logger.error(f"{P} {shard_name(shard)} failed permanently: {e}")
-            self._event("failed", shard, error=f"{type(e).__name__}: {e}", attempts=f.attempts)
+            self._event("failed", shard, error=f"{type(e).__name__}: {e}", attempts=r.failure.attempts)
         else:
-            cap = schedule.backoff_cap(fp, f)
-            delay = random.uniform(cap / 2, cap)
-            f.retry_at = time.monotonic() + delay
-            self._retries += 1
-            logger.warning(f"{P} {shard_name(shard)} failed ({type(e).__name__}: {e}); retrying in {delay:.1f} s")
-            self._event("retry", shard, error=f"{type(e).__name__}: {e}", attempts=f.attempts,
-                        delay=round(delay, 3))
+            logger.warning(f"{P} {shard_name(shard)} failed ({type(e).__name__}: {e}); retrying in {r.delay:.1f} s")
+            self._event("retry", shard, error=f"{type(e).__name__}: {e}", attempts=r.failure.attempts,
+                        delay=round(r.delay, 3))
         self._cond.notify_all()
 
     # -------------------------------------------------------------------------
-    # scanning what is already there
+    # status and events: built under the lock (report.py), written by the status thread (statuswriter.py)
 
-    def _scan_existing(self):
-        finals, partials = self.cache.scan()
-        wanted = set(self.plan.order) | {self.val_shard}
-        do_sha = self.verify_existing == "sha256" or (
-            self.verify_existing == "auto" and sum(finals.values()) <= SHA_AUTO_LIMIT)
+    def _progress(self):
+        """report.progress of now (lock held): copied out, so it may leave the lock."""
+        return report.progress(self._snapshot(), self._counts, state=self._state, disk_bytes=self.cache.disk_bytes(),
+                               reserved_bytes=self.cache.reserved_bytes(), now=time.monotonic(),
+                               error=self._crash or self._disk_error)
 
-        quick = replace(self.fetch_policy, max_attempts=2)     # one retry; a dead source must not stall start()
-        unreachable = threading.Event()
-
-        def check(shard):
-            info = None
-            if shard in wanted and not unreachable.is_set():
-                try:
-                    info = remote_info(self._source, shard, quick, stop=self._stop)
-                except FetchError as e:
-                    if not isinstance(e, PermanentFetchError):
-                        unreachable.set()
-                    logger.warning(f"{P} cannot ask the source about {shard_name(shard)} ({e}); "
-                                   f"checking parquet footers only")
-            path = self.cache.path(shard)
-            try:
-                verify_shard(path, size=info.size if info else None,
-                             sha256=info.sha256 if (info and do_sha) else None)
-            except CorruptShardError as e:
-                return shard, info, e
-            return shard, info, None
-
-        results = []
-        if finals:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(max_workers=max(2, self.workers), thread_name_prefix="shardstream-scan") as ex:
-                results = list(ex.map(check, sorted(finals)))
-        with self._cond:
-            for shard, info, err in results:
-                if info is not None:
-                    self._note_info(shard, info)
-                if err is not None:
-                    logger.warning(f"{P} Removing corrupt {shard_name(shard)}: {err}")
-                    try:
-                        os.remove(self.cache.path(shard))
-                    except FileNotFoundError:
-                        pass
-                    self._event("corrupt_removed", shard, error=str(err))
-                    continue
-                self.cache.files[shard] = finals[shard]
-                if shard in self.plan:
-                    self._verified.add(shard)
-            self.cache.partials = dict(partials)
-            found = sorted(self.cache.files)
-            logger.info(f"{P} Found {len(found)} shards already downloaded"
-                        + (f" ({len(partials)} partial downloads to resume)" if partials else ""))
-            self._event("scan", found=found, partials=sorted(partials))
-            evict = schedule.over_budget_evictions(self._snapshot())
-            if evict:
-                logger.warning(f"{P} The data dir holds {human_bytes(self.cache.used_bytes())} of shards, over the "
-                               f"budget of {human_bytes(self.cache.budget)}: deleting {len(evict)} not needed soon")
-                for e in evict:
-                    self._delete(e.shard, e.why)
-
-    def _check_budget(self):
-        """A budget must hold the val shard plus two train shards, or the window cannot move."""
-        budget = self.cache.budget
-        if budget is None:
-            return
-        sizes = {}
-        first = self.plan.at(max(0, schedule.reader_pos(self._snapshot()) + 1))
-        for s in (first, self.val_shard):
-            info = self._info.get(s)
-            if info is None:
-                info = remote_info(self._source, s, self.fetch_policy, stop=self._stop)
-                with self._cond:
-                    self._note_info(s, info)
-            sizes[s] = info.size or 0
-        need = sizes[self.val_shard] + 2 * sizes[first]
-        if budget < need:
-            raise ConfigError(f"max_cache_bytes={budget} ({human_bytes(budget)}) cannot hold the val shard "
-                              f"({human_bytes(sizes[self.val_shard])}) plus two train shards "
-                              f"(~{human_bytes(sizes[first])} each): give at least {need} bytes, or None")
-
-    # -------------------------------------------------------------------------
-    # status and events
-
-    def _status(self):
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate if t >= now - RATE_WINDOW]
-        mbps = 0.0
-        if recent:
-            span = max(now - recent[0][0], 0.5)
-            mbps = sum(n for _, n in recent) / span / 1e6
+    def _status_of(self, progress):
+        """The DownloaderStatus of a Progress, with the free space measured now (lock not held: statvfs)."""
         try:
             free = self.cache.free_bytes()
         except OSError:
             free = None
-        snap = self._snapshot()
-        win = schedule.ahead(snap)
-        err = self._crash or self._disk_error
-        return DownloaderStatus(
-            state=self._state, shards_verified=len(self._verified), total_shards=self.total_shards,
-            ahead=sum(1 for s in win if s in self.cache.files), buffer_size=self._win,
-            current_shard=schedule.reader_shard(snap), bytes_on_disk=self.cache.disk_bytes(),
-            reserved_bytes=self.cache.reserved_bytes(), budget=self.cache.budget, free_disk_bytes=free,
-            download_mbps=round(mbps, 3), downloaded_bytes=self._downloaded_bytes,
-            in_flight=tuple(sorted(self.cache.inflight)), cached=tuple(sorted(self.cache.files)),
-            retries=self._retries, failures=self._n_failures, skipped=tuple(sorted(self._skipped)),
-            waits=self._waits, wait_seconds=round(self._wait_seconds, 4), checked=dict(self._checked),
-            error=None if err is None else f"{type(err).__name__}: {err}", val_shard=self.val_shard,
-            data_dir=str(self._data_dir), source=redact_url(self._source.base_url), pid=os.getpid(),
-            host=_hostname(), updated=time.time())
+        return report.status(progress, self._origin, free, time.time())
+
+    def _locked_progress(self):
+        with self._cond:
+            return self._progress()
 
     def _event(self, event, shard=None, **extra):
-        """Log one event to events.jsonl and refresh status.json (lock held)."""
-        if self._events is None:
-            return
-        snap = self._snapshot()
-        win = schedule.ahead(snap)
-        self._events.write(event, shard=shard, bytes_on_disk=self.cache.disk_bytes(), budget=self.cache.budget,
-                           ahead=sum(1 for s in win if s in self.cache.files), reader_shard=schedule.reader_shard(snap),
-                           **{"window": self._win, **extra})
-        self._write_status()
+        """Queue one events.jsonl record for the status thread (lock held); it refreshes status.json too."""
+        if self._status.opened:
+            self._status.queue(report.event_record(self._snapshot(), event, shard, t=time.time(),
+                                                   disk_bytes=self.cache.disk_bytes(), **extra))
 
-    def _write_status(self):
-        try:
-            write_status(self._data_dir, self._status())
-            self._last_status_write = time.monotonic()
-        except (OSError, ConfigError) as e:     # (UnsafePathError: a planted file) never crashes a run
-            logger.debug(f"{P} could not write status.json: {e}")
 
-    def _status_loop(self):
-        while not self._stop.wait(self.status_interval):
-            with self._cond:
-                if time.monotonic() - self._last_status_write >= self.status_interval:
-                    self._write_status()
+def _resolve_source(source, dataset, dataset_shards):
+    """The Source to stream from: a Source as given, or one made from a base URL string or the dataset's
+    default (listing.make_source: a listed source is listed now)."""
+    if source is None or isinstance(source, str):
+        return make_source(source, dataset=dataset, dataset_shards=dataset_shards)
+    if not isinstance(source, Source):
+        raise ConfigError(f"source must be a Source or a base URL string, got {type(source).__name__}")
+    if dataset_shards is not None and dataset_shards != source.dataset_shards:
+        raise ConfigError(f"dataset_shards={dataset_shards} disagrees with the Source's "
+                          f"dataset_shards={source.dataset_shards}")
+    return source
+
+
+def _writable_data_dir(data_dir, dataset, source):
+    """The data dir, created and writable, or a clear ConfigError now (never a local source's own folder:
+    eviction would delete its shards)."""
+    d = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
+    source.check_data_dir(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"data dir {d} is not a writable directory ({e.strerror or e}): "
+                          f"pass data_dir= (or SHARDSTREAM_DATA_DIR) pointing somewhere writable") from None
+    return d
 
 
 def _progress_bar(total):

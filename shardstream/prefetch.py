@@ -21,8 +21,10 @@ second one would halve the urgent shard's speed). But one connection often does 
 caps each connection; TCP ramps up again after every idle gap), so the meter keeps the link's rate at
 each number of transfers in flight (`level_bps`), and the rule runs as many as it takes: all `workers`
 when behind (the busy link slower than the reader), else the fewest that measured within LEVEL_GAIN of
-the best, trying one more once the current level has been measured (`parallel_transfers`). The downloader adds one transfer for a shard a reader waits for
-that is not in flight (an on-demand or val shard must not queue behind a prefetch).
+the best, trying one more (k+1) once the current level has been measured (`parallel_transfers`), but
+only while the readers have k+1 verified shards ready (`ready`, counted by schedule.transfer_limit): a
+trial splits the link, and a reader needing the next shard meanwhile waited (W/R = 1.25: 0.6 %). The downloader adds one transfer for a shard a reader waits for that is not in
+flight (an on-demand or val shard must not queue behind a prefetch).
 
 `PrefetchController` holds the measurements (`RateMeter`) and the wait bump; the rule itself is the pure
 function `window_size(policy, rates, bump, room)`. Neither is thread-safe: the downloader calls them with
@@ -123,10 +125,12 @@ LEVEL_SECONDS = 2.0         # a level counts as measured after this long with th
 LEVEL_GAIN = 1.05           # another transfer in flight pays when the link moved this much more with it
 
 
-def parallel_transfers(rates, workers):
+def parallel_transfers(rates, workers, ready=None):
     """How many transfers may run at once: all `workers` when behind (the busy link is slower than the
-    reader); else the fewest whose measured link rate is within LEVEL_GAIN of the best measured, and one
-    more than that while the next level has not been measured (one connection may not fill the link)."""
+    reader); else the fewest (k) whose measured link rate is within LEVEL_GAIN of the best measured, and
+    k+1 while that level has not been measured (one connection may not fill the link) and the readers
+    have at least k+1 verified shards `ready` ahead (None: do not ask): the trial splits the link, so its
+    shards land after about k+1 shard-downloads, which a reader with fewer shards ready would wait for."""
     if rates.aggregate_bps and rates.consume_bps and rates.aggregate_bps < rates.consume_bps:
         return workers
     levels = dict(rates.level_bps)
@@ -134,7 +138,7 @@ def parallel_transfers(rates, workers):
         return 1
     best = max(levels.values())
     k = min(k for k, bps in levels.items() if bps * LEVEL_GAIN >= best)
-    if k + 1 <= workers and k + 1 not in levels and max(levels) <= k:
+    if (ready is None or ready >= k + 1) and k + 1 <= workers and k + 1 not in levels and max(levels) <= k:
         return k + 1                        # not tried yet: measure it
     return min(k, workers)
 
@@ -154,6 +158,7 @@ class RateMeter:
         self.level_bytes = {}       # transfers in flight -> bytes received while that many were
         self.level_seconds = {}     # transfers in flight -> seconds that many were
         self._level_since = None
+        self.version = 0            # bumped by every measurement: rates() is recomputed only when it moved
 
     def _account(self, now):
         if self.active > 0 and self._level_since is not None:
@@ -161,12 +166,14 @@ class RateMeter:
         self._level_since = now
 
     def transfer_started(self, now):
+        self.version += 1
         self._account(now)
         if self.active == 0:
             self.busy_since = now
         self.active += 1
 
     def transfer_ended(self, now):
+        self.version += 1
         self._account(now)
         self.active = max(0, self.active - 1)
         if self.active == 0 and self.busy_since is not None:
@@ -174,6 +181,7 @@ class RateMeter:
             self.busy_since = None
 
     def add_bytes(self, n):
+        self.version += 1
         self.bytes += n
         if self.active > 0:
             self.level_bytes[self.active] = self.level_bytes.get(self.active, 0) + n
@@ -182,11 +190,13 @@ class RateMeter:
         return self.busy + (now - self.busy_since if self.busy_since is not None else 0.0)
 
     def download_done(self, nbytes, seconds, now):
+        self.version += 1
         if nbytes > 0 and seconds > 0:
             self.downloads.append(seconds / nbytes)
         self.marks.append((self.busy_seconds(now), self.bytes))
 
     def read_done(self, nbytes, seconds):
+        self.version += 1
         if nbytes > 0 and seconds > 0:
             self.reads.append(seconds / nbytes)
 
@@ -205,6 +215,47 @@ class RateMeter:
                      level_bps=levels)
 
 
+class LinkClock:
+    """Which transfers hold the link now, and how long each one's bytes took: what a RateMeter hears
+    (transfer_started / transfer_ended as a transfer starts or stops receiving, download_done when it
+    ends). meter None (a fixed window): only the bookkeeping. Not thread-safe (the downloader's lock)."""
+
+    def __init__(self, meter=None):
+        self.meter = meter
+        self.begun = {}             # shard -> time its transfer began
+        self.transferring = set()   # shards whose bytes arrive now (they hold the link)
+        self.body_seconds = {}      # shard -> seconds its bytes took (verify and commit not counted)
+
+    def begin(self, shard, now):
+        self.begun[shard] = now
+        self.hold(shard, True, now)
+
+    def hold(self, shard, busy, now):
+        """shard's transfer starts (busy) or stops holding the link: its bytes arrive, or it verifies,
+        commits or backs off. False when nothing changed."""
+        if busy == (shard in self.transferring):
+            return False
+        if busy:
+            self.transferring.add(shard)
+        else:
+            self.transferring.discard(shard)
+            if shard in self.begun:
+                self.body_seconds[shard] = now - self.begun[shard]
+        if self.meter is not None:
+            (self.meter.transfer_started if busy else self.meter.transfer_ended)(now)
+        return True
+
+    def end(self, shard, nbytes, now):
+        """shard's transfer is over (nbytes: what it brought; 0 for none). True when it was measured."""
+        self.hold(shard, False, now)
+        began = self.begun.pop(shard, None)
+        seconds = self.body_seconds.pop(shard, None)
+        if self.meter is None or not nbytes or began is None:
+            return False
+        self.meter.download_done(nbytes, seconds if seconds is not None else now - began, now)
+        return True
+
+
 class PrefetchController:
     """The adaptive window of one downloader: measurements, the wait bump, and the current decision."""
 
@@ -214,6 +265,7 @@ class PrefetchController:
         self.meter = RateMeter(policy.history)
         self.bump = 0
         self.calm = 0
+        self._rates = None          # (meter version, Rates): one computation per measurement, not per snapshot
 
     def on_wait(self):
         """A reader had to wait for a planned shard: grow."""
@@ -230,10 +282,14 @@ class PrefetchController:
             self.calm = 0
 
     def rates(self):
-        return self.meter.rates(self.policy.tail)
+        """The meter's Rates, recomputed only after a new measurement (the downloader asks at every
+        snapshot; sorting the history each time would be wasted)."""
+        if self._rates is None or self._rates[0] != self.meter.version:
+            self._rates = (self.meter.version, self.meter.rates(self.policy.tail))
+        return self._rates[1]
 
     def window(self, room=None):
         return window_size(self.policy, self.rates(), self.bump, room, self.start_ahead)
 
-    def parallel(self, workers):
-        return parallel_transfers(self.rates(), workers)
+    def parallel(self, workers, ready=None):
+        return parallel_transfers(self.rates(), workers, ready)

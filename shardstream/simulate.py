@@ -4,8 +4,8 @@
     res = simulate(sc)           # -> Result: per node first step, data-wait, peak disk, wire bytes, window
 
 The decisions are the downloader's own: schedule.py's pure functions (priority, next_action, make_room,
-routine_evictions, window_room, fetch_size) over a Snapshot built like downloader._snapshot(), and
-prefetch.PrefetchController fed the simulated download and read times at the calls downloader.py makes
+routine_evictions, window_room, fetch_size, transfer_limit) over a Snapshot built like
+downloader._snapshot(), and prefetch.PrefetchController fed the simulated download and read times at the calls downloader.py makes
 (transfer_started/ended, add_bytes, download_done, read_done, on_wait, on_read). What is simulated is
 everything around them, on a simulated clock (no threads, no sleeps, no I/O):
 
@@ -321,7 +321,6 @@ class _Node:
         self.win_base = None
         self.windows = [self.win]
         self.threads = sc.workers + 1
-        self.par = None                 # the adaptive parallel limit, until the next measurement
         # --- the world
         self.now = 0.0
         self.heap, self.seq = [], 0
@@ -485,7 +484,6 @@ class _Node:
         last = self.last_read.get(r)
         if self.ctl is not None and last is not None and pos == last[0] + 1:
             self.ctl.meter.read_done(last[2], self.now - last[1])
-            self.par = None
         self.cursor[r] = pos
         self._evict_routine(keep=self.plan.at(pos))
 
@@ -556,7 +554,7 @@ class _Node:
 
     # --- the window (downloader._snapshot, _update_window, _evict_routine)
     def _snapshot(self):
-        return schedule.Snapshot(
+        snap = schedule.Snapshot(
             plan=self.plan, val_shard=self.val, cursors=self.cursor, start_pos=self.start_pos,
             initial=self.initial, initial_buffer=self.sc.initial_buffer, window=self.win,
             window_base=self.win_base, adaptive=self.ctl is not None, verified=self.verified,
@@ -564,14 +562,11 @@ class _Node:
             consumed=tuple(self.consumed), demand=tuple(sorted(self.demand, key=lambda s: self.demand_order.get(s, 0))),
             sizes=self.sizes, probing=self.probing, failures={}, troubled={}, skipped=frozenset(),
             blocked=self.blocked.keys(), budget=self.budget, used_bytes=self.files_total + self.reserved,
-            retain=self.sc.retain, parallel=self._parallel_limit(), max_shard_bytes=self.max_shard_bytes)
-
-    def _parallel_limit(self):
+            retain=self.sc.retain, parallel=self.sc.workers, max_shard_bytes=self.max_shard_bytes)
         if self.ctl is None:
-            return self.sc.workers
-        if self.par is None:                    # it changes only with a measurement: ask once per measurement
-            self.par = min(self.ctl.parallel(self.sc.workers), self.sc.workers)
-        return self.par
+            return snap
+        # downloader._snapshot: the adaptive limit, the same pure rule (the controller caches its rates)
+        return replace(snap, parallel=schedule.transfer_limit(snap, self.ctl.rates(), self.sc.workers))
 
     def _update_window(self):
         if self.ctl is None:
@@ -657,7 +652,6 @@ class _Node:
         if self.ctl is not None:
             self._flush_bytes()
             (self.ctl.meter.transfer_started if busy else self.ctl.meter.transfer_ended)(self.now)
-            self.par = None                     # the level meter moved
         (self.transferring.add if busy else self.transferring.discard)(s)
 
     def _flush_bytes(self):
@@ -697,7 +691,6 @@ class _Node:
                 x.reported = x.got
             self.ctl.meter.download_done(x.size, x.body_s if x.body_s is not None else self.now - x.began,
                                          self.now)
-            self.par = None
             self._update_window()
         if s in self.plan:
             self.verified += 1

@@ -241,3 +241,41 @@ def test_the_meter_measures_the_link_at_each_level():
     m.transfer_ended(4.5)
     levels = dict(m.rates().level_bps)
     assert levels == {1: pytest.approx(20e6 / 2.5), 2: pytest.approx(15e6)}
+
+
+@pytest.mark.parametrize("ready, want", [(None, 2), (0, 1), (1, 1), (2, 2), (5, 2)])
+def test_one_more_transfer_is_tried_only_with_enough_shards_ready(ready, want):
+    """Issue 17: k+1 splits the link; it is tried only while the readers have k+1 shards ready."""
+    one = Rates(aggregate_bps=25e6, consume_spb=1 / 20e6, level_bps=((1, 25e6),))
+    assert parallel_transfers(one, workers=2, ready=ready) == want
+
+
+def test_the_controller_computes_rates_once_per_measurement():
+    ctl = PrefetchController(PrefetchPolicy())
+    calls = []
+    real = ctl.meter.rates
+    ctl.meter.rates = lambda tail: calls.append(tail) or real(tail)
+    a, b = ctl.rates(), ctl.rates()
+    assert a is b and len(calls) == 1
+    ctl.window(), ctl.parallel(2)
+    assert len(calls) == 1                          # nothing measured since
+    ctl.meter.download_done(MB, 1.0, now=1.0)
+    assert ctl.rates().download_bps == pytest.approx(MB) and len(calls) == 2
+
+
+def test_link_clock_tells_the_meter_and_times_the_body():
+    from shardstream.prefetch import LinkClock
+    m = RateMeter()
+    c = LinkClock(m)
+    c.begin(3, now=0.0)
+    assert c.transferring == {3} and m.active == 1
+    assert not c.hold(3, True, now=0.5)             # already on the link: nothing changes
+    assert c.hold(3, False, now=2.0)                # bytes in: it verifies off the link
+    assert m.active == 0 and c.body_seconds == {3: 2.0}
+    assert c.end(3, MB, now=3.0)                    # measured over its body (2 s), not 3 s
+    assert m.rates().download_bps == pytest.approx(MB / 2) and not c.begun and not c.body_seconds
+    c.begin(4, now=4.0)
+    assert not c.end(4, 0, now=5.0) and not c.transferring       # brought nothing: not measured
+    bare = LinkClock()
+    bare.begin(1, now=0.0)
+    assert not bare.end(1, MB, now=1.0)             # no meter (a fixed window): bookkeeping only

@@ -216,3 +216,210 @@ def test_failure_verdict(kw, waited, policy, want):
 def test_shard_state(kw, want):
     assert shard_state(snap(**kw), 4, now=10.0) is want
 
+
+
+# -----------------------------------------------------------------------------
+# transfers at once (issue 17): one more is tried only while the readers have shards ready
+
+from shardstream.prefetch import Rates  # noqa: E402
+from shardstream.schedule import ready_ahead, transfer_limit  # noqa: E402
+
+ONE_LEVEL = Rates(aggregate_bps=25 * MB, consume_spb=1 / (20 * MB), level_bps=((1, 25 * MB),))
+
+
+@pytest.mark.parametrize("kw, want", [
+    (dict(), 0),                                                # not anchored
+    (dict(start_pos=0), 0),                                     # the initial buffer's shard is not there yet
+    (dict(start_pos=0, files={0: MB}), 1),
+    (dict(cursors={0: 0}, files={0: MB}), 0),                   # reads 0, the next (1) is not there
+    (dict(cursors={0: 0}, files={0: MB, 1: MB}), 1),
+    (dict(cursors={0: 0}, files={0: MB, 1: MB, 2: MB, 3: MB}), 3),   # counted up to the limit
+    (dict(cursors={0: 0, 1: 2}, files={1: MB, 2: MB, 3: MB}), 1),    # the least covered reader counts
+    (dict(cursors={0: 8}, files={9: MB}), 3),                   # the plan's end: nothing more to need
+    (dict(cursors={0: 0}, files={1: MB, 2: MB}, demand=(5,)), 0),    # a reader waits now
+])
+def test_ready_ahead(kw, want):
+    assert ready_ahead(snap(**kw), limit=3) == want
+
+
+@pytest.mark.parametrize("rates, kw, workers, want", [
+    (ONE_LEVEL, dict(cursors={0: 0}, files={0: MB, 1: MB}), 2, 1),            # 1 ready: k+1 = 2 would split
+    (ONE_LEVEL, dict(cursors={0: 0}, files={0: MB, 1: MB, 2: MB}), 2, 2),     # 2 ready: try 2 connections
+    (ONE_LEVEL, dict(cursors={0: 0}, files={0: MB, 1: MB, 2: MB}), 1, 1),     # never beyond the workers
+    (ONE_LEVEL, dict(start_pos=0), 2, 1),                                     # start(): the first shard alone
+    (Rates(), dict(cursors={0: 0}, files={1: MB, 2: MB}), 2, 1),              # nothing measured: one
+    (Rates(aggregate_bps=10 * MB, consume_spb=1 / (20 * MB)), dict(cursors={0: 0}), 3, 3),   # behind: all
+    (Rates(aggregate_bps=30 * MB, consume_spb=1 / (20 * MB), level_bps=((1, 20 * MB), (2, 30 * MB))),
+     dict(cursors={0: 0}), 2, 2),                                             # 2 measured better: kept
+])
+def test_transfer_limit(rates, kw, workers, want):
+    assert transfer_limit(snap(**kw), rates, workers) == want
+
+
+# -----------------------------------------------------------------------------
+# the executor's other rules (downloader.py carries them out): arguments, disk, failures, status
+
+from shardstream import failures, report  # noqa: E402
+from shardstream.errors import (ConfigError, DiskSpaceError, PermanentFetchError, ShardSkipped,  # noqa: E402
+                                TransientFetchError)
+from shardstream.existing import SHA_AUTO_LIMIT, hash_existing  # noqa: E402
+from shardstream.policies import (DiskPolicy, WindowPolicy, budget_problem, disk_check,  # noqa: E402
+                                  resolve_options, resolve_plan)
+from shardstream.source import Source  # noqa: E402
+
+SOURCE = Source("http://127.0.0.1:1", 11)        # train shards 0..9, val 10
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(window=WindowPolicy(), buffer_size=3), "not both"),
+    (dict(window="big"), "WindowPolicy"),
+    (dict(failure_policy="retry"), "failure policy mode"),
+    (dict(failure_policy=FailurePolicy(), deadline=5), "not both"),
+    (dict(disk_policy=DiskPolicy(), min_free_bytes=0), "not both"),
+    (dict(prefetch="fast"), "prefetch"),
+    (dict(workers=0), "workers"),
+    (dict(verify_existing="md5"), "verify_existing"),
+])
+def test_resolve_options_refuses(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve_options(**kw)
+
+
+def test_resolve_options_builds_the_policies():
+    o = resolve_options(buffer_size=3, failure_policy="skip", deadline=7, min_free_bytes=0, prefetch="auto")
+    assert o.window.buffer_size == 3 and o.failure.mode == "skip" and o.failure.deadline == 7
+    assert o.disk.min_free_bytes == 0 and o.prefetch is not None and o.workers == 2
+
+
+@pytest.mark.parametrize("plan, total, window, start_at, want", [
+    (None, -1, WindowPolicy(), None, (10, 0)),
+    (None, 4, WindowPolicy(), None, (4, 0)),
+    (None, 4, WindowPolicy(initial_buffer=0), None, (4, None)),     # not anchored until a reader asks
+    (None, 4, WindowPolicy(), 2, (4, 2)),
+    (ReadPlan((3, 1, 2)), -1, WindowPolicy(), 1, (3, 1)),
+])
+def test_resolve_plan(plan, total, window, start_at, want):
+    p, n, start = resolve_plan(SOURCE, plan, total, window, start_at)
+    assert (n, start) == want and p.epoch_length == n
+
+
+@pytest.mark.parametrize("plan, total, window, start_at, needle", [
+    (None, 11, WindowPolicy(), None, "only 10 train shards"),
+    (ReadPlan((3, 10)), -1, WindowPolicy(), None, "names shard 10"),
+    (ReadPlan((3, 1)), 5, WindowPolicy(), None, "disagrees"),
+    (None, 2, WindowPolicy(buffer_size=3, initial_buffer=3), None, "initial_buffer=3"),
+    (None, 4, WindowPolicy(), 7, "start_at"),
+    ("0..3", -1, WindowPolicy(), None, "ReadPlan"),
+])
+def test_resolve_plan_refuses(plan, total, window, start_at, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve_plan(SOURCE, plan, total, window, start_at)
+
+
+@pytest.mark.parametrize("budget, val, first, ok", [
+    (None, MB, MB, True), (3 * MB, MB, MB, True), (3 * MB - 1, MB, MB, False), (5 * MB, 3 * MB, MB, True),
+])
+def test_budget_problem(budget, val, first, ok):
+    assert (budget_problem(budget, val, first) is None) == ok
+
+
+@pytest.mark.parametrize("free, need, now, last_warn, want_ok, want_warn", [
+    (10 * MB, 2 * MB, 100.0, 0.0, True, False),         # leaves 8 MB: above both lines
+    (10 * MB, 6 * MB, 100.0, 0.0, True, True),          # leaves 4 MB: under the warning line
+    (10 * MB, 6 * MB, 100.0, 50.0, True, False),        # ...warned 50 s ago: not again yet
+    (10 * MB, 9.5 * MB, 100.0, 0.0, False, False),      # leaves 0.5 MB: under the floor, paused
+])
+def test_disk_check(free, need, now, last_warn, want_ok, want_warn):
+    dp = DiskPolicy(warn_free_bytes=5 * MB, min_free_bytes=MB)
+    v = disk_check(free, need, dp, now=now, last_warn=last_warn, where="/data", what="shard_00003.parquet")
+    assert (v.ok, v.warn, v.after) == (want_ok, want_warn, free - need)
+    assert (v.message is None) == want_ok and (want_ok or "/data" in v.message and "floor" in v.message)
+
+
+@pytest.mark.parametrize("mode, error, prev, want", [
+    # (gave up, attempts, rounds, retries added, failures added, delay range)
+    ("fail", TransientFetchError("reset", attempts=3), None, (False, 3, 1, 3, 0, (0.5, 1.0))),
+    ("fail", TransientFetchError("reset", attempts=1), Failure(3, 1, error="x"), (False, 4, 2, 1, 0, (1.0, 2.0))),
+    ("fail", PermanentFetchError("404"), None, (True, 1, 1, 0, 1, None)),
+    ("wait", PermanentFetchError("404"), None, (False, 1, 1, 1, 0, (5.0, 10.0))),   # "wait" retries it
+])
+def test_failures_record(mode, error, prev, want):
+    policy = FailurePolicy(mode, retry_initial=1.0, retry_max=10.0)
+    for u in (0.0, 0.999):
+        r = failures.record(prev, error, policy, now=100.0, u=u)
+        gave_up, attempts, rounds, retries, fails, delay = want
+        assert (r.gave_up, r.failure.attempts, r.failure.rounds, r.retries, r.failures) == \
+            (gave_up, attempts, rounds, retries, fails)
+        assert r.failure.error is error and r.failure.permanent == isinstance(error, PermanentFetchError)
+        if delay is None:
+            assert r.delay is None and r.failure.retry_at == float("inf")
+        else:
+            assert delay[0] <= r.delay <= delay[1] and r.failure.retry_at == pytest.approx(100.0 + r.delay)
+
+
+def _outcome(kw, waited, mode="fail", **extra):
+    args = dict(skipped={}, blocked={}, disk_error=None, url="http://h/shard_00003.parquet")
+    args.update(extra)
+    return failures.reader_outcome(snap(**kw), 3, waited, FailurePolicy(mode, deadline=10), **args)
+
+
+def test_reader_outcome_table():
+    e = TransientFetchError("reset")
+    assert _outcome({}, 100) is None                                            # nothing failed: wait
+    o = _outcome({}, 0, skipped={3: "gone"})
+    assert isinstance(o.error, ShardSkipped) and "gone" in str(o.error)
+    assert isinstance(_outcome({}, 0, disk_error=DiskSpaceError("full")).error, DiskSpaceError)
+    assert _outcome(dict(inflight=frozenset({3})), 0, disk_error=DiskSpaceError("full")) is None  # it downloads
+    assert _outcome({}, 5, blocked={3: "no room"}) is None                      # before the deadline
+    assert "no room" in str(_outcome({}, 10, blocked={3: "no room"}).error)
+    assert _outcome(dict(failures={3: Failure(2, 1, error=e)}), 5) is None       # transient: the deadline
+    o = _outcome(dict(failures={3: Failure(2, 1, error=e)}), 10)
+    assert o.kind is failures.Outcome.RAISE and isinstance(o.error, TransientFetchError) and o.error.__cause__ is e
+    o = _outcome(dict(failures={3: Failure(1, 1, True, error=PermanentFetchError("404"))}), 0, mode="skip")
+    assert o.kind is failures.Outcome.SKIP and isinstance(o.error, ShardSkipped) and not o.counts
+    o = _outcome(dict(inflight=frozenset({3}), troubled={3: (4, "stall")}), 10, mode="skip")
+    assert o.kind is failures.Outcome.SKIP and o.counts and "4 attempts" in o.reason       # tries in flight
+    assert _outcome(dict(failures={3: Failure(2, 1, error=e)}), 99, mode="wait") is None
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(inflight={3: (2 * MB, MB)}), "downloading, 1.0 MB of 2.0 MB"),
+    (dict(inflight={3: (2 * MB, MB)}, troubled={3: (2, "reset")}), "2 tries failed, last: reset"),
+    (dict(blocked={3: "full"}), "waiting for room: full"),
+    (dict(failures={3: Failure(5, 2, error=TransientFetchError("503"))}), "5 failed attempts"),
+    (dict(disk_error=DiskSpaceError("disk low")), "disk low"),
+    (dict(), "queued"),
+])
+def test_why_not_ready(kw, needle):
+    args = dict(inflight={}, troubled={}, blocked={}, failures={}, disk_error=None)
+    args.update(kw)
+    assert needle in failures.why_not_ready(3, **args)
+
+
+def test_status_and_events_are_functions_of_a_snapshot_and_counts():
+    c = report.Counts(retries=2, waits=1, wait_seconds=0.5)
+    c.add_bytes(MB, now=10.0)
+    c.add_bytes(MB, now=11.0)
+    c.add_bytes(MB, now=17.0)                   # the first two fall out of the 5 s history
+    assert [t for t, _ in c.rate] == [17.0] and c.downloaded_bytes == 3 * MB
+    assert report.recent_mbps(((10.0, MB), (11.0, MB)), now=11.0) == pytest.approx(2.0)
+    assert report.recent_mbps((), now=11.0) == 0.0
+    s = snap(cursors={0: 2}, files={2: MB, 3: MB, 5: MB}, inflight=frozenset({4}), skipped=frozenset({9}),
+             verified=3, budget=9 * MB)
+    p = report.progress(s, c, state="running", disk_bytes=4 * MB, reserved_bytes=MB, now=17.0,
+                        error=DiskSpaceError("low"))
+    assert (p.ahead, p.current_shard, p.cached, p.in_flight, p.skipped) == (2, 2, (2, 3, 5), (4,), (9,))
+    assert p.error == "DiskSpaceError: low" and p.window == 4 and p.retries == 2
+    st = report.status(p, report.Origin(10, 10, "/d", "http://h", 1, "host"), free=None, updated=5.0)
+    assert st.shards_verified == 3 and st.buffer_size == 4 and st.free_disk_bytes is None and st.updated == 5.0
+    ev = report.event_record(s, "evicted", 1, disk_bytes=4 * MB, t=123.45678, reason="consumed")
+    assert ev == {"t": 123.4568, "event": "evicted", "shard": 1, "bytes_on_disk": 4 * MB, "budget": 9 * MB,
+                  "ahead": 2, "reader_shard": 2, "window": 4, "reason": "consumed"}
+
+
+@pytest.mark.parametrize("mode, total, want", [
+    ("sha256", 10 * SHA_AUTO_LIMIT, True), ("size", 1, False), ("auto", SHA_AUTO_LIMIT, True),
+    ("auto", SHA_AUTO_LIMIT + 1, False),
+])
+def test_hash_existing(mode, total, want):
+    assert hash_existing(mode, total) == want
