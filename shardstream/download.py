@@ -1,4 +1,4 @@
-"""`shardstream download`: fetch train shards 0..N-1 and the val shard, W at a time, with a progress bar.
+"""`shardstream download`: fetch train shards 0..N-1 and the val shard(s), W at a time, with a progress bar.
 
 The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
 
@@ -6,6 +6,14 @@ The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
     shardstream download -n 4 --dataset-shards 10 --source http://127.0.0.1:8000 --data-dir /tmp/d
     shardstream download -n 4 --source s3://bucket/corpus --data-dir /tmp/d    # count from the listing
     shardstream download -n 4 --require-checksum --verify decode              # the strictest checks
+    shardstream download -n -1 --source hf://datasets/HuggingFaceFW/fineweb --files 'sample/10BT/*.parquet'
+
+Any parquet corpus (--files GLOB, --val-files GLOB|none, --manifest FILE: listing.make_source): the
+manifest's files land under their cache names (manifest.cache_name: index + a digest of the path, never
+a path), nanochat's layout keeps shard_XXXXX.parquet. Until fetch.py names its final file after
+Source.file_name, a file with a cache name is fetched into a staging folder of the book dir
+(`.shardstream/staging-<manifest digest>/`, which keeps its partial files for a rerun to resume) and
+renamed into the data dir once verified (`_fetch_named`).
 
 Every shard goes through fetch_shard (resume, retries, verify, atomic rename), so the exit status is 0 only
 when every asked-for shard is verified on disk; otherwise it is 1 and each failed shard gets one line
@@ -34,11 +42,17 @@ from collections import Counter, deque
 
 import requests
 
+from dataclasses import replace
+from pathlib import Path
+
+from . import layout
 from .cache import PARTIAL_RE
-from .errors import ConfigError, FetchCancelled, ShardStreamError
-from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
-from .shards import DATASETS, DEFAULT_DATASET, default_data_dir, shard_name
-from .listing import make_source
+from .errors import ConfigError, FetchCancelled, PermanentFetchError, ShardStreamError, UnsafePathError
+from .fetch import VERIFY_LEVELS, FetchPolicy, FetchResult, ensure_data_dir, fetch_shard, remote_info
+from .safefs import check_shard_name, ensure_book_dir
+from .shards import DATASETS, DEFAULT_DATASET, default_data_dir
+from .manifest import NANOCHAT
+from .listing import add_manifest_arguments, make_source, manifest_choice, pin_source
 from .settings import read_all
 from .source import source_kind
 from .status import CHECK_WORDS, STALE_SECONDS, DownloaderStatus, read_status, write_status
@@ -86,12 +100,52 @@ def _run_pool(fn, items, workers, stop):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def staging_dir(source, data_dir):
+    """Where files with a cache name are fetched before their rename into data_dir (None for nanochat's
+    layout, fetched in place): one folder per manifest digest, so a partial file is only ever resumed
+    for the same file of the same manifest."""
+    if source.manifest is None or source.manifest.layout == NANOCHAT:
+        return None
+    return layout.book_dir(data_dir) / f"staging-{source.manifest.digest()[:16]}"
+
+
+def _fetch_named(source, i, data_dir, policy, **kw):
+    """fetch_shard, with the file landing under source.file_name(i) in data_dir (see the module docstring)."""
+    stage = staging_dir(source, data_dir)
+    if stage is None:
+        return fetch_shard(source, i, data_dir, policy, **kw)
+    t0 = time.monotonic()
+    final = Path(data_dir) / source.file_name(i)
+    try:
+        check_shard_name(final)
+        if final.is_file():
+            return FetchResult(i, final, final.stat().st_size, None, 0, 0, time.monotonic() - t0, 0,
+                               already_present=True)
+        source.check_data_dir(data_dir)
+        ensure_book_dir(data_dir)
+        try:
+            os.mkdir(stage, 0o755)
+        except FileExistsError:
+            if os.path.islink(stage) or not stage.is_dir():
+                raise UnsafePathError(f"{stage} is not a directory, where shardstream stages downloads: move it "
+                                      f"out of the data dir") from None
+    except UnsafePathError as e:
+        raise PermanentFetchError(f"shard {i:05d} ({source.path(i)}): {e}", shard_id=i, cause=str(e)) from None
+    r = fetch_shard(source, i, stage, policy, **kw)
+    os.replace(r.path, final)           # same file system (the book dir is inside data_dir): atomic
+    return replace(r, path=final)
+
+
+def _partial_dir(source, data_dir):
+    return staging_dir(source, data_dir) or Path(data_dir)
+
+
 def probe_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy(), *, stop=None, sessions=None):
     """{shard: RemoteInfo, or the ShardStreamError its probe failed with} for the shards not on disk yet,
     before any transfer: the listing's entry for a listed source, else one HEAD (or stat) per shard,
     `workers` at a time."""
     stop = stop or threading.Event()
-    missing = [i for i in shard_ids if not (data_dir / shard_name(i)).is_file()]
+    missing = [i for i in shard_ids if not (data_dir / source.file_name(i)).is_file()]
     listed = {i: source.listed(i) for i in missing}
     if all(info is not None and info.size is not None for info in listed.values()):
         return listed
@@ -134,7 +188,7 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
             return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
         try:
             info = None
-            if not (data_dir / shard_name(i)).is_file():
+            if not (data_dir / source.file_name(i)).is_file():
                 info = infos.get(i) if infos is not None else remote_info(source, i, policy, sessions.get(), stop)
                 if isinstance(info, ShardStreamError):
                     raise info
@@ -150,7 +204,7 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
                     on_bytes(n)
                 if progress is not None:
                     progress.add(i, n)
-            r = fetch_shard(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
+            r = _fetch_named(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
             if r.resumed_from and on_bytes is not None:
                 on_bytes(r.resumed_from)        # on disk from an earlier run: count it as done
         except ShardStreamError as e:
@@ -163,6 +217,19 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
         return _run_pool(one, shard_ids, workers, stop)
     finally:
         sessions.close()
+        _remove_empty_staging(source, data_dir)
+
+
+def _remove_empty_staging(source, data_dir):
+    """The staging folder goes once nothing is left in it (a partial file kept for a rerun keeps it)."""
+    stage = staging_dir(source, data_dir)
+    if stage is None:
+        return
+    for d in (layout.book_dir(stage), stage):
+        try:
+            os.rmdir(d)                 # only when empty; never through a link (rmdir refuses one)
+        except OSError:
+            pass
 
 
 class DownloadProgress:
@@ -179,7 +246,7 @@ class DownloadProgress:
         self.lock = threading.Lock()
         self.sizes = dict(sizes)
         self.present = dict(present)
-        self.counted = _partial_bytes(data_dir, self.sizes)     # shard -> bytes shown on the bar
+        self.counted = _partial_bytes(_partial_dir(source, data_dir), self.sizes)     # shard -> bytes shown on the bar
         self.in_flight = set()
         self.done = dict(present)               # shard -> bytes of each shard verified on disk
         self.failed = set()
@@ -322,9 +389,10 @@ def _partial_bytes(data_dir, shards):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="shardstream download",
-        description="Fetch train shards 0..N-1 and the val shard (the last one) into the data dir, verified.")
+        description="Fetch train shards 0..N-1 and the val shard(s) into the data dir, verified.")
     p.add_argument("-n", "--num-files", type=int, default=-1,
-                   help="number of train shards to fetch, 0..N-1 (default -1: all of them)")
+                   help="number of train shards to fetch, 0..N-1 (default -1: all of them, every train file of "
+                        "the manifest)")
     p.add_argument("-w", "--num-workers", type=int, default=4, help="parallel transfers (default 4)")
     p.add_argument("--source", default=None,
                    help="where the shards are: hf://datasets/ORG/NAME[@REV], s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
@@ -337,6 +405,7 @@ def build_parser():
     p.add_argument("--dataset-shards", type=int, default=None,
                    help="total shards at the source, the last being val (default: the listed count for "
                         "hf/s3/gs/local sources; required for an http(s) URL other than a known dataset's Hub URL)")
+    add_manifest_arguments(p)
     p.add_argument("--require-checksum", action="store_true",
                    help="refuse a shard the source gives no sha256/md5 for (default: size + parquet footer then)")
     p.add_argument("--verify", default="footer", choices=VERIFY_LEVELS,
@@ -354,29 +423,34 @@ def cli(argv):
         # Everything local first: the URL and an http(s) source (no I/O) before the data dir is made, the data
         # dir before an hf/s3/gs source is listed over the network.
         env = read_all(["SHARDSTREAM_SOURCE", "SHARDSTREAM_DATA_DIR", "SHARDSTREAM_MAX_ROW_GROUP_BYTES",
-                        "SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
+                        "SHARDSTREAM_MAX_ROW_GROUP_ROWS", "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES",
+                        "SHARDSTREAM_MANIFEST"])
         configure_row_group_limits(env["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], env["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
         policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
+        files, val_files, manifest = manifest_choice(args, env=env)
         url = args.source or env["SHARDSTREAM_SOURCE"]
-        listed = url is not None and source_kind(url) != "http"
-        source = None if listed else make_source(url, args.dataset, args.dataset_shards,
-                                                 allow_insecure=args.allow_insecure)
+        chosen = files is not None or val_files is not None
+        listed = (url is not None and source_kind(url) != "http") or (url is None and chosen and manifest is None)
+        kw = dict(allow_insecure=args.allow_insecure, files=files, val_files=val_files, manifest=manifest)
+        source = None if listed else make_source(url, args.dataset, args.dataset_shards, **kw)
         data_dir = ensure_data_dir(args.data_dir or env["SHARDSTREAM_DATA_DIR"] or default_data_dir(args.dataset))
         if source is None:
-            source = make_source(url, args.dataset, args.dataset_shards, allow_insecure=args.allow_insecure)
+            source = make_source(url, args.dataset, args.dataset_shards, **kw)
+        source = pin_source(source)     # the default source (the Hub at main) -> its commit
         n = args.num_files
         if n == -1:
             n = source.num_train_shards
         if not 0 <= n <= source.num_train_shards:
-            raise ConfigError(f"-n {args.num_files}: the dataset has {source.num_train_shards} train shards "
-                              f"(0..{source.num_train_shards - 1}) plus the val shard; give 0..{source.num_train_shards} "
+            what = "the manifest has" if source.manifest is not None else "the dataset has"
+            raise ConfigError(f"-n {args.num_files}: {what} {source.num_train_shards} train shards "
+                              f"(0..{source.num_train_shards - 1}) plus {_vals(source)}; give 0..{source.num_train_shards} "
                               f"or -1 for all (set --dataset-shards for a custom --source)")
     except ConfigError as e:
         print(f"shardstream download: {e}", file=sys.stderr)
         return 2
 
-    ids = list(range(n)) + [source.val_shard]
-    print(f"fetching {n} train shard{'s' * (n != 1)} + val shard {source.val_shard} from "
+    ids = list(range(n)) + list(source.val_shards)
+    print(f"fetching {n} train shard{'s' * (n != 1)} + {_vals(source)} from "
           f"{source.identity()['source']} into {data_dir} with {args.num_workers} workers", file=sys.stderr)
     t0 = time.monotonic()
     stop = threading.Event()
@@ -402,7 +476,7 @@ def cli(argv):
     done = [r for r in results if not isinstance(r, Exception)]
     if signals:
         name = signal.Signals(signals[0]).name
-        kept = len(list(data_dir.glob("shard_*.partial")))
+        kept = len(list(_partial_dir(source, data_dir).glob("shard_*.partial")))
         print(f"shardstream download: stopped by {name}: {len(done)}/{len(ids)} shards verified in {data_dir}, "
               f"{kept} partial file(s) kept: run the same command again to resume them", file=sys.stderr)
         return 128 + signals[0]
@@ -419,6 +493,14 @@ def cli(argv):
     return 1 if failed else 0
 
 
+def _vals(source):
+    """'val shard 5', 'val shards 7, 8', or 'no val shard' (--val-files none)."""
+    v = source.val_shards
+    if not v:
+        return "no val shard"
+    return f"val shard{'s' * (len(v) > 1)} {', '.join(str(i) for i in v)}"
+
+
 def _download_with_bar(source, ids, data_dir, workers, stop=None, policy=FetchPolicy()):
     """Sizes first (the bar's total), then the transfers, with the bar and status.json."""
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -431,7 +513,7 @@ def _download_with_bar(source, ids, data_dir, workers, stop=None, policy=FetchPo
     for i in ids:
         if i not in infos:
             try:
-                present[i] = (data_dir / shard_name(i)).stat().st_size
+                present[i] = (data_dir / source.file_name(i)).stat().st_size
             except OSError:             # gone since: fetched again, off the bar's total
                 pass
     progress = DownloadProgress(source, ids, data_dir, sizes, present, workers)

@@ -14,8 +14,20 @@ characters when there is room for it). Every shard is deterministic for (seed, s
 differ from each other and across seeds. Documents are sized so a shard holds about `chars_per_shard`
 characters; when that is small, documents get short (at least one sentence each).
 Generation is vectorized with numpy: ~100 MB of text takes a few seconds.
+
+`make_fineweb_sample(dir)` / `make-sample DIR --layout fineweb` writes a tree shaped like FineWeb's on the
+Hub instead, for sources that are not nanochat's layout (`--files GLOB`, manifest.py):
+
+    README.md
+    data/CC-MAIN-2024-10/000_00000.parquet  000_00001.parquet
+    data/CC-MAIN-2024-18/000_00000.parquet
+    sample/10BT/000_00000.parquet .. 000_00003.parquet
+
+each parquet with FineWeb's columns `text`, `id`, `url`, `dump` (so readers must pick `text`, not the
+first column), small by default (FINEWEB_CHARS_PER_FILE), deterministic for (seed, path).
 """
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -242,6 +254,70 @@ def make_sample(directory, shards, chars_per_shard, seed=0, docs_per_row_group=D
     return paths
 
 
+LAYOUTS = ("nanochat", "fineweb")
+FINEWEB_FILES = ("data/CC-MAIN-2024-10/000_00000.parquet", "data/CC-MAIN-2024-10/000_00001.parquet",
+                 "data/CC-MAIN-2024-18/000_00000.parquet",
+                 "sample/10BT/000_00000.parquet", "sample/10BT/000_00001.parquet",
+                 "sample/10BT/000_00002.parquet", "sample/10BT/000_00003.parquet")
+FINEWEB_CHARS_PER_FILE = 200_000
+FINEWEB_README = """---
+license: odc-by
+configs:
+- config_name: default
+  data_files: data/*/*
+- config_name: sample-10BT
+  data_files: sample/10BT/*
+---
+# FineWeb-like sample (shardstream make-sample --layout fineweb)
+
+Offline English-like text in FineWeb's layout: one folder per crawl under data/, a sample under
+sample/10BT/, columns text, id, url, dump. Not real web text.
+"""
+
+
+def write_fineweb_file(path, docs, dump, docs_per_row_group=DOCS_PER_ROW_GROUP):
+    """docs as a FineWeb-like parquet file (text, id, url, dump), atomically (tmp file + rename)."""
+    path = Path(path)
+    digest = hashlib.sha256(str(path.name).encode()).hexdigest()[:8]
+    n = len(docs)
+    table = pa.table({
+        "text": pa.array(docs, type=pa.string()),
+        "id": pa.array([f"<urn:uuid:{digest}-{i:08d}>" for i in range(n)], type=pa.string()),
+        "url": pa.array([f"https://example.org/{dump.lower()}/{digest}/{i}" for i in range(n)], type=pa.string()),
+        "dump": pa.array([dump] * n, type=pa.string()),
+    })
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, row_group_size=docs_per_row_group, compression="zstd", compression_level=3)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def make_fineweb_sample(directory, chars_per_file=FINEWEB_CHARS_PER_FILE, seed=0, docs_per_row_group=64):
+    """Write the FineWeb-like tree (module docstring) into directory; return the parquet paths, sorted.
+    File k of FINEWEB_FILES is deterministic for (seed, k); a sample/10BT file's dump is its own crawl's name."""
+    if not isinstance(chars_per_file, int) or isinstance(chars_per_file, bool) or chars_per_file < 1:
+        raise ConfigError(f"chars_per_file must be an int >= 1, got {chars_per_file!r}")
+    directory = Path(directory)
+    paths = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "README.md").write_text(FINEWEB_README, encoding="utf-8")
+        for k, rel in enumerate(FINEWEB_FILES):
+            path = directory / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dump = rel.split("/")[1] if rel.startswith("data/") else ("CC-MAIN-2024-10", "CC-MAIN-2024-18")[k % 2]
+            n_docs = max(1, round(chars_per_file / 1500))
+            docs = make_documents(n_docs, chars_per_file, seed=[seed, 1000 + k])
+            paths.append(write_fineweb_file(path, docs, dump, docs_per_row_group))
+    except OSError as e:
+        raise ConfigError(f"cannot write the sample into {str(directory)!r}: {e}") from e
+    return sorted(paths)
+
+
 def cli(argv):
     p = argparse.ArgumentParser(prog="shardstream make-sample",
                                 description="Write offline sample shards of English-like text in nanochat's layout.")
@@ -250,11 +326,23 @@ def cli(argv):
     p.add_argument("--chars-per-shard", type=int, default=10_000_000,
                    help="characters of text per shard (default 10,000,000; nanochat's are ~250,000,000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--layout", choices=LAYOUTS, default="nanochat",
+                   help="nanochat: shard_XXXXX.parquet with a text column (default); fineweb: FineWeb's tree "
+                        "(data/CC-MAIN-*/000_0000N.parquet, sample/10BT/..., README.md; columns text, id, url, "
+                        "dump), small files, for --files GLOB sources")
     p.add_argument("--checksums", action="store_true",
                    help=f"also write {CHECKSUM_FILE} (sha256sum's format), which fetch verifies shards against")
     args = p.parse_args(argv)
+    args.chars_per_shard_given = any(a == "--chars-per-shard" or a.startswith("--chars-per-shard=") for a in argv)
     try:
-        paths = make_sample(args.directory, args.shards, args.chars_per_shard, seed=args.seed)
+        if args.layout == "fineweb":
+            if args.checksums:      # SHA256SUMS names files by base name: the tree's names repeat across folders
+                raise ConfigError("--checksums is for the nanochat layout (SHA256SUMS names files by base name, "
+                                  "which repeat in the fineweb tree); the Hub-like server gives their sha256")
+            chars = args.chars_per_shard if args.chars_per_shard_given else FINEWEB_CHARS_PER_FILE
+            paths = make_fineweb_sample(args.directory, chars, seed=args.seed)
+        else:
+            paths = make_sample(args.directory, args.shards, args.chars_per_shard, seed=args.seed)
         if args.checksums:
             print(f"wrote {write_sha256sums(args.directory, paths)}")
     except ConfigError as e:

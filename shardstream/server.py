@@ -29,7 +29,9 @@ response always finds it counted. `requests` logs RequestRecord(method, path, he
 request; `reset_stats()` clears both. `GET /_stats` returns them as JSON (for `shardstream serve`).
 
 Bandwidth: one token bucket (MB/s, 1 MB = 10**6 bytes) shared by all connections; `set_rate(None)` lifts
-it. Uncapped, unfaulted bodies go out with sendfile, so serving is not the bottleneck.
+it. `per_connection_rate=` (MB/s; `set_per_connection_rate`, `shardstream serve --per-connection-mb-per-s`)
+also caps each connection on its own, as CDNs do: one connection then cannot fill the link, several can
+(up to the shared cap). Uncapped, unfaulted bodies go out with sendfile, so serving is not the bottleneck.
 
 Faults (`Fault`, `add_fault`, or the `faults=` spec string of `shardstream serve --faults`). Kinds:
     reset         send `at` of the body, then close abruptly (TCP RST)
@@ -243,7 +245,7 @@ class ShardServer:
     """Serve `directory` like the Hub. Context manager, or start()/stop()."""
 
     def __init__(self, directory, host="127.0.0.1", port=0, rate=None, faults=None,
-                 hub_repo=DEFAULT_HUB_REPO, token=None, revision=None):
+                 hub_repo=DEFAULT_HUB_REPO, token=None, revision=None, per_connection_rate=None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ConfigError(f"cannot serve {str(self.directory)!r}: not a directory (make one with "
@@ -263,6 +265,8 @@ class ShardServer:
         self._lock = threading.Lock()
         self._bucket = TokenBucket()
         self.set_rate(rate)
+        self.per_connection_rate = None     # bytes/s each connection may send on its own; None: no cap
+        self.set_per_connection_rate(per_connection_rate)
         self._faults = []               # [Fault, remaining or None]
         for f in parse_faults(faults) if isinstance(faults, str) else (faults or []):
             self.add_fault(f)
@@ -339,6 +343,13 @@ class ShardServer:
         r = self._bucket.rate
         return None if r is None else r / 1e6
 
+    def set_per_connection_rate(self, mb_per_s):
+        """Cap each connection on its own at mb_per_s (besides the shared cap); None lifts it. Bodies
+        already being sent follow the new cap within ~50 ms."""
+        if mb_per_s is not None and not mb_per_s > 0:
+            raise ConfigError(f"per-connection rate must be > 0 MB/s or None (unlimited), got {mb_per_s!r}")
+        self.per_connection_rate = None if mb_per_s is None else mb_per_s * 1e6
+
     def add_fault(self, fault):
         if isinstance(fault, str):
             for f in parse_faults(fault):
@@ -391,7 +402,9 @@ class ShardServer:
             self.requests = []
 
     def stats_json(self):
+        pc = self.per_connection_rate
         return {"url": self.url, "hub_url": self.hub_url, "rate_mb_per_s": self.rate,
+                "per_connection_mb_per_s": None if pc is None else pc / 1e6,
                 "down": self.is_down(), "requests": len(self.requests),
                 "faults": [{**asdict(f), "remaining": n} for f, n in self.faults],
                 "files": {n: asdict(s) for n, s in self.all_stats().items()}}
@@ -491,6 +504,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.owner = self.server.owner
+        self._conn_bucket = TokenBucket()    # this connection's own cap (owner.per_connection_rate)
         with self.owner._lock:
             self.owner._conns.add(self.connection)
 
@@ -603,48 +617,92 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return status
 
     def _api(self, method, path, query):
-        """The two Hub API calls sources make: GET /api/datasets/<org>/<name>/revision/<rev> -> {"sha": ...}
-        (the commit a revision names) and GET /api/datasets/<org>/<name>/tree/<rev>[/<dir>] -> a JSON list
-        of {"type", "oid", "size", "path", "lfs": {"oid": sha256, "size", "pointerSize"}} (lfs on .parquet
-        files), tree_page_size entries a page, the next page named in a `Link: <...>; rel="next"` header."""
+        """The Hub API calls sources make, answered as the Hub does (huggingface_hub's HfApi reads them):
+        GET /api/datasets/<org>/<name>[/revision/<rev>] -> {"id", "sha", ...} (the commit a revision names);
+        GET /api/datasets/<org>/<name>/tree/<rev>[/<dir>][?recursive=true][&expand=true] -> a JSON list of
+        {"type": "file", "oid", "size", "path", "lfs": {"oid": sha256, "size", "pointerSize"}} (lfs on
+        .parquet files) and {"type": "directory", "oid", "size": 0, "path"}, sorted by path; recursive: every
+        entry under <dir> at any depth, else its direct children; expand adds each entry's "lastCommit".
+        tree_page_size entries a page, the next page named in a `Link: <...>; rel="next"` header that keeps
+        the query (recursive, expand) and sets `cursor`. Errors carry the Hub's X-Error-Code (RepoNotFound,
+        RevisionNotFound, EntryNotFound, GatedRepo) so huggingface_hub raises its own error classes.
+        Faults whose `file` glob starts with "api/" hit these requests (the name is the path without its
+        leading '/', e.g. Fault("429", file="api/*")); other faults never do."""
         owner = self.owner
         parts = path.split("/")                 # '', 'api', 'datasets', org, name, op, rev, dir...
-        if len(parts) < 7 or parts[5] not in ("revision", "tree"):
+        if len(parts) < 5 or (len(parts) > 5 and parts[5] not in ("revision", "tree")) or \
+                (len(parts) > 5 and len(parts) < 7):
             return self._error(404, "unknown API path")
         if f"{parts[3]}/{parts[4]}" != owner.hub_repo:
-            return self._error(404, f"repository not found (this server serves {owner.hub_repo})")
+            return self._error(404, f"repository not found (this server serves {owner.hub_repo})",
+                               {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
         if owner.token is not None and self.headers.get("Authorization") != f"Bearer {owner.token}":
-            return self._error(401, "missing or wrong bearer token")
-        if parts[6] not in ("main", owner.revision):
-            return self._error(404, f"Invalid rev id: {parts[6]}")
-        if parts[5] == "revision":
-            return self._json(method, {"id": owner.hub_repo, "sha": owner.revision})
+            message = f"Access to dataset {owner.hub_repo} is restricted: you must be authenticated to access it."
+            return self._error(401, "missing or wrong bearer token",
+                               {"X-Error-Code": "GatedRepo", "X-Error-Message": message})
+        fault = self._take_api_fault(method, path.lstrip("/"))
+        if fault is not None:
+            if fault.kind == "429":
+                ra = fault.retry_after
+                ra = str(int(ra) if float(ra).is_integer() else ra)
+                return self._error(429, "too many requests (fault)",
+                                   {"Retry-After": ra, "RateLimit": f'"api";r=0;t={ra}',
+                                    "RateLimit-Policy": '"fixed window";"api";q=500;w=300'})
+            if fault.kind == "404":
+                return self._error(404, "not found (fault)")
+            return self._error(fault.status, f"scripted fault {fault.status}")
+        rev = parts[6] if len(parts) > 6 else "main"
+        if rev not in ("main", owner.revision):
+            return self._error(404, f"Invalid rev id: {rev}",
+                               {"X-Error-Code": "RevisionNotFound", "X-Error-Message": f"Invalid rev id: {rev}"})
+        if len(parts) == 5 or parts[5] == "revision":
+            return self._json(method, {"id": owner.hub_repo, "sha": owner.revision, "private": False,
+                                       "gated": "auto" if owner.token is not None else False})
+        params = _api_query(query)
         sub = "/".join(p for p in parts[7:] if p)
         folder = owner.resolve(sub) if sub else owner.root
         if folder is None or not folder.is_dir():
-            return self._error(404, f"{sub} is not a folder of this repository")
-        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-        raw = dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("cursor") or "0"
+            return self._error(404, f"{sub} is not a folder of this repository",
+                               {"X-Error-Code": "EntryNotFound", "X-Error-Message": f"{sub} does not exist"})
+        entries = _tree_entries(folder, sub, recursive=params.get("recursive", "").lower() == "true")
+        raw = params.get("cursor") or "0"
         cursor = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
         if not 0 <= cursor <= len(entries):
             return self._json(method, {"error": f"bad cursor {raw[:40]!r}: give the next page's URL from the Link "
                                                 f"header (cursor=0..{len(entries)})"}, status=400)
+        expand = params.get("expand", "").lower() == "true"
         page, items = entries[cursor:cursor + owner.tree_page_size], []
-        for e in page:
-            rel = f"{sub}/{e.name}" if sub else e.name
-            if e.is_dir():
-                items.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": rel})
-                continue
-            st = e.stat()
-            sha = owner._sha256(Path(e.path), st)
-            item = {"type": "file", "oid": sha[:40], "size": st.st_size, "path": rel}
-            if e.name.endswith(".parquet"):
-                item["lfs"] = {"oid": sha, "size": st.st_size, "pointerSize": 134}
+        for rel, entry_path, is_dir in page:
+            if is_dir:
+                item = {"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel}
+            else:
+                st = os.stat(entry_path)
+                sha = owner._sha256(Path(entry_path), st)
+                item = {"type": "file", "oid": sha[:40], "size": st.st_size, "path": rel}
+                if rel.endswith(".parquet"):
+                    item["lfs"] = {"oid": sha, "size": st.st_size, "pointerSize": 134}
+            if expand:
+                item["lastCommit"] = {"id": owner.revision, "title": "Upload data",
+                                      "date": "2024-01-01T00:00:00.000Z"}
             items.append(item)
         extra = {}
         if cursor + len(page) < len(entries):
-            extra["Link"] = f'<{owner.url}{urlsplit(self.path).path}?cursor={cursor + len(page)}>; rel="next"'
+            keep = [kv for kv in query.split("&") if kv and kv.partition("=")[0] != "cursor"]
+            q = "&".join(keep + [f"cursor={cursor + len(page)}"])
+            extra["Link"] = f'<{owner.url}{urlsplit(self.path).path}?{q}>; rel="next"'
         return self._json(method, items, extra)
+
+    def _take_api_fault(self, method, name):
+        """The first live fault for an API request: only those whose file glob starts with "api/"."""
+        owner = self.owner
+        with owner._lock:
+            for entry in owner._faults:
+                f, left = entry
+                if f.file.startswith("api/") and (left is None or left > 0) and f.hits(method, name):
+                    if left is not None:
+                        entry[1] = left - 1
+                    return f
+        return None
 
     def _json(self, method, obj, extra=None, status=200):
         body = json.dumps(obj).encode()
@@ -680,7 +738,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ticket = owner._count_body(name, start, cut)
         try:
             with open(path, "rb") as f:
-                if kind is None and owner._bucket.rate is None:
+                mine = self._conn_bucket
+                if mine.rate != owner.per_connection_rate:
+                    mine.set_rate(owner.per_connection_rate)
+                if kind is None and owner._bucket.rate is None and mine.rate is None:
                     while sent < total:
                         n = self.connection.sendfile(f, start + sent, total - sent)
                         if n == 0:
@@ -689,15 +750,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 else:
                     f.seek(start)
                     while sent < cut:
-                        rate = owner._bucket.rate
-                        step = CHUNK if rate is None else int(min(CHUNK, max(4096, rate * 0.02)))
+                        if mine.rate != owner.per_connection_rate:
+                            mine.set_rate(owner.per_connection_rate)
+                        rates = [r for r in (owner._bucket.rate, mine.rate) if r is not None]
+                        step = int(min(CHUNK, max(4096, min(rates) * 0.02))) if rates else CHUNK
                         chunk = f.read(min(step, cut - sent))
                         if not chunk:
                             break
                         if flip_at is not None and start + sent <= flip_at < start + sent + len(chunk):
                             i = flip_at - start - sent
                             chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
-                        owner._bucket.consume(len(chunk), owner._stopping)
+                        mine.consume(len(chunk), owner._stopping)      # this connection's cap, then
+                        owner._bucket.consume(len(chunk), owner._stopping)  # the link's
                         if owner._stopping.is_set():
                             break
                         self.wfile.write(chunk)
@@ -723,6 +787,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+
+def _api_query(query):
+    """The tree API's query parameters ({name: value}, last one wins), percent-decoded."""
+    out = {}
+    for kv in query.split("&"):
+        if kv:
+            k, _, v = kv.partition("=")
+            out[unquote(k)] = unquote(v)
+    return out
+
+
+def _tree_entries(folder, sub, recursive):
+    """[(path relative to the repo, filesystem path, is_dir)] under folder, sorted by path: its children, or
+    with recursive everything below it. Hidden names (.git, .shardstream) are left out; a linked folder is
+    listed but not walked into (no loops)."""
+    out, stack = [], [(folder, sub)]
+    while stack:
+        here, rel_here = stack.pop()
+        for e in os.scandir(here):
+            if e.name.startswith("."):
+                continue
+            rel = f"{rel_here}/{e.name}" if rel_here else e.name
+            is_dir = e.is_dir()
+            out.append((rel, e.path, is_dir))
+            if is_dir and recursive and not e.is_symlink():
+                stack.append((e.path, rel))
+    return sorted(out)
 
 
 def _parse_range(header, size):
@@ -777,13 +869,15 @@ def cli(argv):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--rate", type=_rate, default=None, help="bandwidth cap in MB/s shared by all clients")
+    p.add_argument("--per-connection-mb-per-s", type=_rate, default=None, metavar="MB_PER_S",
+                   help="also cap each connection at this many MB/s (as CDNs do)")
     p.add_argument("--faults", default=None,
                    help='scripted faults, e.g. "reset:file=shard_00001.parquet:at=0.5:times=2;status:status=503"')
     p.add_argument("--hub-repo", default=DEFAULT_HUB_REPO, help="ORG/NAME served under /datasets/.../resolve/")
     args = p.parse_args(argv)
     try:
         srv = ShardServer(args.directory, host=args.host, port=args.port, rate=args.rate, faults=args.faults,
-                          hub_repo=args.hub_repo)
+                          hub_repo=args.hub_repo, per_connection_rate=args.per_connection_mb_per_s)
         srv.log_hangups = True
         srv.start()
     except ConfigError as e:
@@ -800,6 +894,8 @@ def cli(argv):
         print(f"  stats:  {srv.url}/_stats")
         if srv.rate:
             print(f"  rate cap: {srv.rate:g} MB/s (all connections together)")
+        if srv.per_connection_rate:
+            print(f"  per-connection cap: {srv.per_connection_rate / 1e6:g} MB/s")
         for f, _ in srv.faults:
             print(f"  fault: {f}")
         print("Ctrl-C to stop", flush=True)

@@ -98,6 +98,20 @@ def _floor(s):
     return 0 if s == "0" else parse_bytes(s)
 
 
+def _globs(s):
+    """Globs separated by ';' or newlines (a comma may sit inside a glob's [...] class, or a file name)."""
+    out = [g.strip() for g in s.replace("\n", ";").split(";") if g.strip()]
+    if not out:
+        raise ValueError(s)
+    return out
+
+
+def _column(s):
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise ValueError(s)
+    return s
+
+
 def _positive_int(s):
     v = int(s)              # whole digits only: '512MB', '1e400', 'inf' are refused
     if v <= 0:
@@ -123,6 +137,20 @@ SETTINGS = (
             "unless it is the dataset's own Hub resolve URL (the default source is). Without it the first loader "
             "call fails before any request, saying so",
             "write the number of shards in the dataset, val shard included (an int >= 2)", (DROP_IN,)),
+    Setting("SHARDSTREAM_FILES", _globs, None, "nanochat's `shard_XXXXX.parquet`, else every `**/*.parquet`",
+            "the train files of a listed source: globs over the paths under it, separated by `;` or newlines "
+            "(`sample/10BT/*.parquet`, `data/**/*.parquet`; `**` any depth, `*` within a folder). The data dir "
+            "then holds each file under a cache name (index + a digest of its path)",
+            "write one glob or several separated by ';', like sample/10BT/*.parquet;data/**/*.parquet", _ALL),
+    Setting("SHARDSTREAM_VAL_FILES", str, None, "the last file",
+            "the val files: a glob (taken out of the train files), or `none` for no val",
+            "write a glob like data/val/*.parquet, or none", _ALL),
+    Setting("SHARDSTREAM_MANIFEST", str, None, "none",
+            "the path of a manifest file: one path relative to the source (or one absolute URL) per line, `#` "
+            "comments; the way to read other files than `shard_XXXXX.parquet` from an `https://` source",
+            "write the path of a text file naming one file per line", _ALL),
+    Setting("SHARDSTREAM_TEXT_COLUMN", _column, "text", "`text`",
+            "the parquet column holding the documents", "write a column name", (DROP_IN, TRAINER)),
     Setting("SHARDSTREAM_DATA_DIR", str, None, "`$NANOCHAT_BASE_DIR/base_data_climbmix`",
             "the cache dir (nanochat's data dir)", "write a directory", _ALL),
     Setting("SHARDSTREAM_MAX_CACHE_BYTES", _budget, None, "none",

@@ -22,13 +22,21 @@ Kinds of source, one per URL form make_source takes:
 All but "http" are listed when the Source is made (listing.py): the shard count and every shard's
 size/sha256/etag come from the listing and are pinned in `listing`; `revision` (the Hub's commit sha, or
 a digest of the listed ETags) goes into identity(), so a resume against changed data fails.
+
+Two layouts. manifest=None is nanochat's: shard i is `base_url/shard_XXXXX.parquet`, the last one val, and
+the data dir holds the same names. With a manifest (manifest.py: any parquet files, picked by globs or a
+manifest file) shard i is the manifest's entry i: its URL is the entry's own, else `base_url/<quoted
+path>`; its file in the data dir is `manifest.cache_name(i)`; the val shards are the manifest's val
+entries (none with --val-files none); identity() carries the manifest's digest. Everything downstream
+asks the Source, whatever the layout: `url(i)`, `file_name(i)` (the data dir's name), `path(i)` (what
+logs and status show), `val_shards`, `val_shard`, `num_train_shards`.
 """
 import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import settings
 from .errors import ConfigError
@@ -178,10 +186,13 @@ class RemoteInfo:
 
 @dataclass(frozen=True)
 class Source:
-    """A base URL holding shard_XXXXX.parquet files, and how many shards the dataset has.
+    """A base URL holding the shards, and how many there are: shard_XXXXX.parquet files (manifest None),
+    or the files a Manifest names (see the module docstring).
 
     For kind "hf" base_url is the Hub's resolve URL at the pinned commit; for s3/gs/file it is the
     s3://, gs:// or file:// URL of the folder. Make one with make_source(url) rather than by hand.
+    With a manifest, dataset_shards may be None (it is len(manifest)) and listing may be () (it is made
+    from the entries' size/sha256/etag, so check_pinned holds each file to what the manifest pinned).
     """
     base_url: str
     dataset_shards: int
@@ -195,6 +206,8 @@ class Source:
     storage_options: dict | None = field(default=None, repr=False, compare=False)  # fsspec's (endpoint_url...)
     token_origin: str | None = field(default=None, compare=False)  # the only origin (scheme://host:port)
                                         # the token is ever sent to; from token_host when not given
+    manifest: "manifest.Manifest | None" = field(default=None, repr=False)   # None: nanochat's numbered layout
+                                        # (not imported: source.py stays a leaf; a Manifest is checked by shape)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -210,7 +223,9 @@ class Source:
                                   f"use https, or opt out with allow_insecure=True (--allow-insecure)")
         elif p.scheme != self.kind:
             raise ConfigError(f"source {redact_url(self.base_url)!r} is not a {self.kind}:// URL")
-        if not isinstance(self.dataset_shards, int) or self.dataset_shards < 2:
+        if self.manifest is not None:
+            self._check_manifest()
+        elif not isinstance(self.dataset_shards, int) or self.dataset_shards < 2:
             raise ConfigError(f"dataset_shards must be an int >= 2 (train shards + 1 val shard), "
                               f"got {self.dataset_shards!r}")
         if self.listing and len(self.listing) != self.dataset_shards:
@@ -223,6 +238,34 @@ class Source:
         object.__setattr__(self, "token_origin", url_origin(origin) if origin else None)
         if self.token_origin and not self.token_host:
             object.__setattr__(self, "token_host", urlsplit(self.token_origin).hostname)
+
+    def _check_manifest(self):
+        """dataset_shards and listing follow the manifest; an entry's own URL must be one this kind of
+        source reads (http(s) for http/hf, the same scheme for s3/gs/file), checked like base_url."""
+        m = self.manifest
+        if not all(hasattr(m, a) for a in ("train", "val", "entries", "val_ids", "cache_name", "digest")):
+            raise ConfigError(f"manifest must be a manifest.Manifest (or None), got {type(m).__name__}")
+        if not m.train:
+            raise ConfigError(f"source {self.name}: the manifest holds no train files")
+        if self.dataset_shards is None:
+            object.__setattr__(self, "dataset_shards", len(m))
+        if self.dataset_shards != len(m):
+            raise ConfigError(f"source {self.name}: dataset_shards={self.dataset_shards!r} but the manifest "
+                              f"holds {len(m)} files: leave dataset_shards out with a manifest")
+        if not self.listing:
+            object.__setattr__(self, "listing", tuple(RemoteInfo(e.size, e.sha256, e.etag) for e in m.entries))
+        schemes = ("http", "https") if self.kind in ("http", "hf") else (self.kind,)
+        for i, e in enumerate(m.entries):
+            if e.url is None:
+                continue
+            p = check_url(e.url, what=f"manifest entry {i}")
+            if p.scheme.lower() not in schemes:
+                raise ConfigError(f"manifest entry {i} ({redact_url(e.url)}) is a {p.scheme}:// URL, but the "
+                                  f"source {self.name} reads {' or '.join(s + '://' for s in schemes)} URLs: "
+                                  f"write it relative to the source, or use a source of its kind")
+            if p.scheme.lower() == "http" and not self.allow_insecure and not _is_loopback(p.hostname):
+                raise ConfigError(f"manifest entry {i} ({redact_url(e.url)}) uses plain http to a non-loopback "
+                                  f"host: use https, or opt out with allow_insecure=True (--allow-insecure)")
 
     def _origin_of_token_host(self):
         """token_host as an origin: itself when it is one, the base URL's origin when that is on the
@@ -247,17 +290,50 @@ class Source:
         return redact_url(self.base_url)
 
     @property
+    def val_shards(self):
+        """The val shard ids: the manifest's val entries (() with --val-files none), else the last shard."""
+        return self.manifest.val_ids if self.manifest is not None else (self.dataset_shards - 1,)
+
+    @property
     def val_shard(self):
-        return self.dataset_shards - 1
+        """The first val shard id, None when there is none (a manifest with --val-files none)."""
+        return self.val_shards[0] if self.val_shards else None
 
     @property
     def num_train_shards(self):
-        return self.dataset_shards - 1
+        """Train shards are 0..num_train_shards-1 (the val shards come after them)."""
+        return len(self.manifest.train) if self.manifest is not None else self.dataset_shards - 1
 
-    def url(self, shard_id):
+    def _check_id(self, shard_id):
         if not 0 <= shard_id < self.dataset_shards:
             raise ConfigError(f"shard {shard_id} is outside the dataset (0..{self.dataset_shards - 1})")
-        return f"{self.base_url.rstrip('/')}/{shard_name(shard_id)}"
+
+    def url(self, shard_id):
+        """Where shard_id is read from: base_url/shard_XXXXX.parquet, or the manifest entry's URL, else
+        base_url/<its path> (percent-quoted for http(s); fsspec takes paths as they are)."""
+        self._check_id(shard_id)
+        if self.manifest is None:
+            return f"{self.base_url.rstrip('/')}/{shard_name(shard_id)}"
+        entry = self.manifest.entries[shard_id]
+        if entry.url is not None:
+            return entry.url
+        path = quote(entry.path, safe="/") if self.kind in ("http", "hf") else entry.path
+        return f"{self.base_url.rstrip('/')}/{path}"
+
+    def file_name(self, shard_id):
+        """Shard shard_id's file name in the data dir: shard_XXXXX.parquet, or the manifest's cache name
+        (never a path: see manifest.cache_name)."""
+        self._check_id(shard_id)
+        return shard_name(shard_id) if self.manifest is None else self.manifest.cache_name(shard_id)
+
+    def path(self, shard_id):
+        """Shard shard_id as status lines and logs name it: its path in the source (a manifest entry's
+        redacted URL when it has one), else shard_XXXXX.parquet."""
+        self._check_id(shard_id)
+        if self.manifest is None:
+            return shard_name(shard_id)
+        entry = self.manifest.entries[shard_id]
+        return redact_url(entry.url) if entry.url is not None else entry.path
 
     def headers_for(self, url):
         """Request headers for url: Authorization only when url is at exactly the token's origin (scheme,
@@ -266,9 +342,15 @@ class Source:
 
     def identity(self):
         """What a resume state records about the source (no secrets). "source" carries the revision (the
-        Hub's commit sha, or the digest of the listed ETags), so changed data makes a resume fail."""
+        Hub's commit sha, or the digest of the listed ETags), so changed data makes a resume fail; with a
+        manifest it carries the manifest's digest too ("...#manifest-<digest>"), so a resume against another
+        file set (or a changed file) fails as well. Without a manifest it is what it always was, so the
+        resume states written before manifests existed still match."""
         name = f"{self.name}@{self.revision}" if self.revision else self.name
-        return {"source": name, "dataset_shards": self.dataset_shards}
+        if self.manifest is None:
+            return {"source": name, "dataset_shards": self.dataset_shards}
+        digest = self.manifest.digest()
+        return {"source": f"{name}#manifest-{digest}", "dataset_shards": self.dataset_shards, "manifest": digest}
 
     def listed(self, shard_id):
         """The RemoteInfo the listing gave for shard_id when the source was made (None: not listed)."""
@@ -286,7 +368,7 @@ class Source:
         for what in ("size", "sha256", "etag"):
             then, now = getattr(pinned, what), getattr(info, what)
             if then is not None and now is not None and then != now:
-                return info, (f"{self.name} changed since this run started: {shard_name(shard_id)} had {what} "
+                return info, (f"{self.name} changed since this run started: {self.path(shard_id)} had {what} "
                               f"{then} in the listing, now {now}. Restart from a fresh listing (a resume "
                               f"across the change is refused on purpose)")
         return replace(info, sha256=info.sha256 or pinned.sha256, md5=info.md5 or pinned.md5,

@@ -108,3 +108,28 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "shard_00001.parquet" in out and "wrote 2 shards" in out and "MB in all" in out
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_the_fineweb_layout(tmp_path, capsys):
+    from shardstream.sample import FINEWEB_FILES, make_fineweb_sample
+    paths = make_fineweb_sample(tmp_path / "fw", chars_per_file=30_000, seed=1)
+    assert [str(p.relative_to(tmp_path / "fw")) for p in paths] == sorted(FINEWEB_FILES)
+    assert {"data/CC-MAIN-2024-10/000_00001.parquet", "sample/10BT/000_00003.parquet"} <= set(FINEWEB_FILES)
+    assert (tmp_path / "fw" / "README.md").read_text().startswith("---")
+    texts = set()
+    for p in paths:
+        t = pq.read_table(p)
+        assert t.schema.names == ["text", "id", "url", "dump"]
+        assert all(t.schema.field(n).type == pa.string() for n in t.schema.names)
+        assert 20_000 < sum(map(len, t.column("text").to_pylist())) < 40_000
+        rel = str(p.relative_to(tmp_path / "fw"))
+        if rel.startswith("data/"):
+            assert set(t.column("dump").to_pylist()) == {rel.split("/")[1]}
+        texts.add(t.column("text")[0].as_py())
+    assert len(texts) == len(paths)                                     # files differ
+    again = make_fineweb_sample(tmp_path / "fw2", chars_per_file=30_000, seed=1)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]       # deterministic
+    assert cli([str(tmp_path / "fw3"), "--layout", "fineweb"]) == 0
+    assert (tmp_path / "fw3" / "sample/10BT/000_00000.parquet").stat().st_size < 1_000_000   # small by default
+    assert "wrote 7" in capsys.readouterr().out
+    assert cli([str(tmp_path / "fw4"), "--layout", "fineweb", "--checksums"]) == 2

@@ -297,6 +297,51 @@ def test_rate_cap_is_respected_and_shared(server, data):
         server.set_rate(0)
 
 
+def _timed_gets(srv, names, headers=None):
+    """GET each name on its own connection, all at once; (seconds, bodies in order)."""
+    out = [None] * len(names)
+
+    def get(k):
+        out[k] = requests.get(f"{srv.url}/{names[k]}", headers=headers).content
+    threads = [threading.Thread(target=get, args=(k,)) for k in range(len(names))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0, out
+
+
+def test_per_connection_cap_limits_each_connection_not_the_link(remote_dir, data):
+    per = 1.0                                                                      # MB/s per connection
+    with ShardServer(remote_dir, per_connection_rate=per) as srv:
+        assert srv.per_connection_rate == per * 1e6 and srv.rate is None
+        took, bodies = _timed_gets(srv, [NAME])
+        assert bodies == [data]
+        assert took >= len(data) / (1.5 * per * 1e6)                             # one connection is capped
+        # four connections at once each get the per-connection rate: the four take about as long as one
+        # (a shared cap would take 4x): they are well under 2.5x one connection's time
+        names = [f"shard_0000{n}.parquet" for n in (0, 2, 3, 4)]
+        took4, bodies = _timed_gets(srv, names)
+        assert [len(b) for b in bodies] == [(remote_dir / n).stat().st_size for n in names]
+        assert took4 < 2.5 * max(took, len(data) / (per * 1e6))
+        # with a shared cap too, the shared one binds for the four together
+        srv.set_rate(2 * per)
+        took4, _ = _timed_gets(srv, names)
+        total = sum((remote_dir / n).stat().st_size for n in names)
+        assert took4 >= total / (1.5 * 2 * per * 1e6)
+        # a Range request is capped the same way, and lifting the cap restores full speed
+        srv.set_rate(None)
+        srv.set_per_connection_rate(None)
+        took, bodies = _timed_gets(srv, [NAME])
+        assert bodies == [data] and took < len(data) / (per * 1e6)
+        assert srv.stats_json()["per_connection_mb_per_s"] is None
+        with pytest.raises(ConfigError):
+            srv.set_per_connection_rate(0)
+    with pytest.raises(ConfigError):
+        ShardServer(remote_dir, per_connection_rate=-1)
+
+
 def test_bad_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
         ShardServer(tmp_path / "nope")
@@ -306,7 +351,8 @@ def test_bad_directory_is_a_clear_error(tmp_path):
 def test_serve_cli(remote_dir, data, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "shardstream", "serve", str(remote_dir), "--port", "0",
-                             "--rate", "100", "--faults", "404:file=shard_00000.parquet"],
+                             "--rate", "100", "--per-connection-mb-per-s", "50",
+                             "--faults", "404:file=shard_00000.parquet"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         urls = {}
@@ -320,6 +366,7 @@ def test_serve_cli(remote_dir, data, sig):
         assert requests.get(f"{urls['plain']}/shard_00000.parquet").status_code == 404
         stats = json.loads(requests.get(f"{urls['plain']}/_stats").text)
         assert stats["rate_mb_per_s"] == 100 and stats["files"][NAME]["bytes_sent"] == len(data)
+        assert stats["per_connection_mb_per_s"] == 50
     finally:
         proc.send_signal(sig)
         try:
@@ -334,3 +381,76 @@ def test_serve_cli(remote_dir, data, sig):
 def test_serve_cli_bad_input_is_a_clear_error(remote_dir, capsys):
     assert cli([str(remote_dir), "--port", "0", "--faults", "explode"]) == 2
     assert "unknown fault kind 'explode'" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# The tree API as the Hub answers it (huggingface_hub's list_repo_tree reads it; tests/test_hub.py uses it)
+
+@pytest.fixture(scope="module")
+def fineweb_tree(tmp_path_factory):
+    from shardstream.sample import make_fineweb_sample
+    d = tmp_path_factory.mktemp("fineweb-tree")
+    make_fineweb_sample(d, chars_per_file=5_000)
+    return d
+
+
+def tree_pages(srv, url):
+    """Every entry of a paged tree answer, following Link rel=next; (entries, the URLs asked)."""
+    entries, asked = [], []
+    while url:
+        asked.append(url)
+        r = requests.get(url, timeout=10)
+        assert r.status_code == 200, r.text
+        entries += r.json()
+        url = r.links.get("next", {}).get("url")
+    return entries, asked
+
+
+def test_tree_recursive_lists_every_entry_under_the_path_in_pages(fineweb_tree):
+    with ShardServer(fineweb_tree, hub_repo="o/fw") as srv:
+        srv.tree_page_size = 4
+        base = f"{srv.url}/api/datasets/o/fw/tree/main"
+        entries, asked = tree_pages(srv, base + "?recursive=true&expand=false")
+        paths = [e["path"] for e in entries]
+        assert paths == sorted(paths) and len(paths) == len(set(paths)) == 13
+        assert {e["path"] for e in entries if e["type"] == "directory"} == {
+            "data", "data/CC-MAIN-2024-10", "data/CC-MAIN-2024-18", "sample", "sample/10BT"}
+        assert len(asked) == 4 and all("recursive=true" in u and "expand=false" in u for u in asked)
+        f = next(e for e in entries if e["path"] == "sample/10BT/000_00002.parquet")
+        data = (fineweb_tree / f["path"]).read_bytes()
+        assert f["size"] == len(data) and f["lfs"]["oid"] == hashlib.sha256(data).hexdigest()
+        readme = next(e for e in entries if e["path"] == "README.md")
+        assert "lfs" not in readme and "lastCommit" not in readme
+        top, _ = tree_pages(srv, base)                                  # not recursive: the children
+        assert [(e["path"], e["type"]) for e in top] == [("README.md", "file"), ("data", "directory"),
+                                                         ("sample", "directory")]
+        sub, _ = tree_pages(srv, base + "/sample%2F10BT?expand=true")  # huggingface_hub quotes the '/'
+        assert [e["path"] for e in sub] == [f"sample/10BT/000_0000{i}.parquet" for i in range(4)]
+        assert all(e["lastCommit"]["id"] == srv.revision for e in sub)
+
+
+def test_tree_errors_carry_the_hubs_error_codes(fineweb_tree):
+    with ShardServer(fineweb_tree, hub_repo="o/fw", token="t0k") as srv:
+        api = f"{srv.url}/api/datasets/o/fw"
+        auth = {"Authorization": "Bearer t0k"}
+        cases = [(f"{api}/tree/main", {}, 401, "GatedRepo"),
+                 (f"{srv.url}/api/datasets/o/other/tree/main", auth, 404, "RepoNotFound"),
+                 (f"{api}/tree/v9", auth, 404, "RevisionNotFound"),
+                 (f"{api}/tree/main/nope", auth, 404, "EntryNotFound")]
+        for url, headers, status, code in cases:
+            r = requests.get(url, headers=headers, timeout=10)
+            assert (r.status_code, r.headers.get("X-Error-Code")) == (status, code), url
+        r = requests.get(f"{api}/revision/main", headers=auth, timeout=10)
+        assert r.json()["sha"] == srv.revision
+        assert requests.get(api, headers=auth, timeout=10).json()["sha"] == srv.revision
+
+
+def test_api_faults_hit_only_with_an_api_glob(fineweb_tree):
+    with ShardServer(fineweb_tree, hub_repo="o/fw") as srv:
+        srv.add_fault(Fault("429", retry_after=2, times=1))             # "*": files only, as before
+        assert requests.get(f"{srv.url}/api/datasets/o/fw/tree/main", timeout=10).status_code == 200
+        srv.clear_faults()
+        srv.add_fault(Fault("429", file="api/*/tree/*", retry_after=2, times=1))
+        r = requests.get(f"{srv.url}/api/datasets/o/fw/tree/main", timeout=10)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "2" and 't=2' in r.headers["RateLimit"]
+        assert requests.get(f"{srv.url}/api/datasets/o/fw/tree/main", timeout=10).status_code == 200
