@@ -2,6 +2,9 @@
 
     python bench/fetch.py            # a 200 MB shard, 3 runs each, interleaved; then 8 x 25 MB, w=8
     python bench/fetch.py --quick    # 20 MB, for a smoke test
+    python bench/fetch.py --size real   # shards of 20-100 MB behind a link capped at W (10 and 100 MB/s),
+                                     # 8 in parallel; a per-connection cap (split fetches); the trainer's
+                                     # Python throughput while we download vs while curl does (~2 min)
     shardstream bench fetch --quick
 
 Both clients fetch the same Hub-style URL of an uncapped ShardServer on 127.0.0.1 and write into the
@@ -15,6 +18,14 @@ fsync makes fetch_shard wait for the disk and curl does not, so two more pairs s
 curl + an fsync of its file (the same durability) and fetch_shard with FetchPolicy(fsync=False) (the
 transfer path alone). Where loopback is faster than the disk's write-back, the plain ratio measures the
 disk, not the code.
+
+--size real (the quick sizes above stay the default): the server caps its link at W like a real one.
+  8 shards of 20-100 MB at W=100 MB/s and 8 of 20 MB at W=10 MB/s: download_shards(w=8) with and without
+  fsync vs 8 curls with and without fsync; one 100 MB shard behind a per-connection cap of 10 MB/s (link
+  100 MB/s): one curl vs fetch_shard over one connection, split in 4, and max_connections="auto"; 8
+  shards behind the same per-connection cap; and the trainer's side: a pure-Python loop's iterations/s
+  in the main thread while download_shards runs in this process vs while curl runs in subprocesses over
+  the same bytes at the same W (target >= 0.95), beside the loop alone.
 """
 import argparse
 import os
@@ -48,14 +59,16 @@ class ServerProcess:
     """`shardstream serve DIR` in its own process, as a remote server would be: its threads do not
     share a GIL (or the bench's CPU accounting) with the client being measured."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, rate=None, per_connection=None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.hub_url = f"{self.url}/datasets/{DEFAULT_HUB_REPO}/resolve/main"
+        caps = (["--rate", str(rate)] if rate else []) + \
+            (["--per-connection-mb-per-s", str(per_connection)] if per_connection else [])
         self.proc = subprocess.Popen([sys.executable, "-m", "shardstream", "serve", str(directory),
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL,
+                                      "--port", str(self.port), *caps], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.monotonic() + 30
         while True:
@@ -120,8 +133,8 @@ def time_curl(urls, out_dir, fsync=False):
     return time.perf_counter() - t0
 
 
-def time_fetch(source, ids, out_dir, workers, fsync=True):
-    policy = FetchPolicy(fsync=fsync)
+def time_fetch(source, ids, out_dir, workers, fsync=True, policy=None):
+    policy = policy or FetchPolicy(fsync=fsync)
     t0 = time.perf_counter()
     if len(ids) == 1:
         fetch_shard(source, ids[0], out_dir, policy)
@@ -138,9 +151,9 @@ def clear(d):
     os.sync()                   # start each run with no dirty pages from the last one
 
 
-def compare(label, srv, source, ids, nbytes, out_dir, repeats, workers):
+def compare(label, srv, source, ids, nbytes, out_dir, repeats, workers, clients=None, ratios=None):
     urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]
-    clients = {
+    clients = clients or {
         "curl": lambda: time_curl(urls, out_dir),
         "fetch_shard": lambda: time_fetch(source, ids, out_dir, workers),
         "curl + fsync": lambda: time_curl(urls, out_dir, fsync=True),
@@ -166,25 +179,149 @@ def compare(label, srv, source, ids, nbytes, out_dir, repeats, workers):
 
     def ratio(a, b, what):
         print(f"  {what:<50} best {best[a] / best[b]:.2f}  median {med[a] / med[b]:.2f}")
-    ratio("fetch_shard", "curl", "ratio fetch/curl (target >= 0.9):")
-    ratio("fetch_shard", "curl + fsync", "ratio fetch/(curl + fsync), same durability:")
-    ratio("fetch_shard, fsync=False", "curl", "ratio fetch(fsync=False)/curl, transfer path:")
+    for a, b, what in ratios or [("fetch_shard", "curl", "ratio fetch/curl (target >= 0.9):"),
+                                 ("fetch_shard", "curl + fsync", "ratio fetch/(curl + fsync), same durability:"),
+                                 ("fetch_shard, fsync=False", "curl", "ratio fetch(fsync=False)/curl, transfer path:")]:
+        ratio(a, b, what)
     return best["fetch_shard"] / best["curl"], med["fetch_shard"] / med["curl"]
+
+
+# -----------------------------------------------------------------------------
+# --size real
+
+REAL_SIZES_MB = (20, 30, 40, 50, 60, 70, 80, 100)      # 8 shards, 450 MB: the W=100 MB/s round
+REAL_SMALL_MB = 20                                       # 8 more of this size: the W=10 MB/s round
+PER_CONNECTION_MB = 10                                   # a CDN's per-connection cap in the split rounds
+
+
+def python_loop(until_done):
+    """Iterations/s of a pure-Python loop (dict stores and integer arithmetic, like a trainer's Python
+    side) run in this thread until until_done() says so (asked every ~2 ms of work)."""
+    n, d = 0, {}
+    t0 = time.perf_counter()
+    while not until_done():
+        for i in range(2000):
+            d[i & 255] = i * 3 + 1
+        n += 2000
+    return n / (time.perf_counter() - t0)
+
+
+def trainer_side(srv, source, ids, out_dir, workers, policy=None):
+    """The trainer's pure-Python throughput while download_shards fetches ids in this process (threads)
+    vs while curl fetches the same URLs in subprocesses, at the server's W; and alone, for context."""
+    import threading
+    urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]
+    out = {}
+    clear(out_dir)
+    t_end = time.perf_counter() + 3.0
+    out["alone"] = python_loop(lambda: time.perf_counter() > t_end)
+    for who in ("curl", "fetch_shard", "curl ", "fetch_shard "):       # twice each, interleaved
+        clear(out_dir)
+        if who.strip() == "curl":
+            procs = [subprocess.Popen(["curl", "-s", "-o", str(out_dir / f"curl_{k}.bin"), u])
+                     for k, u in enumerate(urls)]
+            rate = python_loop(lambda: all(p.poll() is not None for p in procs))
+        else:
+            t = threading.Thread(target=time_fetch, args=(source, ids, out_dir, workers), kwargs={"policy": policy})
+            t.start()
+            rate = python_loop(lambda: not t.is_alive())
+            t.join()
+        out[who.strip()] = max(out.get(who.strip(), 0.0), rate)
+    clear(out_dir)
+    print(f"\ntrainer's pure-Python loop while {len(ids)} shards download at the server's W (best of 2)")
+    for k, v in out.items():
+        print(f"  {k:<26} {v / 1e6:6.2f} M iterations/s")
+    print(f"  {'ratio while fetch / while curl (target >= 0.95):':<50} {out['fetch_shard'] / out['curl']:.2f}")
+    return out
+
+
+def main_real(args, work):
+    remote, out = work / "remote", work / "out"
+    remote.mkdir()
+    out.mkdir()
+    t0 = time.perf_counter()
+    big = list(range(len(REAL_SIZES_MB)))
+    small = list(range(len(big), 2 * len(big)))
+    for i, mb in zip(big, REAL_SIZES_MB):
+        write_big_shard(remote / shard_name(i), int(mb * 1e6), seed=i)
+    for i in small:
+        write_big_shard(remote / shard_name(i), int(REAL_SMALL_MB * 1e6), seed=i)
+    size = {i: (remote / shard_name(i)).stat().st_size for i in big + small}
+    print(f"made {len(size)} shards ({sum(size.values()) / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f}s under "
+          f"{work} (cpus: {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
+    n = len(size) + 1
+    split4 = FetchPolicy(max_connections=4)
+    one = FetchPolicy(max_connections=1)
+
+    def warm(srv, ids):
+        for i in ids:                           # the server's sha256 cache and the page cache
+            subprocess.run(["curl", "-s", "-I", f"{srv.hub_url}/{shard_name(i)}"], capture_output=True)
+
+    results = []
+    # 1. the one-connection-capped link: a CDN's per-connection cap below the link
+    with ServerProcess(remote, rate=100, per_connection=PER_CONNECTION_MB) as srv:
+        warm(srv, big)
+        source, url = Source(srv.hub_url, n), f"{srv.hub_url}/{shard_name(big[-1])}"
+        results.append(compare(
+            f"one {size[big[-1]] / 1e6:.0f} MB shard, link 100 MB/s, "
+            f"each connection capped at {PER_CONNECTION_MB} MB/s",
+            srv, source, [big[-1]], size[big[-1]], out, 1, 1, clients={
+                "curl": lambda: time_curl([url], out),
+                "fetch_shard": lambda: time_fetch(source, [big[-1]], out, 1, policy=split4),
+                "fetch_shard auto": lambda: time_fetch(source, [big[-1]], out, 1),
+                "fetch_shard, 1 connection": lambda: time_fetch(source, [big[-1]], out, 1, policy=one)},
+            ratios=[("fetch_shard", "curl", "ratio fetch/curl (target >= 0.9):"),
+                    ("fetch_shard auto", "curl", "ratio fetch(auto)/curl:"),
+                    ("fetch_shard, 1 connection", "curl", "ratio fetch(1 connection)/curl:")]))
+        total = sum(size[i] for i in big)
+        compare(f"8 shards of 20-100 MB, w=8, link 100 MB/s, each connection capped at {PER_CONNECTION_MB} MB/s",
+                srv, source, big, total, out, 1, 8, clients={
+                    "curl": lambda: time_curl([f"{srv.hub_url}/{shard_name(i)}" for i in big], out),
+                    "fetch_shard": lambda: time_fetch(source, big, out, 8)},
+                ratios=[("fetch_shard", "curl", "ratio fetch(auto)/curl:")])
+    # 2. a link capped at W, 8 shards at once: durable commits against curl on the same disk
+    for w, ids in ((100, big), (10, small)):
+        with ServerProcess(remote, rate=w) as srv:
+            warm(srv, ids)
+            source = Source(srv.hub_url, n)
+            total = sum(size[i] for i in ids)
+            label = (f"8 shards of {min(size[i] for i in ids) / 1e6:.0f}-{max(size[i] for i in ids) / 1e6:.0f} MB, "
+                     f"w=8 vs 8 curls, link capped at W={w} MB/s")
+            if w == 100:
+                results.append(compare(label, srv, source, ids, total, out, args.repeats, 8))
+                trainer_side(srv, source, ids, out, 8)
+            else:
+                urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]
+                compare(label, srv, source, ids, total, out, 1, 8, clients={
+                    "curl": lambda: time_curl(urls, out), "fetch_shard": lambda: time_fetch(source, ids, out, 8)},
+                    ratios=[("fetch_shard", "curl", f"ratio fetch/curl at W={w}:")])
+    best, med = results[0]
+    print(f"\nRESULT fetch/curl ratio (one shard, per-connection cap): best {best:.2f}, median {med:.2f}")
+    return 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20 MB instead of 200 MB (a smoke test)")
     p.add_argument("--size-mb", type=float, default=None, help="shard size in MB (default 200, --quick 20)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each client (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="runs of each client (default 3; --size real: 1)")
     p.add_argument("--parallel", type=int, default=8, help="shards in the parallel round (0 skips it)")
     p.add_argument("--dir", default=None, help="directory to work in (default a new temp dir; same disk for both)")
+    p.add_argument("--size", choices=("quick", "real"), default="quick",
+                   help="real: shards of 20-100 MB behind a link capped at 10 and 100 MB/s, a per-connection "
+                        "cap, the trainer's Python throughput (~2 min); quick (default): the sizes above")
     args = p.parse_args(argv)
     if shutil.which("curl") is None:
         raise SystemExit("curl is not installed: the baseline needs it (apt-get install curl)")
     size = int((args.size_mb or (20 if args.quick else 200)) * 1e6)
+    args.repeats = args.repeats or (1 if args.size == "real" else 3)
 
     work = Path(tempfile.mkdtemp(prefix="shardstream-bench-", dir=args.dir))
+    if args.size == "real":
+        try:
+            return main_real(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     try:
         remote, out = work / "remote", work / "out"
         remote.mkdir()

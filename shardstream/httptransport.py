@@ -5,12 +5,15 @@
                                                         # (X-Linked-Etag, else a SHA256SUMS at the base URL),
                                                         # ETag, Last-Modified
     body = t.open(info, start)                          # GET, Range: bytes=start- with If-Range
+    body = t.open(info, start, end)                     # one part of a split fetch: bytes=start-(end-1)
 
 Redirects are followed by hand (source.follow_problem: http(s) only, plain http only to loopback unless
 allowed; source.headers_for: the token only to its exact origin). Without a sha256 to check at the end, a
 resume is safe only where the server can say the bytes are the same file: the Range carries If-Range with
 the strong ETag (else Last-Modified), and the answer's validators are checked again; a changed file is a
 Retry(reprobe=True), a lying Content-Range or a 416 a Retry(restart=True), a 200 the whole file again.
+A part of a split fetch (end given) always carries If-Range and has its validators checked, sha256 or
+not: parts come from separate requests, and a changed file is caught at the first part that sees it.
 """
 import http.client
 import logging
@@ -46,6 +49,7 @@ def _network_retry(e, url, token, what=""):
 
 class HttpTransport:
     """One fetch call's HTTP side (see the module docstring)."""
+    parts = True            # open(info, start, end) asks for one span: fetch.py may split a shard
 
     def __init__(self, source, shard_id, policy, session):
         self.source, self.shard_id, self.policy, self.session = source, shard_id, policy, session
@@ -72,12 +76,14 @@ class HttpTransport:
         """Kept bytes may be continued when the end checks them (sha256) or the server can (a validator)."""
         return info.sha256 is not None or _validator(info) is not None
 
-    def open(self, info, start):
-        guard = info.sha256 is None          # nothing at the end would catch a splice: the server must
+    def open(self, info, start, end=None):
+        # Nothing at the end would catch a splice without a sha256: the server must. A part (end given)
+        # is checked whatever the end holds, so a changed file restarts the shard at once.
+        guard = info.sha256 is None or end is not None
         headers = {}
-        if start > 0:
-            headers["Range"] = f"bytes={start}-"
-            if guard:
+        if start > 0 or end is not None:
+            headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
+            if guard and _validator(info) is not None:
                 headers["If-Range"] = _validator(info)
         resp = None
         try:
@@ -97,7 +103,7 @@ class HttpTransport:
                     raise Retry(f"the server sent a range starting at {got}, not {start}", restart=True)
                 if total is not None and info.size is not None and total != info.size:
                     raise Retry(f"the server now says {total} bytes, not {info.size}; starting over", reprobe=True)
-            elif start > 0:
+            elif start > 0 and end is None:
                 logger.info("shard %05d: the server sent the whole file (HTTP %d), not the range from byte %d; "
                             "restarting from byte 0", self.shard_id, resp.status_code, start)
             return HttpBody(resp, got, self.source.token)
