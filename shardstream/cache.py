@@ -20,8 +20,13 @@ partial files + reservations (an in-flight shard counts as max(its remote size, 
 bytes really on disk never exceed what is accounted. Small metadata files (status.json, events.jsonl,
 locks, .partial.json sidecars) are not counted.
 
+Shard files are named by a `layout.Naming` (nanochat's shard_XXXXX.parquet, or a manifest's cache
+names; `ShardCache(dir, budget, naming)`): paths, partials, locks and leases all follow it, and the scan
+at start takes only this run's names. A shard-like file of another file set (`foreign`) is neither
+adopted nor deleted.
+
 Several processes may share one data dir (two training runs, `shardstream download` beside a trainer).
-A lease is then also a shared flock on `.shardstream/shard_XXXXX.parquet.lease` (layout.py), held while
+A lease is then also a shared flock on `.shardstream/NAME.lease` (layout.py), held while
 any reader of this process holds the shard: `delete` takes the exclusive lock without blocking and keeps
 a shard another process's reader holds (returns None); `lease` returns False for a file another process
 deleted (the caller fetches it again). `delete` also keeps partial files whose fetch lock
@@ -48,11 +53,12 @@ from pathlib import Path
 from . import layout
 from .errors import ConfigError
 from .safefs import ensure_book_dir, open_nofollow
-from .shards import SHARD_RE, shard_name
 
 logger = logging.getLogger(__name__)
 
-PARTIAL_RE = re.compile(r"^shard_(\d{5,})\.parquet\..+\.partial$")
+PARTIAL_RE = re.compile(r"^shard_(\d{5,})\.parquet\..+\.partial$")     # nanochat's partials (the id)
+# any shard partial shardstream writes: nanochat's or a cache name's (manifest.cache_name); group 1 the file
+ANY_PARTIAL_RE = re.compile(r"^((?:shard_\d{5,}|\d{6,}-[0-9a-f]{12})\.parquet)\..+\.partial$")
 
 
 @dataclass(frozen=True)
@@ -221,9 +227,10 @@ def choose_evictions(entries, *, protected=(), consumed=(), retain=0, next_read=
 class ShardCache:
     """Bookkeeping of one data dir. Every method expects the caller's lock to be held."""
 
-    def __init__(self, data_dir, budget=None):
+    def __init__(self, data_dir, budget=None, naming=None):
         self.data_dir = Path(data_dir)
         self.budget = budget
+        self.naming = naming if naming is not None else layout.Naming()     # nanochat's names by default
         self.files = {}          # shard -> bytes: verified files under their final name
         self.partials = {}       # shard -> bytes: partial files of shards not being downloaded
         self.inflight = {}       # shard -> [reserved bytes, bytes on disk so far]
@@ -232,12 +239,16 @@ class ShardCache:
         self._lease_fds = {}     # shard -> fd holding a shared flock on its .lease file while leased here
 
     # --- paths and the directory
+    def name(self, shard):
+        """shard's file name in the data dir (self.naming)."""
+        return self.naming.name(shard)
+
     def path(self, shard):
-        return self.data_dir / shard_name(shard)
+        return self.data_dir / self.name(shard)
 
     def partial_files(self, shard):
         """shard's partial files and their sidecars (and sidecars an older layout kept beside them)."""
-        prefix = shard_name(shard) + "."
+        prefix = self.name(shard) + "."
         out = []
         for d in (self.data_dir, layout.book_dir(self.data_dir)):
             try:
@@ -253,18 +264,31 @@ class ShardCache:
         return sum(p.stat().st_size for p in self.partial_files(shard) if p.name.endswith(".partial"))
 
     def scan(self):
-        """({shard: bytes} of final-named shard files, {shard: bytes} of partial files) in the dir."""
+        """({shard: bytes} of final-named shard files, {shard: bytes} of partial files) in the dir: this
+        run's names only (self.naming); a file of another file set is not taken for one of ours."""
         finals, partials = {}, {}
         for e in os.scandir(self.data_dir):
-            m = SHARD_RE.match(e.name)
-            if m and e.is_file():
-                finals[int(m.group(1))] = e.stat().st_size
+            s = self.naming.shard_of(e.name)
+            if s is not None and e.is_file():
+                finals[s] = e.stat().st_size
                 continue
-            m = PARTIAL_RE.match(e.name)
-            if m and e.is_file():
-                s = int(m.group(1))
+            s = self.naming.partial_shard(e.name)
+            if s is not None and e.is_file():
                 partials[s] = partials.get(s, 0) + e.stat().st_size
         return finals, partials
+
+    def foreign(self):
+        """{name: bytes} of shard-like files in the dir that are none of this run's (layout.Naming.foreign):
+        left by a run over another file set. Not counted in the budget, never deleted: the caller says so."""
+        out = {}
+        try:
+            entries = list(os.scandir(self.data_dir))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            if self.naming.foreign(e.name) and e.is_file(follow_symlinks=False):
+                out[e.name] = e.stat(follow_symlinks=False).st_size
+        return out
 
     def free_bytes(self):
         return shutil.disk_usage(self.data_dir).free
@@ -322,9 +346,9 @@ class ShardCache:
         reader in another process holds the shard. Never touches a leased or in-flight shard (raises, since
         that would be a bug in the caller)."""
         if self.leases.get(shard):
-            raise RuntimeError(f"refusing to delete {shard_name(shard)}: a reader holds it")
+            raise RuntimeError(f"refusing to delete {self.name(shard)}: a reader holds it")
         if shard in self.inflight:
-            raise RuntimeError(f"refusing to delete {shard_name(shard)}: it is being downloaded")
+            raise RuntimeError(f"refusing to delete {self.name(shard)}: it is being downloaded")
         freed = 0
         if shard in self.files:
             fd = try_lock(self.lease_path(shard))
@@ -338,7 +362,7 @@ class ShardCache:
                 if fd is not None:
                     os.close(fd)
             freed += self.files.pop(shard)
-        if shard in self.partials and try_lock(layout.lock_path(self.data_dir, shard),
+        if shard in self.partials and try_lock(layout.lock_path(self.data_dir, self.name(shard)),
                                                 close=True) is not False:    # no fetch of it running
             for p in self.partial_files(shard):
                 try:
@@ -351,7 +375,7 @@ class ShardCache:
 
     # --- readers
     def lease_path(self, shard):
-        return layout.lease_path(self.data_dir, shard)
+        return layout.lease_path(self.data_dir, self.name(shard))
 
     def lease(self, shard, reader):
         """Lease shard to reader. Returns False, leasing nothing, when its file is gone (another process
@@ -417,8 +441,9 @@ def _is_current(fd, path):
 
 
 def discard_partials(data_dir):
-    """Remove partial downloads (`shard_XXXXX.parquet.*.partial`, their sidecars, and lock and lease files
-    an older layout left at the top) that no process holds the lock of. Returns how many partial files went."""
+    """Remove partial downloads (`NAME.*.partial` of nanochat's names and of cache names, their sidecars,
+    and lock and lease files an older layout left at the top) that no process holds the lock of. Returns
+    how many partial files went."""
     d = Path(data_dir)
     removed = 0
     try:
@@ -426,10 +451,10 @@ def discard_partials(data_dir):
     except FileNotFoundError:
         return 0
     for name in names:
-        m = PARTIAL_RE.match(name)
+        m = ANY_PARTIAL_RE.match(name)
         if not m:
             continue
-        if try_lock(layout.lock_path(d, int(m.group(1))), close=True) is False:
+        if try_lock(layout.lock_path(d, m.group(1)), close=True) is False:
             continue        # another process is fetching that shard: its partial is live
         for p in (d / name, layout.sidecar_path(d / name), d / (name + ".json")):
             _remove(p)

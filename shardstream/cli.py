@@ -35,6 +35,9 @@ def main(argv=None):
         print(f"shardstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)      # a line per Hub API request (huggingface_hub)
+    from .settings import warn_unknown
+    warn_unknown()                      # a typo in a SHARDSTREAM_* name would otherwise be ignored silently
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return module.cli(rest) or 0

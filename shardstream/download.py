@@ -10,10 +10,7 @@ The manual fallback, like nanochat's `python -m nanochat.dataset -n N -w W`:
 
 Any parquet corpus (--files GLOB, --val-files GLOB|none, --manifest FILE: listing.make_source): the
 manifest's files land under their cache names (manifest.cache_name: index + a digest of the path, never
-a path), nanochat's layout keeps shard_XXXXX.parquet. Until fetch.py names its final file after
-Source.file_name, a file with a cache name is fetched into a staging folder of the book dir
-(`.shardstream/staging-<manifest digest>/`, which keeps its partial files for a rerun to resume) and
-renamed into the data dir once verified (`_fetch_named`).
+a path), nanochat's layout keeps shard_XXXXX.parquet (fetch_shard names every file Source.file_name).
 
 Every shard goes through fetch_shard (resume, retries, verify, atomic rename), so the exit status is 0 only
 when every asked-for shard is verified on disk; otherwise it is 1 and each failed shard gets one line
@@ -42,16 +39,12 @@ from collections import Counter, deque
 
 import requests
 
-from dataclasses import replace
 from pathlib import Path
 
 from . import layout
-from .cache import PARTIAL_RE
-from .errors import ConfigError, FetchCancelled, PermanentFetchError, ShardStreamError, UnsafePathError
-from .fetch import VERIFY_LEVELS, FetchPolicy, FetchResult, ensure_data_dir, fetch_shard, remote_info
-from .safefs import check_shard_name, ensure_book_dir
+from .errors import ConfigError, FetchCancelled, ShardStreamError
+from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir
-from .manifest import NANOCHAT
 from .listing import add_manifest_arguments, make_source, manifest_choice, pin_source
 from .settings import read_all
 from .source import source_kind
@@ -98,46 +91,6 @@ def _run_pool(fn, items, workers, stop):
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def staging_dir(source, data_dir):
-    """Where files with a cache name are fetched before their rename into data_dir (None for nanochat's
-    layout, fetched in place): one folder per manifest digest, so a partial file is only ever resumed
-    for the same file of the same manifest."""
-    if source.manifest is None or source.manifest.layout == NANOCHAT:
-        return None
-    return layout.book_dir(data_dir) / f"staging-{source.manifest.digest()[:16]}"
-
-
-def _fetch_named(source, i, data_dir, policy, **kw):
-    """fetch_shard, with the file landing under source.file_name(i) in data_dir (see the module docstring)."""
-    stage = staging_dir(source, data_dir)
-    if stage is None:
-        return fetch_shard(source, i, data_dir, policy, **kw)
-    t0 = time.monotonic()
-    final = Path(data_dir) / source.file_name(i)
-    try:
-        check_shard_name(final)
-        if final.is_file():
-            return FetchResult(i, final, final.stat().st_size, None, 0, 0, time.monotonic() - t0, 0,
-                               already_present=True)
-        source.check_data_dir(data_dir)
-        ensure_book_dir(data_dir)
-        try:
-            os.mkdir(stage, 0o755)
-        except FileExistsError:
-            if os.path.islink(stage) or not stage.is_dir():
-                raise UnsafePathError(f"{stage} is not a directory, where shardstream stages downloads: move it "
-                                      f"out of the data dir") from None
-    except UnsafePathError as e:
-        raise PermanentFetchError(f"shard {i:05d} ({source.path(i)}): {e}", shard_id=i, cause=str(e)) from None
-    r = fetch_shard(source, i, stage, policy, **kw)
-    os.replace(r.path, final)           # same file system (the book dir is inside data_dir): atomic
-    return replace(r, path=final)
-
-
-def _partial_dir(source, data_dir):
-    return staging_dir(source, data_dir) or Path(data_dir)
 
 
 def probe_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy(), *, stop=None, sessions=None):
@@ -204,7 +157,7 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
                     on_bytes(n)
                 if progress is not None:
                     progress.add(i, n)
-            r = _fetch_named(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
+            r = fetch_shard(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
             if r.resumed_from and on_bytes is not None:
                 on_bytes(r.resumed_from)        # on disk from an earlier run: count it as done
         except ShardStreamError as e:
@@ -217,19 +170,6 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
         return _run_pool(one, shard_ids, workers, stop)
     finally:
         sessions.close()
-        _remove_empty_staging(source, data_dir)
-
-
-def _remove_empty_staging(source, data_dir):
-    """The staging folder goes once nothing is left in it (a partial file kept for a rerun keeps it)."""
-    stage = staging_dir(source, data_dir)
-    if stage is None:
-        return
-    for d in (layout.book_dir(stage), stage):
-        try:
-            os.rmdir(d)                 # only when empty; never through a link (rmdir refuses one)
-        except OSError:
-            pass
 
 
 class DownloadProgress:
@@ -246,7 +186,7 @@ class DownloadProgress:
         self.lock = threading.Lock()
         self.sizes = dict(sizes)
         self.present = dict(present)
-        self.counted = _partial_bytes(_partial_dir(source, data_dir), self.sizes)     # shard -> bytes shown on the bar
+        self.counted = _partial_bytes(source, data_dir, self.sizes)     # shard -> bytes shown on the bar
         self.in_flight = set()
         self.done = dict(present)               # shard -> bytes of each shard verified on disk
         self.failed = set()
@@ -368,21 +308,22 @@ class DownloadProgress:
             self.bar.close()
 
 
-def _partial_bytes(data_dir, shards):
+def _partial_bytes(source, data_dir, shards):
     """{shard: bytes of its largest partial file} for the given shards (a resume continues from one)."""
     out = {}
+    naming = layout.Naming.of(source)
     try:
         entries = list(os.scandir(data_dir))
     except OSError:
         return out
     for e in entries:
-        m = PARTIAL_RE.match(e.name)
-        if m and int(m.group(1)) in shards:
+        i = naming.partial_shard(e.name)
+        if i is not None and i in shards:
             try:
                 size = e.stat(follow_symlinks=False).st_size
             except OSError:
                 continue
-            out[int(m.group(1))] = max(out.get(int(m.group(1)), 0), size)
+            out[i] = max(out.get(i, 0), size)
     return out
 
 
@@ -406,6 +347,9 @@ def build_parser():
                    help="total shards at the source, the last being val (default: the listed count for "
                         "hf/s3/gs/local sources; required for an http(s) URL other than a known dataset's Hub URL)")
     add_manifest_arguments(p)
+    p.add_argument("--text-column", default=None, metavar="NAME",
+                   help="the parquet column holding the documents, checked in every file (default: "
+                        "$SHARDSTREAM_TEXT_COLUMN, else text)")
     p.add_argument("--require-checksum", action="store_true",
                    help="refuse a shard the source gives no sha256/md5 for (default: size + parquet footer then)")
     p.add_argument("--verify", default="footer", choices=VERIFY_LEVELS,
@@ -424,9 +368,12 @@ def cli(argv):
         # dir before an hf/s3/gs source is listed over the network.
         env = read_all(["SHARDSTREAM_SOURCE", "SHARDSTREAM_DATA_DIR", "SHARDSTREAM_MAX_ROW_GROUP_BYTES",
                         "SHARDSTREAM_MAX_ROW_GROUP_ROWS", "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES",
-                        "SHARDSTREAM_MANIFEST"])
+                        "SHARDSTREAM_MANIFEST", "SHARDSTREAM_TEXT_COLUMN"])
         configure_row_group_limits(env["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], env["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
-        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
+        column = args.text_column if args.text_column is not None else env["SHARDSTREAM_TEXT_COLUMN"]
+        if not column or not column.strip():
+            raise ConfigError("--text-column must name a column, got an empty name")
+        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify, text_column=column)
         files, val_files, manifest = manifest_choice(args, env=env)
         url = args.source or env["SHARDSTREAM_SOURCE"]
         chosen = files is not None or val_files is not None
@@ -476,7 +423,8 @@ def cli(argv):
     done = [r for r in results if not isinstance(r, Exception)]
     if signals:
         name = signal.Signals(signals[0]).name
-        kept = len(list(_partial_dir(source, data_dir).glob("shard_*.partial")))
+        naming = layout.Naming.of(source)
+        kept = sum(naming.partial_shard(p.name) is not None for p in Path(data_dir).glob("*.partial"))
         print(f"shardstream download: stopped by {name}: {len(done)}/{len(ids)} shards verified in {data_dir}, "
               f"{kept} partial file(s) kept: run the same command again to resume them", file=sys.stderr)
         return 128 + signals[0]

@@ -40,6 +40,15 @@ a floor before every download.
 Readers are named (`reader=`, default 0): leases are counted per reader and the window follows the
 slowest one, which leaves room for several ranks per node.
 
+Any parquet corpus (issue 15): `source="hf://datasets/ORG/NAME", files="sample/10BT/*.parquet"` (globs),
+`val_files=` (a glob, or "none"), `manifest=` (a file listing the paths) go to listing.make_source, which
+pins the run's manifest; `text_column=` names the column the shards' text is in (checked by every
+verification; the loader reads it). Shard i is then the manifest's file i, stored under its cache name
+(source.file_name(i): the index and a digest of its path, never the path), and every file the data dir
+holds for it follows that name (partials, locks, leases); logs and events name the source path beside
+it. The val shards are `val_shards` (all of them, in order, fetched early and kept, counted in the
+budget; none with val_files="none"). nanochat's layout (shard_XXXXX.parquet) is unchanged.
+
 Faults: fetch.py retries transient errors within one call; when a call gives up, the shard is retried
 after a backoff while other shards go on. Once the reader has waited longer than `FailurePolicy.deadline`
 for a failing shard (at once for a permanent failure such as a 404), the policy decides: "fail" raises
@@ -69,18 +78,18 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from . import failures, report, schedule
+from . import failures, layout, report, schedule
 from .cache import ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, ShardSkipped, ShardWaitTimeout)
 from .existing import SHA_AUTO_LIMIT, scan_existing  # noqa: F401  (SHA_AUTO_LIMIT: re-exported)
 from .fetch import fetch_shard, remote_info
-from .listing import make_source
+from .listing import make_source, pin_source
 from .policies import (FAILURE_MODES, DiskPolicy, FailurePolicy, WindowPolicy,  # noqa: F401  (re-exported)
                        budget_problem, disk_check, resolve_options, resolve_plan)
 from .prefetch import LinkClock, PrefetchController
 from .report import RATE_WINDOW  # noqa: F401  (re-exported)
-from .shards import DEFAULT_DATASET, default_data_dir, shard_name
+from .shards import DEFAULT_DATASET, default_data_dir
 from .source import Source, redact_url
 from .status import human_bytes
 from .statuswriter import StatusWriter
@@ -107,7 +116,7 @@ class StreamingDownloader:
                  window=None, disk_policy=None, fetch_policy=None, deadline=None,
                  warn_free_bytes=None, min_free_bytes=None, dataset=DEFAULT_DATASET, dataset_shards=None,
                  verify_existing="auto", progress=True, status_interval=0.5, plan=None, prefetch=None,
-                 start_at=None):
+                 start_at=None, files=None, val_files=None, manifest=None, text_column="text"):
         opts = resolve_options(buffer_size=buffer_size, retain=retain, max_cache_bytes=max_cache_bytes,
                                initial_buffer=initial_buffer, window=window, failure_policy=failure_policy,
                                deadline=deadline, disk_policy=disk_policy, warn_free_bytes=warn_free_bytes,
@@ -116,7 +125,11 @@ class StreamingDownloader:
         self.window, self.failure_policy, self.disk_policy = opts.window, opts.failure, opts.disk
         self.fetch_policy, self.prefetch, self.workers = opts.fetch, opts.prefetch, opts.workers
         self.verify_existing, self.progress, self.status_interval = opts.verify_existing, progress, status_interval
-        self._source = _resolve_source(source, dataset, dataset_shards)
+        self._text_column = _check_text_column(text_column)
+        self.fetch_policy = _with_text_column(self.fetch_policy, self._text_column)
+        self._source = _resolve_source(source, dataset, dataset_shards, files, val_files, manifest)
+        self._labelled = any(self._source.path(i) != self._source.file_name(i)
+                             for i in range(self._source.dataset_shards))
         self.plan, self.total_shards, self._start_pos = resolve_plan(self._source, plan, total_shards,
                                                                      self.window, start_at)
         self._data_dir = _writable_data_dir(data_dir, dataset, self._source)
@@ -131,13 +144,15 @@ class StreamingDownloader:
     def _init_state(self):
         """The bookkeeping, all guarded by self._cond."""
         self._cond = threading.Condition(threading.RLock())
-        self.cache = ShardCache(self._data_dir, self.window.max_cache_bytes)
+        self.cache = ShardCache(self._data_dir, self.window.max_cache_bytes, layout.Naming.of(self._source))
         self._stop = threading.Event()
         self._threads = []
         self._state = "created"
         self._status = StatusWriter(self._data_dir, self._locked_progress, self._status_of, self.status_interval)
         self._origin = report.Origin(self.total_shards, self.val_shard, str(self._data_dir),
-                                     redact_url(self._source.base_url), os.getpid(), _hostname())
+                                     redact_url(self._source.base_url), os.getpid(), _hostname(),
+                                     val_shards=self._val_list(),
+                                     label=self._label if self._labelled else None)
         self._counts = report.Counts()
         self._info = {}                  # shard -> RemoteInfo
         self._sizes = {}                 # shard -> its remote size (None: the source did not say)
@@ -174,7 +189,28 @@ class StreamingDownloader:
 
     @property
     def val_shard(self):
+        """The first val shard, None when there is none (val_files="none")."""
         return self._source.val_shard
+
+    @property
+    def val_shards(self):
+        """Every val shard id, in order: the dataset's last shard (nanochat's), a manifest's val files, or ()."""
+        return tuple(self._source.val_shards)
+
+    @property
+    def text_column(self):
+        """The parquet column the shards' text is in ("text" unless text_column= said otherwise)."""
+        return self._text_column
+
+    def _val_list(self):
+        """val_shards for the scheduler and the status: None for nanochat's one val shard (so both stay as
+        they always were), else the tuple."""
+        v = self.val_shards
+        return None if self._source.manifest is None and v == (self.val_shard,) else v
+
+    def _label(self, shard):
+        """How logs name a shard: shard_XXXXX.parquet, or a manifest file's source path and cache name."""
+        return layout.shard_label(self._source, shard)
 
     @property
     def buffer_size(self):
@@ -218,13 +254,18 @@ class StreamingDownloader:
                 return self
             self._state = "starting"
         try:
+            # the default source (the Hub at a branch) is read at one commit: resolved here, where fetching
+            # starts, so a downloader that is only made sends nothing
+            self._source = pin_source(self._source)
             self._status.open()
             logger.info(f"{P} Starting download of {self.total_shards} shards with buffer_size={self.buffer_size}")
             with self._cond:
+                extra = {} if self._val_list() is None else {"val_shards": list(self.val_shards)}
                 self._event("start", total_shards=self.total_shards, buffer_size=self.buffer_size,
-                            retain=self.window.retain, val_shard=self.val_shard)
-            self._adopt(scan_existing(self.cache, self._source, set(self.plan.order) | {self.val_shard},
-                                      self.verify_existing, self.fetch_policy, self._stop, self.workers))
+                            retain=self.window.retain, val_shard=self.val_shard, **extra)
+            self._adopt(scan_existing(self.cache, self._source, set(self.plan.order) | set(self.val_shards),
+                                      self.verify_existing, self.fetch_policy, self._stop, self.workers,
+                                      text_column=self._text_column))
             self._check_budget()
             with self._cond:
                 self._initial = tuple(self._initial_targets())
@@ -260,6 +301,12 @@ class StreamingDownloader:
                 if shard in self.plan:
                     self._verified.add(shard)
             self.cache.partials = dict(found.partials)
+            if found.foreign:
+                names = sorted(found.foreign)
+                logger.warning(f"{P} {len(names)} shard file(s) in {self._data_dir} belong to another file set "
+                               f"(another manifest, --files or revision), e.g. {', '.join(names[:3])} "
+                               f"({human_bytes(sum(found.foreign.values()))}): not read and not deleted, nor "
+                               f"counted in the budget; remove them to free the space if no other run uses them")
             logger.info(f"{P} Found {len(self.cache.files)} shards already downloaded"
                         + (f" ({len(found.partials)} partial downloads to resume)" if found.partials else ""))
             self._event("scan", found=sorted(self.cache.files), partials=sorted(found.partials))
@@ -271,19 +318,21 @@ class StreamingDownloader:
                     self._delete(e.shard, e.why)
 
     def _check_budget(self):
-        """A budget must hold the val shard plus two train shards, or the window cannot move (the sizes are
+        """A budget must hold the val shards plus two train shards, or the window cannot move (the sizes are
         asked with the lock released)."""
         if self.cache.budget is None:
             return
+        vals = self.val_shards
         with self._cond:
             first = self.plan.at(max(0, schedule.reader_pos(self._snapshot()) + 1))
-            infos = {s: self._info.get(s) for s in (first, self.val_shard)}
+            infos = {s: self._info.get(s) for s in (first, *vals)}
         for s, info in infos.items():
             if info is None:
                 infos[s] = info = remote_info(self._source, s, self.fetch_policy, stop=self._stop)
                 with self._cond:
                     self._note_info(s, info)
-        problem = budget_problem(self.cache.budget, infos[self.val_shard].size or 0, infos[first].size or 0)
+        problem = budget_problem(self.cache.budget, sum(infos[v].size or 0 for v in vals), infos[first].size or 0,
+                                 len(vals))
         if problem is not None:
             raise ConfigError(problem)
 
@@ -362,7 +411,7 @@ class StreamingDownloader:
             self._raise_if_crashed()
             done = self.cache.release(shard_id, reader, consumed)
             if done is None:
-                raise ConfigError(f"release({shard_id}): reader {reader!r} holds no lease on {shard_name(shard_id)} "
+                raise ConfigError(f"release({shard_id}): reader {reader!r} holds no lease on {self._label(shard_id)} "
                                   f"(wait_for_shard({shard_id}) first, and release each lease once)")
             if done and consumed:
                 self._event("consumed", shard_id)
@@ -410,7 +459,7 @@ class StreamingDownloader:
             self._demand_order.setdefault(shard, t0)
             self._counts.waits += reader is not None
             self._event("wait_start", shard, reader=reader)
-            logger.info(f"{P} Waiting for {shard_name(shard)}...")
+            logger.info(f"{P} Waiting for {self._label(shard)}...")
             self._cond.notify_all()
             try:
                 return self._wait_loop(shard, timeout, reader, lease, t0)
@@ -431,7 +480,7 @@ class StreamingDownloader:
         while True:
             self._raise_if_crashed()
             if self._stop.is_set():
-                raise DownloaderStopped(f"the downloader was stopped while waiting for {shard_name(shard)}")
+                raise DownloaderStopped(f"the downloader was stopped while waiting for {self._label(shard)}")
             if shard in self.cache.files:
                 path = self._hand_over(shard, reader, lease, waited=True)
                 if path is not None:
@@ -440,11 +489,11 @@ class StreamingDownloader:
             waited = now - t0
             self._check_failure(shard, waited)
             if timeout is not None and waited >= timeout:
-                raise ShardWaitTimeout(f"{shard_name(shard)} was not ready within {timeout:g} s "
+                raise ShardWaitTimeout(f"{self._label(shard)} was not ready within {timeout:g} s "
                                        f"({self._why_not_ready(shard)})")
             if now - last_warn >= self.failure_policy.warn_every:
                 last_warn = now
-                logger.warning(f"{P} still waiting for {shard_name(shard)} after {waited:.0f} s: "
+                logger.warning(f"{P} still waiting for {self._label(shard)} after {waited:.0f} s: "
                                f"{self._why_not_ready(shard)}")
             self._cond.wait(0.25 if timeout is None else max(0.0, min(0.25, timeout - waited)))
 
@@ -452,7 +501,7 @@ class StreamingDownloader:
         """Lease shard and return its path; None when another process sharing the data dir deleted it
         while no reader held it (it is then fetched again)."""
         if lease and not self.cache.lease(shard, reader):
-            logger.info(f"{P} {shard_name(shard)} was deleted by another process sharing {self._data_dir}; "
+            logger.info(f"{P} {self._label(shard)} was deleted by another process sharing {self._data_dir}; "
                         f"fetching it again")
             self.cache.files.pop(shard, None)
             self.cache.consumed.pop(shard, None)
@@ -491,7 +540,7 @@ class StreamingDownloader:
         if out.kind is failures.Outcome.SKIP:
             self._skipped[shard] = out.reason
             self._counts.failures += out.counts
-            logger.error(f"{P} SKIPPING {shard_name(shard)} ({redact_url(self._source.url(shard))}): {out.reason}. "
+            logger.error(f"{P} SKIPPING {self._label(shard)} ({redact_url(self._source.url(shard))}): {out.reason}. "
                          f"Training goes on without it (failure policy 'skip').")
             self._event("skipped", shard, error=out.reason)
         raise out.error
@@ -508,7 +557,7 @@ class StreamingDownloader:
         scheduler only reads them, and it runs under the same lock."""
         c = self.cache
         snap = schedule.Snapshot(
-            plan=self.plan, val_shard=self.val_shard, cursors=self._cursor, start_pos=self._start_pos,
+            plan=self.plan, val_shard=self.val_shard, val_shards=self._val_list(), cursors=self._cursor, start_pos=self._start_pos,
             initial=self._initial, initial_buffer=self.window.initial_buffer, window=self._win,
             window_base=self._win_base, adaptive=self._ctl is not None, verified=len(self._verified),
             files=c.files, partials=c.partials, inflight=c.inflight.keys(), leased=c.leased(),
@@ -544,17 +593,17 @@ class StreamingDownloader:
         evict, room = schedule.make_room(self._snapshot(), shard, size)
         if evict is None:
             if shard not in self._blocked:
-                logger.info(f"{P} {shard_name(shard)} waits for room: the budget "
+                logger.info(f"{P} {self._label(shard)} waits for room: the budget "
                             f"({human_bytes(self.cache.budget)}) is full of shards in use or ahead")
             self._blocked[shard] = (f"budget {human_bytes(self.cache.budget)} holds "
                                     f"{human_bytes(self.cache.used_bytes())} of shards in use, pinned or ahead; "
-                                    f"{shard_name(shard)} needs {human_bytes(size)} more (release shards, or raise "
+                                    f"{self._label(shard)} needs {human_bytes(size)} more (release shards, or raise "
                                     f"max_cache_bytes)")
             return False
         for e in evict:
             self._delete(e.shard, e.why)
         if self.cache.budget is not None and not self.cache.fits(room):    # another process's reader
-            self._blocked[shard] = (f"the room {shard_name(shard)} needs is held by readers in another process "
+            self._blocked[shard] = (f"the room {self._label(shard)} needs is held by readers in another process "
                                     f"sharing {self._data_dir}")
             return False
         self._blocked.pop(shard, None)
@@ -563,9 +612,9 @@ class StreamingDownloader:
     def _delete(self, shard, reason):
         freed = self.cache.delete(shard)
         if freed is None:
-            logger.debug(f"{P} Kept {shard_name(shard)}: a reader in another process holds it")
+            logger.debug(f"{P} Kept {self._label(shard)}: a reader in another process holds it")
             return
-        logger.info(f"{P} Deleted {shard_name(shard)} ({reason}, {human_bytes(freed)} freed)")
+        logger.info(f"{P} Deleted {self._label(shard)} ({reason}, {human_bytes(freed)} freed)")
         self._event("evicted", shard, reason=reason, freed=freed)
 
     # -------------------------------------------------------------------------
@@ -648,7 +697,7 @@ class StreamingDownloader:
         floor for DiskPolicy.recheck_seconds, and tells the readers."""
         dp = self.disk_policy
         v = disk_check(free, max(0, size - self.cache.partials.get(shard, 0)), dp, now=now,
-                       last_warn=self._last_disk_warn, where=self._data_dir, what=shard_name(shard))
+                       last_warn=self._last_disk_warn, where=self._data_dir, what=self._label(shard))
         if not v.ok:
             if self._disk_error is None:
                 logger.error(f"{P} Downloads paused: {v.message}")
@@ -701,7 +750,7 @@ class StreamingDownloader:
         self._cond.notify_all()
 
     def _download(self, shard, session):
-        name = shard_name(shard)
+        name = self._label(shard)
         logger.info(f"{P} Downloading {name}...")
         try:
             res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
@@ -719,7 +768,7 @@ class StreamingDownloader:
             if shard in self.plan:
                 self._verified.add(shard)
             where = f"[{len(self._verified)}/{self.total_shards}]" if shard in self.plan else "[val]" \
-                if shard == self.val_shard else "[on demand]"
+                if shard in self.val_shards else "[on demand]"
             logger.info(f"{P} Downloaded {name} ({human_bytes(res.size)}) {where}")
             self._event("downloaded", shard, size=res.size, seconds=round(res.seconds, 4),
                         attempts=res.attempts, resumed_from=res.resumed_from, checked=res.checked)
@@ -742,7 +791,7 @@ class StreamingDownloader:
                 self._record_failure(shard, e)
             elif isinstance(e, DiskSpaceError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
                 self._disk_error = DiskSpaceError(f"the disk of {self._data_dir} is full (while downloading "
-                                                  f"{shard_name(shard)}: {e}): free some space or lower "
+                                                  f"{self._label(shard)}: {e}): free some space or lower "
                                                   f"max_cache_bytes")
                 self._disk_retry_at = time.monotonic() + self.disk_policy.recheck_seconds
                 logger.error(f"{P} {self._disk_error}")
@@ -771,10 +820,10 @@ class StreamingDownloader:
         self._counts.retries += r.retries
         self._counts.failures += r.failures
         if r.gave_up:
-            logger.error(f"{P} {shard_name(shard)} failed permanently: {e}")
+            logger.error(f"{P} {self._label(shard)} failed permanently: {e}")
             self._event("failed", shard, error=f"{type(e).__name__}: {e}", attempts=r.failure.attempts)
         else:
-            logger.warning(f"{P} {shard_name(shard)} failed ({type(e).__name__}: {e}); retrying in {r.delay:.1f} s")
+            logger.warning(f"{P} {self._label(shard)} failed ({type(e).__name__}: {e}); retrying in {r.delay:.1f} s")
             self._event("retry", shard, error=f"{type(e).__name__}: {e}", attempts=r.failure.attempts,
                         delay=round(r.delay, 3))
         self._cond.notify_all()
@@ -802,22 +851,44 @@ class StreamingDownloader:
 
     def _event(self, event, shard=None, **extra):
         """Queue one events.jsonl record for the status thread (lock held); it refreshes status.json too."""
+        if shard is not None and self._labelled and 0 <= shard < self._source.dataset_shards:
+            extra = {"path": self._source.path(shard), "file": self._source.file_name(shard), **extra}
         if self._status.opened:
             self._status.queue(report.event_record(self._snapshot(), event, shard, t=time.time(),
                                                    disk_bytes=self.cache.disk_bytes(), **extra))
 
 
-def _resolve_source(source, dataset, dataset_shards):
+def _resolve_source(source, dataset, dataset_shards, files=None, val_files=None, manifest=None):
     """The Source to stream from: a Source as given, or one made from a base URL string or the dataset's
-    default (listing.make_source: a listed source is listed now)."""
+    default (listing.make_source: a listed source is listed now; files/val_files/manifest pick its files)."""
     if source is None or isinstance(source, str):
-        return make_source(source, dataset=dataset, dataset_shards=dataset_shards)
+        return make_source(source, dataset=dataset, dataset_shards=dataset_shards, files=files,
+                           val_files=val_files, manifest=manifest)
     if not isinstance(source, Source):
         raise ConfigError(f"source must be a Source or a base URL string, got {type(source).__name__}")
+    given = [n for n, v in (("files", files), ("val_files", val_files), ("manifest", manifest)) if v is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} pick(s) the files of a source URL, but source is a Source already "
+                          f"({source.name}): pass them to make_source(url, files=..., val_files=..., "
+                          f"manifest=...), or give the URL as source=")
     if dataset_shards is not None and dataset_shards != source.dataset_shards:
         raise ConfigError(f"dataset_shards={dataset_shards} disagrees with the Source's "
                           f"dataset_shards={source.dataset_shards}")
     return source
+
+
+def _check_text_column(name):
+    """The text column's name, or ConfigError: a non-empty string without control characters."""
+    if not isinstance(name, str) or not name.strip() or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"text_column must be the name of a string column of the shards (like 'text' or "
+                          f"'content'), got {name!r}")
+    return name
+
+
+def _with_text_column(policy, name):
+    """The fetch policy whose verification checks `name` as the text column (the run's, whatever the
+    FetchPolicy given said: one column per run)."""
+    return policy if policy.text_column == name else replace(policy, text_column=name)
 
 
 def _writable_data_dir(data_dir, dataset, source):

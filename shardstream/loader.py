@@ -8,6 +8,11 @@ A drop-in for nanochat's dataloader (shared/DESIGN.md §1): same names, signatur
 
 plus a `streaming_downloader=` keyword (wait for each shard, hold it while reading, release it after) and
 `data_dir=` for a plain local directory of shards (nanochat's layout; default shards.default_data_dir()).
+Documents are the string column `text_column` (the downloader's, else the `text_column=` keyword, "text"
+by default); no other column is ever decoded, and the first shard opened must have it (a ConfigError
+naming the file and its columns otherwise). A downloader over any parquet corpus (a manifest) has
+several val shards or none: the val split reads them all in order, and with none (--val-files none)
+building a val loader is a ConfigError.
 Called with neither and SHARDSTREAM_STREAMING=1, it streams with a downloader configured by the
 environment that the generator owns (streaming_env.py; docs/NANOCHAT.md: nanochat changes one import).
 
@@ -65,7 +70,7 @@ from .errors import ConfigError, CorruptShardError, ShardSkipped, StateMismatchE
 from .reader import ShardReader
 from .settings import torchrun_env
 from .shards import default_data_dir, list_shards, shard_name
-from .verify import check_row_group, decoded_too_big, row_group_limits
+from .verify import TEXT_COLUMN, check_row_group, decoded_too_big, row_group_limits
 
 logger = logging.getLogger(__name__)
 
@@ -101,22 +106,38 @@ class ShardPlan:
     """The split's shard list (index pq_idx -> shard id) and access to each shard's file.
 
     With a downloader (a reader.ShardReader: nothing else is asked of it): train = the downloader's read
-    order (`plan.order`), val = its val shard; acquire() waits for the verified file and leases it,
-    release() hands it back. Without: the shard files of a local directory, train = all but the last,
-    val = the last (nanochat's rule).
+    order (`plan.order`), val = its val shards, in order; acquire() waits for the verified file and leases
+    it, release() hands it back. Without: the shard files of a local directory, train = all but the last,
+    val = the last (nanochat's rule). `text_column`: the column documents are read from (the downloader's;
+    without one, the argument); `open(path)` checks it on the first shard opened.
     """
 
-    def __init__(self, split, downloader: ShardReader | None = None, data_dir=None):
+    def __init__(self, split, downloader: ShardReader | None = None, data_dir=None, text_column=None):
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         self.split = split
         self.downloader = downloader
+        self._checked = False
         if downloader is not None:
-            ids = list(downloader.plan.order) if split == "train" else [downloader.val_shard]
+            self.text_column = downloader.text_column
+            if text_column is not None and text_column != self.text_column:
+                raise ConfigError(f"text_column={text_column!r} but the downloader reads column "
+                                  f"{self.text_column!r}: give the column to the downloader (text_column=, "
+                                  f"--text-column NAME), not to the loader")
+            if split == "train":
+                ids = list(downloader.plan.order)
+            else:
+                ids = list(downloader.val_shards)
+                if not ids:
+                    raise ConfigError(f"the source {downloader.source.identity()['source']} has no val files "
+                                      f"(--val-files none): "
+                                      f"there is no val split to load; skip the val loss, or pick val files "
+                                      f"with --val-files GLOB")
             self.stride = downloader.row_group_stride(split)    # (rank, world), or None: the DDP rank and world
             self.source = downloader.source.identity()["source"]
             self.data_dir = None
         else:
+            self.text_column = TEXT_COLUMN if text_column is None else text_column
             self.data_dir = os.fspath(data_dir if data_dir is not None else default_data_dir())
             if not os.path.isdir(self.data_dir):
                 raise ConfigError(f"data dir {self.data_dir} does not exist: download shards there first "
@@ -145,8 +166,18 @@ class ShardPlan:
             path = os.path.join(self.data_dir, shard_name(shard_id))
         # the val split re-reads its one shard at every wrap and every evaluation builds a new val loader:
         # at INFO that line would repeat through the trainer's output, so val reads log at DEBUG
-        (logger.debug if quiet or self.split == "val" else logger.info)("Reading %s", shard_name(shard_id))
+        # named by its file on disk: shard_XXXXX.parquet, or a manifest's cache name (the downloader's log
+        # names its source path beside it)
+        (logger.debug if quiet or self.split == "val" else logger.info)("Reading %s", os.path.basename(path))
         return path
+
+    def open(self, path):
+        """The shard's ParquetFile; the first one opened must hold the text column as strings."""
+        pf = _open_parquet(path)
+        if not self._checked:
+            check_text_column(pf, path, self.text_column)
+            self._checked = True
+        return pf
 
     def release(self, pq_idx, consumed=True):
         """Hand the shard back; consumed=False when it was not read to its end (a stop mid-shard, a
@@ -166,19 +197,36 @@ def _open_parquet(path):
         raise _corrupt(path, "cannot be opened", e) from None
 
 
-def _read_texts(pf, rg_idx, path=None):
-    """The row group's `text` values as a list of str, refusing a decompression bomb (verify.py's limits):
+def check_text_column(pf, path, column):
+    """ConfigError unless the ParquetFile pf (of path) has a string column named `column`: naming the file,
+    its columns, and the flag that picks another."""
+    try:
+        schema = pf.schema_arrow
+    except PARQUET_ERRORS as e:
+        raise _corrupt(path, "has no readable schema", e) from None
+    cols = ", ".join(f"{f.name} ({f.type})" for f in schema) or "none"
+    if column not in schema.names:
+        raise ConfigError(f"{path} has no column {column!r} to read documents from (its columns: {cols}): name "
+                          f"the text column with --text-column NAME (text_column=)")
+    typ = schema.field(column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise ConfigError(f"{path}: column {column!r} is {typ}, not a string column (its columns: {cols}): name "
+                          f"the text column with --text-column NAME (text_column=)")
+
+
+def _read_texts(pf, rg_idx, path=None, column=TEXT_COLUMN):
+    """The row group's `column` values (the text) as a list of str, refusing a decompression bomb (verify.py's limits):
     first from the footer pyarrow already parsed (rows, declared uncompressed bytes), then while decoding,
     READ_BATCH_ROWS documents at a time, since a footer can lie and a dictionary page expands to more than
     it declares. What a bomb can make us hold is the cap plus one step's documents, not the row group."""
     limits = row_group_limits()         # outside the try: a bad setting is a ConfigError, not a corrupt shard
     try:
-        declared = check_row_group(path, pf.metadata, rg_idx, limits)
+        declared = check_row_group(path, pf.metadata, rg_idx, limits, column=column)
         texts, decoded = [], 0
         # use_threads=False: one column of one row group gains nothing from Arrow's thread pool, whose
         # hand-offs cost CPU that the tokenizer's threads need. Steps of 64 documents cost no more than one
         # read_row_group (measured on nanochat-like row groups of 1,024 documents, ~3.5 MB)
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[rg_idx], columns=["text"],
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[rg_idx], columns=[column],
                                      use_threads=False):
             col = batch.column(0)
             decoded += col.nbytes
@@ -240,19 +288,19 @@ def iter_doc_batches(plan, cursor, rank, world, batch_size, stop=None):
             try:
                 path = plan.acquire(pq_idx)
             except ShardSkipped as e:       # the downloader's failure policy is "skip"
-                logger.warning("skipping %s: %s", shard_name(plan.shard_ids[pq_idx]), e)
+                logger.warning("skipping shard %d: %s", plan.shard_ids[pq_idx], e)
                 pq_idx, rg_idx, row = pq_idx + 1, rank, 0
                 continue
             read_to_end = False
             try:
-                pf = _open_parquet(path)
+                pf = plan.open(path)
                 num_rg = pf.num_row_groups
                 while rg_idx < num_rg:
                     done = 0 if plan.rows_read is None else plan.rows_read(epoch, pq_idx, rg_idx)
                     if done is None:        # read in full before the world size changed (elastic resume)
                         rg_idx, row = rg_idx + world, 0
                         continue
-                    texts = _read_texts(pf, rg_idx, path)
+                    texts = _read_texts(pf, rg_idx, path, plan.text_column)
                     row = max(row, done)
                     while row < len(texts):
                         if stop is not None and stop.is_set():
@@ -500,9 +548,9 @@ def rebuild_buffer(packer, docs, plan, tokenize, cursor):
             raise StateMismatchError(f"resume state names shard index {pq_idx}, the split has {len(plan)}")
         path = plan.acquire(pq_idx, quiet=True)
         try:
-            pf = _open_parquet(path)
+            pf = plan.open(path)
             for rg_idx in sorted(by_shard[pq_idx]):
-                texts[pq_idx, rg_idx] = _read_texts(pf, rg_idx, path)
+                texts[pq_idx, rg_idx] = _read_texts(pf, rg_idx, path, plan.text_column)
         finally:
             plan.release(pq_idx, consumed=pq_idx != cursor[1])     # the stream resumes in cursor[1] only
     for epoch, pq_idx, rg_idx, row, mask in docs:   # sorted by stream position when saved
@@ -568,13 +616,15 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cuda",
         resume_state_dict=None, buffer_size=1000, *, streaming_downloader=None, data_dir=None,
         ddp_rank=None, ddp_world_size=None, state_every=STATE_EVERY, prefetch=PREFETCH_CHUNKS,
-        share_state=True, dist_timeout=None):
+        share_state=True, dist_timeout=None, text_column=None):
     """Infinite generator of (inputs, targets, state_dict); see the module docstring.
 
     Arguments are checked (and a resume state matched) when this is called, before the first batch.
     share_state / dist_timeout: under torchrun, whether rank 0's state carries every rank's cursor, and the
     seconds a silent rank is waited for (None: torchrun.DEFAULT_TIMEOUT). Called with neither a downloader
     nor a data dir (nanochat's way) they, the data dir and the row-group caps come from SHARDSTREAM_*.
+    text_column: the column documents are read from, for a local data_dir ("text"); with a downloader,
+    its text_column (a different one here is a ConfigError).
     """
     for name, v, lo in (("B", B, 1), ("T", T, 1), ("tokenizer_threads", tokenizer_threads, 1),
                         ("tokenizer_batch_size", tokenizer_batch_size, 1), ("buffer_size", buffer_size, 1),
@@ -595,8 +645,9 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
             return lease.run(lambda dl: tokenizing_distributed_data_loader_with_state_bos_bestfit(
                 tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device, resume_state_dict,
                 buffer_size, streaming_downloader=dl, ddp_rank=ddp_rank, ddp_world_size=ddp_world_size,
-                state_every=state_every, prefetch=prefetch, share_state=share_state, dist_timeout=dist_timeout))
-    plan = ShardPlan(split, streaming_downloader, data_dir)
+                state_every=state_every, prefetch=prefetch, share_state=share_state, dist_timeout=dist_timeout,
+                text_column=text_column))
+    plan = ShardPlan(split, streaming_downloader, data_dir, text_column)
     if plan.stride is not None and ddp_rank is None and ddp_world_size is None:
         ddp_rank, ddp_world_size = plan.stride          # partition="node": row groups over the local ranks
     rank, world = get_dist_info(ddp_rank, ddp_world_size)
@@ -604,6 +655,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     fingerprint = {"split": split, "source": plan.source, "shards": len(plan), "B": B, "T": T,
                    "world_size": world, "tokenizer": tokenizer_identity(tokenizer),
                    "buffer_size": buffer_size, "tokenizer_batch_size": tokenizer_batch_size}
+    if plan.text_column != TEXT_COLUMN:     # another column is another stream (absent for `text`, so the
+        fingerprint["text_column"] = plan.text_column   # states saved before text_column= still resume)
     from .loadersync import LoaderSync       # DDP: rank 0's state carries every rank's (exact resume)
     sync = LoaderSync.for_loader(split, rank, world, fingerprint, resume_state_dict, share_state=share_state,
                                  timeout=dist_timeout)

@@ -19,7 +19,7 @@ Which files (`select`):
   (zero folders too), `*` and `?` within one path step, `[...]` a class. A selection that is exactly
   nanochat's shards still counts as nanochat's layout.
 - val_files=None: the last selected file is val (nanochat's rule); a GLOB: those files are val (and
-  taken out of the default train set; an explicit `files` that overlaps them is a ConfigError);
+  taken out of the train files, also of an explicit `files` that matches them too);
   "none": no val files.
 
 Paths come from listings and manifest files, both untrusted: '..', '.', empty steps, absolute paths,
@@ -249,7 +249,7 @@ def select(listing, files=None, val_files=None, *, revision=None, source=""):
     """The Manifest a run reads from `listing` (see the module docstring for files / val_files).
 
     listing: {path: RemoteInfo} or ManifestEntry records. ConfigError when a glob matches nothing (naming
-    the nearest paths and folders), when train and val overlap, when there is nothing to train on."""
+    the nearest paths and folders), when there is nothing to train on."""
     where = f"source {source!r}" if source else "the source"
     entries = entries_from_listing(listing, where)
     if isinstance(files, str):
@@ -266,14 +266,9 @@ def select(listing, files=None, val_files=None, *, revision=None, source=""):
     val = ()
     if val_files is not None and not no_val:
         val = _matching(entries, [val_files], f"{where} (--val-files)", required=True)
-        if files is None:
-            val_paths = {e.path for e in val}
-            chosen = tuple(e for e in chosen if e.path not in val_paths)
-        else:
-            both = sorted({e.path for e in chosen} & {e.path for e in val})
-            if both:
-                raise ConfigError(f"{where}: {len(both)} file(s) are both train (--files) and val (--val-files "
-                                  f"{val_files}), e.g. {', '.join(both[:MAX_SHOWN])}: narrow one of the globs")
+        # a file both globs match is val: `--files '**/*.parquet' --val-files 'val/*'` means "the rest train"
+        val_paths = {e.path for e in val}
+        chosen = tuple(e for e in chosen if e.path not in val_paths)
     if not chosen:
         raise ConfigError(f"{where}: no files to read (listed {len(entries)}, none a train file{_sample(entries)}): "
                           f"pick them with --files GLOB")

@@ -133,6 +133,8 @@ class NodeLeader:
     source = property(lambda self: self.downloader.source)
     data_dir = property(lambda self: self.downloader.data_dir)
     val_shard = property(lambda self: self.downloader.val_shard)
+    val_shards = property(lambda self: self.downloader.val_shards)
+    text_column = property(lambda self: self.downloader.text_column)
     total_shards = property(lambda self: self.downloader.total_shards)
     buffer_size = property(lambda self: self.downloader.buffer_size)
     plan = property(lambda self: self.downloader.plan)
@@ -216,7 +218,7 @@ class NodeLeader:
             "state": "ready", "pid": os.getpid(), "host": socket.gethostname(),
             "data_dir": str(dl.data_dir), "source": dl.source.identity(),
             "plan": list(dl.plan.order), "epochs": dl.plan.epochs,
-            "total_shards": dl.total_shards, "buffer_size": dl.buffer_size,
+            "total_shards": dl.total_shards, "buffer_size": dl.buffer_size, "text_column": dl.text_column,
             "stride": None if self._stride is None else list(self._stride)})
         self._publish_status()
         if self._followers:
@@ -382,6 +384,15 @@ class NodeReader:
     @property
     def val_shard(self):
         return self._source.val_shard
+
+    @property
+    def val_shards(self):
+        return tuple(self._source.val_shards)
+
+    @property
+    def text_column(self):
+        """The leader's (every rank reads the column its downloader verified)."""
+        return self._ready().get("text_column", "text")
 
     @property
     def total_shards(self):
@@ -553,11 +564,19 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
     group = Group.of(info, scope)
 
     src = downloader_kwargs.pop("source", None)
+    picks = {k: downloader_kwargs.pop(k) for k in ("files", "val_files", "manifest")
+             if downloader_kwargs.get(k) is not None}
+    downloader_kwargs = {k: v for k, v in downloader_kwargs.items() if k not in ("files", "val_files", "manifest")}
     if src is None or isinstance(src, str):
+        # every rank makes the same Source (a listed one is listed by each: the leader checks they agree)
         src = make_source(src, **{k: downloader_kwargs.pop(k) for k in ("dataset", "dataset_shards")
-                                  if k in downloader_kwargs})
+                                  if k in downloader_kwargs}, **picks)
     elif not isinstance(src, Source):
         raise ConfigError(f"source must be a Source or a base URL string, got {type(src).__name__}")
+    elif picks:
+        raise ConfigError(f"{', '.join(picks)} pick(s) the files of a source URL, but source is a Source already "
+                          f"({src.name}): pass them to make_source(url, files=..., val_files=..., manifest=...), "
+                          f"or give the URL as source=")
     downloader_kwargs.pop("dataset", None)
     downloader_kwargs.pop("dataset_shards", None)
 
@@ -573,7 +592,11 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
         downloader_kwargs["total_shards"] = total
 
     if not info.distributed:
-        return StreamingDownloader(source=src, **downloader_kwargs)
+        return StreamingDownloader(source=src, **downloader_kwargs)     # its start() pins the source
+    # every rank pins the default source (the Hub at a branch) now, so the leader and its readers agree on
+    # the commit before the leader's start()
+    from .listing import pin_source
+    src = pin_source(src)
     store = open_store(timeout)
     if group.is_leader:
         return NodeLeader(StreamingDownloader(source=src, **downloader_kwargs), group, store, timeout, stride)

@@ -140,6 +140,14 @@ def resolve_options(*, buffer_size=5, retain=0, max_cache_bytes=None, initial_bu
                    verify_existing)
 
 
+def _val_words(source):
+    """'shard 9 is val', 'shards 7, 8 are val', 'no val shards' (for messages)."""
+    v = source.val_shards
+    if not v:
+        return "no val shards"
+    return f"shard {v[0]} is val" if len(v) == 1 else f"shards {', '.join(map(str, v))} are val"
+
+
 def resolve_plan(source, plan, total_shards, window, start_at):
     """(read plan, train shards in one epoch, the window's start position or None) for a Source whose
     dataset is known, or ConfigError. The start: start_at's first read, else the plan's start when start()
@@ -152,7 +160,7 @@ def resolve_plan(source, plan, total_shards, window, start_at):
         check_int("total_shards", total_shards, 1, "-1 or None streams every train shard")
         if total_shards > n_train:
             raise ConfigError(f"total_shards={total_shards} but the dataset at {redact_url(source.base_url)} has "
-                              f"only {n_train} train shards (0..{n_train - 1}; shard {source.val_shard} is val): "
+                              f"only {n_train} train shards (0..{n_train - 1}; {_val_words(source)}): "
                               f"ask for at most {n_train}, or -1 for all")
         plan = ReadPlan.sequential(total_shards, epochs=None if window.cycle else 1)
     elif not isinstance(plan, ReadPlan):
@@ -162,7 +170,7 @@ def resolve_plan(source, plan, total_shards, window, start_at):
         if bad:
             raise ConfigError(f"the read plan names shard {bad[0]}, but the dataset at "
                               f"{redact_url(source.base_url)} has train shards 0..{n_train - 1} only "
-                              f"(shard {source.val_shard} is val)")
+                              f"({_val_words(source)})")
         if total_shards not in (None, -1, plan.epoch_length):
             raise ConfigError(f"total_shards={total_shards} disagrees with the plan's {plan.epoch_length} "
                               f"shards: leave total_shards out (-1) when passing plan=")
@@ -177,17 +185,19 @@ def resolve_plan(source, plan, total_shards, window, start_at):
     return plan, total_shards, plan.locate(start_at)
 
 
-def budget_problem(budget, val_bytes, first_bytes):
-    """Why `budget` cannot move the window (it must hold the val shard plus two train shards of the first
-    one's size), as a ConfigError message; None when it can (or there is no budget)."""
+def budget_problem(budget, val_bytes, first_bytes, val_count=1):
+    """Why `budget` cannot move the window (it must hold the val shards, `val_bytes` in all, plus two train
+    shards of the first one's size), as a ConfigError message; None when it can (or there is no budget).
+    val_count: how many val shards val_bytes covers (a manifest may have several, or none)."""
     if budget is None:
         return None
     need = val_bytes + 2 * first_bytes
     if budget >= need:
         return None
-    return (f"max_cache_bytes={budget} ({human_bytes(budget)}) cannot hold the val shard "
-            f"({human_bytes(val_bytes)}) plus two train shards (~{human_bytes(first_bytes)} each): give at "
-            f"least {need} bytes, or None")
+    vals = "" if val_count == 0 else (f"{'the val shard' if val_count == 1 else f'the {val_count} val shards'} "
+                                      f"({human_bytes(val_bytes)}) plus ")
+    return (f"max_cache_bytes={budget} ({human_bytes(budget)}) cannot hold {vals}two train shards "
+            f"(~{human_bytes(first_bytes)} each): give at least {need} bytes, or None")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ to reader r (it is not deleted while leased; an evicted shard is fetched again o
 consumed=True; consumed=False (a reader stopping mid-shard, or re-reading buffered documents for a resume)
 keeps it for the read still to come. A NodeReader has one reader id (its local rank) and ignores `reader`.
 
+Any parquet corpus (issue 15): shard ids index the source's manifest (train, then val), the files'
+names on disk are `source.file_name(i)`, and the loader reads the column `text_column` only.
+
 `isinstance(x, ShardReader)` works (runtime_checkable); on Python 3.11 it reads every property, which a
 NodeReader answers only once started.
 """
@@ -39,8 +42,18 @@ class ShardReader(Protocol):
         """The local directory the returned paths live in."""
 
     @property
-    def val_shard(self) -> int:
-        """The shard id of the val split (the dataset's last shard)."""
+    def val_shard(self) -> int | None:
+        """The first shard id of the val split (nanochat's: the dataset's last shard); None when the source
+        has no val files (--val-files none)."""
+
+    @property
+    def val_shards(self) -> tuple[int, ...]:
+        """Every shard id of the val split, in the order the val loader reads them (nanochat's: the last
+        shard alone; a manifest's val files; () with --val-files none)."""
+
+    @property
+    def text_column(self) -> str:
+        """The parquet column the loader reads documents from ("text" unless the run says otherwise)."""
 
     @property
     def total_shards(self) -> int:

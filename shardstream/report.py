@@ -44,11 +44,23 @@ class Counts:
 class Origin:
     """Who reports: fixed for a downloader's life."""
     total_shards: int
-    val_shard: int
+    val_shard: int | None
     data_dir: str
     source: str                     # redacted
     pid: int
     host: str
+    val_shards: tuple | None = None  # every val shard (None: just val_shard)
+    label: object = field(default=None, compare=False)   # shard -> "path (cache name)" when the source names
+                                    # files by path (a manifest), else None: nanochat's names say it all
+
+
+def shard_paths(p, origin):
+    """{str(shard): label} for the shards a status names (in flight, on disk, skipped, the loader's), when
+    the origin labels them; {} for nanochat's layout."""
+    if origin.label is None:
+        return {}
+    named = {*p.in_flight, *p.cached, *p.skipped, *(() if p.current_shard is None else (p.current_shard,))}
+    return {str(s): origin.label(s) for s in sorted(named)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,8 @@ def status(p, origin, free, updated):
         downloaded_bytes=p.downloaded_bytes, in_flight=p.in_flight, cached=p.cached, retries=p.retries,
         failures=p.failures, skipped=p.skipped, waits=p.waits, wait_seconds=p.wait_seconds, checked=p.checked,
         error=p.error, val_shard=origin.val_shard, data_dir=origin.data_dir, source=origin.source,
-        pid=origin.pid, host=origin.host, updated=updated)
+        pid=origin.pid, host=origin.host, updated=updated, val_shards=origin.val_shards,
+        shard_paths=shard_paths(p, origin))
 
 
 def event_record(snap, event, shard=None, *, disk_bytes, t, **extra):

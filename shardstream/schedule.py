@@ -14,8 +14,9 @@ What a shard is, as the scheduler sees it (`shard_state`), and how it moves:
 
 The rules (each a function below):
 - priority: shards a reader waits for (oldest wait first); then, while start() fills the initial buffer,
-  only its shards; else the next VAL_AFTER shards of the window, the val shard, the rest of the window
-  (adaptive window: the val shard after the shards the measured rates say the reader needs).
+  only its shards; else the next VAL_AFTER shards of the window, the val shards (in order; none with
+  --val-files none), the rest of the window (adaptive window: the val shards after the shards the
+  measured rates say the reader needs).
 - next_action: the most urgent shard not on disk, in flight, skipped or backing off: its size is asked
   first (Probe), then it is fetched (Fetch) while fewer transfers receive bytes than allowed (one that is
   verifying or committing does not hold the link, so the next starts at once); a shard a reader waits
@@ -71,9 +72,11 @@ class Failure:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the scheduler knows at one moment. Mappings are read, never changed."""
+    """What the scheduler knows at one moment. Mappings are read, never changed. The val shards are
+    `val_shards` (a manifest's, in order; () for none), or when that is None the one `val_shard`
+    (nanochat's: the last shard; see vals())."""
     plan: ReadPlan
-    val_shard: int
+    val_shard: int | None
     cursors: dict = field(default_factory=dict)      # reader -> plan position of the shard it asked for last
     start_pos: int | None = None    # where the window starts before any reader asks (None: not anchored)
     initial: tuple = ()             # while start() fills the initial buffer: only these shards
@@ -101,6 +104,14 @@ class Snapshot:
     retain: int = 0
     parallel: int = 2               # transfers allowed at once (the adaptive rule or every worker)
     max_shard_bytes: int = 0        # the largest known size of a planned shard
+    val_shards: tuple | None = None  # every val shard, in order (None: just val_shard)
+
+
+def vals(snap):
+    """The val shards, in order: fetched after the first window shards and kept, counted in the budget."""
+    if snap.val_shards is not None:
+        return tuple(snap.val_shards)
+    return () if snap.val_shard is None else (snap.val_shard,)
 
 
 @dataclass(frozen=True)
@@ -199,7 +210,7 @@ def priority(snap):
                 k += snap.initial_buffer
         if any(s in snap.blocked for s in win[:k]):
             k = 0                           # they wait for room; the budget always holds the val shard
-        order += win[:k] + [snap.val_shard] + win[k:]
+        order += win[:k] + list(vals(snap)) + win[k:]
     seen, out = set(), []
     for s in order:
         if s not in seen:
@@ -257,12 +268,13 @@ def transfer_limit(snap, rates, workers):
 
 
 def window_room(snap):
-    """Shards of the largest known size the budget holds beside the val shard and the leased shards: the
+    """Shards of the largest known size the budget holds beside the val shards and the leased shards: the
     most the adaptive window may keep ahead (None: no budget, or no size known yet)."""
     if snap.budget is None or not snap.max_shard_bytes:
         return None
-    val = (snap.sizes[snap.val_shard] or 0) if snap.val_shard in snap.sizes else snap.max_shard_bytes
-    pinned = val + sum(snap.files.get(s, snap.max_shard_bytes) for s in snap.leased if s != snap.val_shard)
+    vs = vals(snap)
+    val = sum((snap.sizes[v] or 0) if v in snap.sizes else snap.max_shard_bytes for v in vs)
+    pinned = val + sum(snap.files.get(s, snap.max_shard_bytes) for s in snap.leased if s not in vs)
     return int((snap.budget - pinned) // snap.max_shard_bytes)
 
 
@@ -279,9 +291,9 @@ def fetch_size(snap, shard):
 # what to delete
 
 def protected(snap, for_demand=False):
-    """Shards never deleted: leased, the val shard, waited for, and (unless making room for a waiting
+    """Shards never deleted: leased, the val shards, waited for, and (unless making room for a waiting
     reader) the window."""
-    prot = set(snap.leased) | {snap.val_shard} | set(snap.demand)
+    prot = set(snap.leased) | set(vals(snap)) | set(snap.demand)
     if not for_demand:
         prot |= set(ahead(snap))
     return prot
@@ -297,16 +309,18 @@ def routine_evictions(snap, keep=None):
 
 
 def val_room(snap, shard):
-    """Bytes kept free for the val shard while it is not on disk yet (the budget check promised it room
-    beside two train shards; the window must not fill it first). 0 when shard is the val shard."""
-    val = snap.val_shard
-    f = snap.failures.get(val)
-    if shard == val or val in snap.files or val in snap.inflight or val in snap.skipped \
-            or (f is not None and f.retry_at == float("inf")):
-        return 0
-    size = snap.sizes.get(val)
-    size = size if size is not None else snap.max_shard_bytes
-    return max(0, size - snap.partials.get(val, 0))
+    """Bytes kept free for the val shards not on disk yet (the budget check promised them room beside two
+    train shards; the window must not fill it first). A val shard's own download does not count itself."""
+    room = 0
+    for val in vals(snap):
+        f = snap.failures.get(val)
+        if shard == val or val in snap.files or val in snap.inflight or val in snap.skipped \
+                or (f is not None and f.retry_at == float("inf")):
+            continue
+        size = snap.sizes.get(val)
+        size = size if size is not None else snap.max_shard_bytes
+        room += max(0, size - snap.partials.get(val, 0))
+    return room
 
 
 def make_room(snap, shard, size):

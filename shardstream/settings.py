@@ -150,7 +150,7 @@ SETTINGS = (
             "comments; the way to read other files than `shard_XXXXX.parquet` from an `https://` source",
             "write the path of a text file naming one file per line", _ALL),
     Setting("SHARDSTREAM_TEXT_COLUMN", _column, "text", "`text`",
-            "the parquet column holding the documents", "write a column name", (DROP_IN, TRAINER)),
+            "the parquet column holding the documents", "write a column name", _ALL),
     Setting("SHARDSTREAM_DATA_DIR", str, None, "`$NANOCHAT_BASE_DIR/base_data_climbmix`",
             "the cache dir (nanochat's data dir)", "write a directory", _ALL),
     Setting("SHARDSTREAM_MAX_CACHE_BYTES", _budget, None, "none",

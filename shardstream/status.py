@@ -45,6 +45,7 @@ from .shards import shard_name
 from .units import positive_number
 
 STALE_SECONDS = 10.0          # a running downloader rewrites status.json every ~0.5 s
+FILES_SHOWN = 8              # `shardstream status`: files named (source path and cache name) at most
 EVENTS_TAIL = 64 << 10        # bytes of the event log's end read for a wait in progress (~250 events)
 # what vouched for a shard (FetchResult.checked), in words
 CHECK_WORDS = {"sha256": "sha256", "md5": "md5", "size+footer": "size+footer only",
@@ -87,21 +88,37 @@ class DownloaderStatus:
     training_shard: int | None = None   # the shard training reads its batches from (a trainer reports it)
     wait_shard: int | None = None       # the shard a reader is waiting for now (None: no wait in progress)
     wait_started: float | None = None   # unix time that wait began
+    val_shards: tuple | None = None     # every val shard (a manifest's; () for none); None: just val_shard
+    shard_paths: dict[str, str] = field(default_factory=dict)   # str(shard id) -> "path (cache name)" for
+                                    # the shards named here, when the source names files by path (a
+                                    # manifest): status and `shardstream status` show the source's path
+                                    # beside the cache name; empty for nanochat's shard_XXXXX.parquet
 
     def to_dict(self):
         d = asdict(self)
-        for k in ("in_flight", "cached", "skipped"):
-            d[k] = list(d[k])
+        for k in ("in_flight", "cached", "skipped", "val_shards"):
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        for k in ("in_flight", "cached", "skipped"):
-            if k in kw:
+        for k in ("in_flight", "cached", "skipped", "val_shards"):
+            if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
+
+    def label(self, shard):
+        """How this status names a shard: 'shard_00004' (nanochat's), or its source path and cache name."""
+        return self.shard_paths.get(str(shard)) or _short(shard)
+
+    def val_words(self):
+        """'val shard 9', 'val shards 7, 8', 'no val shards'."""
+        v = (self.val_shard,) if self.val_shards is None else tuple(self.val_shards)
+        if not v or v == (None,):
+            return "no val shards"
+        return f"val shard {v[0]}" if len(v) == 1 else f"val shards {_ids(v)}"
 
     def waiting_now(self, now=None):
         """Seconds the wait in progress has lasted (None: no reader waits now)."""
@@ -119,15 +136,15 @@ class DownloaderStatus:
         s = f"{self.data_wait_seconds(now):.1f}s ({self.waits} wait{'' if self.waits == 1 else 's'}"
         elapsed = self.waiting_now(now)
         if elapsed is not None:
-            s += f"; waiting {elapsed:.1f}s now for {_short(self.wait_shard)}"
+            s += f"; waiting {elapsed:.1f}s now for {self.label(self.wait_shard)}"
         return s + ")"
 
     def position(self):
         """Where training and the loader are: 'training: shard_00003, loader: shard_00004'. The loader
         reads ahead of training (current_shard is its read-ahead); training_shard is known when a trainer
         reports it."""
-        loader = f"loader: {_short(self.current_shard)}"
-        return loader if self.training_shard is None else f"training: {_short(self.training_shard)}, {loader}"
+        loader = f"loader: {self.label(self.current_shard)}"
+        return loader if self.training_shard is None else f"training: {self.label(self.training_shard)}, {loader}"
 
     def verified_by(self):
         """'sha256: 12, size+footer only: 3': this downloader's fetches by what vouched for them ('-' before
@@ -166,18 +183,18 @@ class DownloaderStatus:
             f"data dir     {self.data_dir}",
         ]
         if self.kind == "download":
-            lines.append(f"shards       {self.shards_verified}/{self.total_shards} verified (train shards and the val "
-                         f"shard {self.val_shard})")
+            lines.append(f"shards       {self.shards_verified}/{self.total_shards} verified (train shards and the "
+                         f"{self.val_words()})")
         else:
             if self.current_shard is None:
                 where = "the loader has not asked for a shard yet"
             elif self.training_shard is None:
-                where = f"loader at {shard_name(self.current_shard)} (it reads ahead of training)"
+                where = f"loader at {self._full(self.current_shard)} (it reads ahead of training)"
             else:
-                where = (f"training on {shard_name(self.training_shard)}, the loader reads ahead at "
-                         f"{shard_name(self.current_shard)}")
+                where = (f"training on {self._full(self.training_shard)}, the loader reads ahead at "
+                         f"{self._full(self.current_shard)}")
             lines += [
-                f"shards       {self.shards_verified}/{self.total_shards} verified, val shard {self.val_shard}",
+                f"shards       {self.shards_verified}/{self.total_shards} verified, {self.val_words()}",
                 f"position     {where}; {self.ahead}/{self.buffer_size} ready ahead",
                 f"data wait    {self.data_wait(now)}: readers blocked on shards not downloaded yet",
             ]
@@ -190,9 +207,16 @@ class DownloaderStatus:
             f"on disk      {_ids(self.cached)}",
             f"faults       {self.retries} retries, {self.failures} failures, skipped {_ids(self.skipped)}",
         ]
+        shown = [s for s in (*self.in_flight, *self.cached) if str(s) in self.shard_paths]
+        for k, s in enumerate(shown[:FILES_SHOWN]):     # a manifest's files: where each came from
+            more = f" (+{len(shown) - FILES_SHOWN} more)" if k == FILES_SHOWN - 1 and len(shown) > FILES_SHOWN else ""
+            lines.append(f"{'files' if k == 0 else '':<12} {s}: {self.shard_paths[str(s)]}{more}")
         if self.error:
             lines.append(f"ERROR        {self.error}")
         return "\n".join(lines)
+
+    def _full(self, shard):
+        return self.shard_paths.get(str(shard)) or shard_name(shard)
 
 
 def event_fields(status):
@@ -287,6 +311,8 @@ def _accepts(tp, value):
         return isinstance(value, str)
     if tp is tuple:             # shard ids and such: a list of plain values
         return isinstance(value, list) and all(v is None or isinstance(v, (int, float, str)) for v in value)
+    if typing.get_origin(tp) is dict:     # names by id: str -> str
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     if tp is dict:              # counts by name (checked): str -> int
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                for k, v in value.items())

@@ -55,7 +55,9 @@ _FIELDS = {"SHARDSTREAM_SOURCE": "source", "SHARDSTREAM_DATASET": "dataset",
            "SHARDSTREAM_REQUIRE_CHECKSUM": "require_checksum", "SHARDSTREAM_VERIFY": "verify",
            "SHARDSTREAM_MAX_ROW_GROUP_BYTES": "max_row_group_bytes",
            "SHARDSTREAM_MAX_ROW_GROUP_ROWS": "max_row_group_rows", "SHARDSTREAM_DIST_TIMEOUT": "dist_timeout",
-           "SHARDSTREAM_SHARE_STATE": "share_state"}
+           "SHARDSTREAM_SHARE_STATE": "share_state", "SHARDSTREAM_FILES": "files",
+           "SHARDSTREAM_VAL_FILES": "val_files", "SHARDSTREAM_MANIFEST": "manifest",
+           "SHARDSTREAM_TEXT_COLUMN": "text_column"}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -100,6 +102,10 @@ class StreamingSettings:
     max_row_group_rows: int | None = None
     dist_timeout: float | None = None   # None: torchrun.DEFAULT_TIMEOUT
     share_state: bool = True
+    files: tuple | None = None          # train globs (manifest.py); None: nanochat's shards, else **/*.parquet
+    val_files: str | None = None        # a glob or "none"; None: the last file
+    manifest: str | None = None         # a manifest file's path
+    text_column: str = "text"
 
     @classmethod
     def from_env(cls, env=None):
@@ -107,6 +113,7 @@ class StreamingSettings:
         v = read_all([name for name in VARIABLES if name != "SHARDSTREAM_STREAMING"], env,
                      what="bad streaming settings in the environment")
         kw = {field: v[name] for name, field in _FIELDS.items()}
+        kw["files"] = tuple(kw["files"]) if kw["files"] is not None else None     # frozen: compared, hashed
         buffer = v["SHARDSTREAM_BUFFER_SIZE"]
         kw["adaptive"] = buffer == "auto"
         kw["buffer_size"] = 5 if buffer == "auto" else buffer
@@ -122,19 +129,30 @@ class StreamingSettings:
         window = "auto" if self.adaptive else str(self.buffer_size)
         checks = ", ".join((["sha256/md5 required"] if self.require_checksum else [])
                            + (["every page decoded"] if self.verify == "decode" else []))
-        return (f"source {redact_url(self.source) if self.source else self.dataset + ' (the Hub)'}, data dir "
-                f"{self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards} (+ the val shard)"
-                + (f", checks: {checks}" if checks else ""))
+        picked = "; ".join((["files " + ";".join(self.files)] if self.files else [])
+                           + ([f"val files {self.val_files}"] if self.val_files else [])
+                           + ([f"manifest {self.manifest}"] if self.manifest else [])
+                           + ([f"text column {self.text_column}"] if self.text_column != "text" else []))
+        return (f"source {redact_url(self.source) if self.source else self.dataset + ' (the Hub)'}"
+                + (f" ({picked})" if picked else "")
+                + f", data dir {self.data_dir}, budget {budget}, buffer {window} shards, train shards {shards} "
+                  f"(+ the val shard)" + (f", checks: {checks}" if checks else ""))
 
     def make_source(self):
         """The Source, with errors naming the variables they come from."""
         from .listing import make_source
         try:
-            src = make_source(self.source, dataset=self.dataset, dataset_shards=self.dataset_shards)
+            src = make_source(self.source, dataset=self.dataset, dataset_shards=self.dataset_shards,
+                              files=list(self.files) if self.files is not None else None, val_files=self.val_files,
+                              manifest=self.manifest)
         except ConfigError as e:
             names = "SHARDSTREAM_SOURCE" if self.source else "SHARDSTREAM_DATASET"
+            picked = [(f"SHARDSTREAM_{n.upper()}", ";".join(v) if n == "files" else v)
+                      for n, v in (("files", self.files), ("val_files", self.val_files), ("manifest", self.manifest))
+                      if v is not None]
             raise ConfigError(f"{names}={self.source or self.dataset!r}"
                               + (f", SHARDSTREAM_DATASET_SHARDS={self.dataset_shards}" if self.dataset_shards else "")
+                              + "".join(f", {n}={v!r}" for n, v in picked)
                               + f": {e}") from None
         if self.total_shards > src.num_train_shards:
             why = (f" ({self.total_shards} is its count with the val shard, but the variable counts train shards "
@@ -157,8 +175,9 @@ class StreamingSettings:
                   window=WindowPolicy(self.buffer_size, self.retain, self.max_cache_bytes,
                                       initial_buffer=1 if split == "train" and not resuming else 0,
                                       cycle=True),
-                  prefetch="auto" if self.adaptive else None,
-                  fetch_policy=FetchPolicy(require_checksum=self.require_checksum, verify=self.verify))
+                  prefetch="auto" if self.adaptive else None, text_column=self.text_column,
+                  fetch_policy=FetchPolicy(require_checksum=self.require_checksum, verify=self.verify,
+                                           text_column=self.text_column))
         if self.min_free_bytes is not None:
             kw["min_free_bytes"] = self.min_free_bytes
             kw["warn_free_bytes"] = max(self.min_free_bytes, min(5 * self.min_free_bytes, 5_000_000_000))
@@ -237,12 +256,10 @@ class _Shared:
 
     def status(self):
         """The downloader's status with the shard in training and a wait in progress (status.with_events)."""
-        from dataclasses import replace
-
         from .status import with_events
         st = self.downloader.get_status()
         if self.trained is not None:
-            st = replace(st, training_shard=self.trained)
+            st = with_training(st, self.trained, self.downloader.source)
         if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
             st = with_events(st, self.settings.data_dir)
         return st
@@ -374,6 +391,8 @@ class _Reporting:
     source = property(lambda self: self._shared.downloader.source)
     data_dir = property(lambda self: self._shared.downloader.data_dir)
     val_shard = property(lambda self: self._shared.downloader.val_shard)
+    val_shards = property(lambda self: self._shared.downloader.val_shards)
+    text_column = property(lambda self: self._shared.downloader.text_column)
     total_shards = property(lambda self: self._shared.downloader.total_shards)
     plan = property(lambda self: self._shared.downloader.plan)
 
@@ -456,6 +475,18 @@ def _name_variables(message):
     """The downloader's errors name its arguments; say which variable set them."""
     named = [var for kwarg, var in _KWARG_VARIABLES.items() if kwarg in message]
     return message + (f" (set through {', '.join(named)})" if named else "")
+
+
+def with_training(status, shard, source):
+    """status naming `shard` as the one in training (the trainer's too), by its source path when the source
+    has a manifest: a status labels only the shards it lists itself."""
+    from dataclasses import replace
+
+    from .layout import shard_label
+    paths = status.shard_paths
+    if getattr(source, "manifest", None) is not None and str(shard) not in paths:
+        paths = {**paths, str(shard): shard_label(source, shard)}
+    return replace(status, training_shard=shard, shard_paths=paths)
 
 
 def _make_visible():

@@ -9,6 +9,14 @@ warmup/warmdown learning-rate schedule, AdamW, and a periodic val loss on the va
 ahead of the loader under --max_cache_bytes; otherwise it reads the shards already in --data_dir, as
 nanochat does.
 
+Any parquet corpus (manifest.py): --files GLOB (repeatable) and --val-files GLOB|none pick the files of a
+listed --source (hf://, s3://, gs://, a local dir), --manifest FILE names them (the way for an https
+mirror), --text_column NAME is the column holding the documents; SHARDSTREAM_FILES / _VAL_FILES /
+_MANIFEST / _TEXT_COLUMN fill them when the flags are absent. Shard i is the manifest's file i (train then
+val); the tokenizer trains on train file 0, --streaming_total_shards=-1 counts the train files the run
+needs by their listed sizes (at most all of them), and --val-files none skips the val loss. The checkpoint
+fingerprint carries the manifest's digest, so a resume against another file set fails, saying so.
+
 The loop is nanochat's: the first batch is fetched before step 0 and each step fetches the next batch while
 it trains on the current one. A checkpoint at step s holds the model and optimizer after s steps plus the
 loader state that came with the batch step s will train on, so `--resume_from_step s` continues with
@@ -52,7 +60,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, ShardStreamError, StateMismatchError
@@ -141,7 +149,8 @@ def build_parser():
     add("streaming_buffer_size", type=int, default=5, help="shards kept ready ahead of the reader (default 5)")
     add("streaming_total_shards", type=int, default=-1,
         help="train shards to stream (0..N-1; the val shard is fetched besides, as SHARDSTREAM_TOTAL_SHARDS and "
-             "StreamingDownloader(total_shards=) count them); -1 = computed from the tokens the run needs")
+             "StreamingDownloader(total_shards=) count them); -1 = computed from the tokens the run needs, at most "
+             "every train file")
     add("streaming_retain", type=int, default=0, help="consumed shards kept on disk behind the reader")
     add("streaming_partition", default="global", choices=["global", "node"],
         help="under torchrun with several nodes: global = every node reads every shard (nanochat's order); "
@@ -151,6 +160,18 @@ def build_parser():
     add("source", default=None, help="base URL of the shards (default SHARDSTREAM_SOURCE, else the Hub)")
     add("dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS), help="known dataset on the Hub")
     add("dataset_shards", type=int, default=None, help="shards in a custom --source (the last is val)")
+    add("files", action="append", default=None, metavar="GLOB",
+        help="train files of a listed --source: a glob over the paths under it ('sample/10BT/*.parquet', "
+             "'data/**/*.parquet'); repeat for several (default SHARDSTREAM_FILES, else nanochat's "
+             "shard_XXXXX.parquet, else every **/*.parquet)")
+    add("val_files", default=None, metavar="GLOB|none",
+        help="val files: a glob (taken out of the train files), or none to train on all and skip the val loss "
+             "(default SHARDSTREAM_VAL_FILES, else the last file)")
+    add("manifest", default=None, metavar="FILE",
+        help="a text file naming the files to read, one path relative to --source (or one URL) per line "
+             "(default SHARDSTREAM_MANIFEST)")
+    add("text_column", default=None, metavar="NAME",
+        help="the parquet column holding the documents (default SHARDSTREAM_TEXT_COLUMN, else text)")
     add("data_dir", default=None, help="shard directory (default SHARDSTREAM_DATA_DIR, else nanochat's)")
     add("max_cache_bytes", type=budget_bytes, default=None, help="disk budget of the data dir, e.g. 2GB")
     add_bool("require_checksum", False, "refuse a shard the source gives no sha256/md5 for (default: checked by "
@@ -206,10 +227,24 @@ def parse_args(argv=None):
     from .settings import read_all
     from .verify import configure_row_group_limits
     env = read_all(["SHARDSTREAM_SOURCE", "SHARDSTREAM_DATA_DIR", "SHARDSTREAM_MAX_ROW_GROUP_BYTES",
-                    "SHARDSTREAM_MAX_ROW_GROUP_ROWS", "SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE"])
+                    "SHARDSTREAM_MAX_ROW_GROUP_ROWS", "SHARDSTREAM_DIST_TIMEOUT", "SHARDSTREAM_SHARE_STATE",
+                    "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES", "SHARDSTREAM_MANIFEST", "SHARDSTREAM_TEXT_COLUMN"])
     configure_row_group_limits(env["SHARDSTREAM_MAX_ROW_GROUP_BYTES"], env["SHARDSTREAM_MAX_ROW_GROUP_ROWS"])
     args.source = args.source or env["SHARDSTREAM_SOURCE"]
     args.data_dir = args.data_dir or env["SHARDSTREAM_DATA_DIR"]
+    # a flag wins over its variable; the flags also reach a run made with train(args) directly
+    args.files = args.files if args.files is not None else env["SHARDSTREAM_FILES"]
+    args.val_files = args.val_files if args.val_files is not None else env["SHARDSTREAM_VAL_FILES"]
+    args.manifest = args.manifest if args.manifest is not None else env["SHARDSTREAM_MANIFEST"]
+    args.text_column = args.text_column if args.text_column is not None else env["SHARDSTREAM_TEXT_COLUMN"]
+    if not args.text_column.strip() or any(ord(c) < 32 or ord(c) == 127 for c in args.text_column):
+        raise ConfigError(f"--text_column {args.text_column!r}: write the name of the parquet column holding "
+                          f"the documents (like text or content)")
+    for name in ("files", "val_files", "manifest"):
+        if getattr(args, name) is not None and not args.streaming_mode:
+            raise ConfigError(f"--{name} (or SHARDSTREAM_{name.upper()}) picks the files of a --source, which "
+                              f"only a streaming run reads: add --streaming_mode=True (a local folder works as "
+                              f"--source too), or unset it")
     args.dist_timeout, args.share_state = env["SHARDSTREAM_DIST_TIMEOUT"], env["SHARDSTREAM_SHARE_STATE"]
     return args
 
@@ -289,15 +324,39 @@ class ShardYield:
     trained_tokens: int       # tokens in the rows best-fit packing makes of them (cropped rests dropped)
 
 
-def measure_shard_yield(tokenizer, path, T, sample_chars=4_000_000, threads=4):
-    """A ShardYield for the shard at path, from its first documents (about sample_chars) scaled by its rows."""
+def _open_texts(path, column):
+    """The parquet file at path, checked to hold `column` (ConfigError naming the columns it has)."""
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise ConfigError(f"{Path(path).name} has no {column!r} column (its columns: {', '.join(names)}): give "
+                          f"--text_column NAME (SHARDSTREAM_TEXT_COLUMN) naming the one that holds the documents")
+    return pf
+
+
+def shard_texts(path, column="text", max_chars=10_000_000, doc_cap=10_000):
+    """Documents from `column` of the parquet file at path, each cropped to doc_cap chars, up to max_chars
+    (what the tokenizer trains on: tokenizer.iter_shard_texts, for any column)."""
+    pf = _open_texts(path, column)
+    total = 0
+    for rg in range(pf.num_row_groups):
+        for text in pf.read_row_group(rg, columns=[column]).column(column).to_pylist():
+            text = text[:doc_cap]
+            yield text
+            total += len(text)
+            if total >= max_chars:
+                return
+
+
+def measure_shard_yield(tokenizer, path, T, sample_chars=4_000_000, threads=4, column="text"):
+    """A ShardYield for the shard at path, from its first documents (about sample_chars) scaled by its rows."""
+    pf = _open_texts(path, column)
     rows = pf.metadata.num_rows
     bos = tokenizer.get_bos_token_id()
     lengths, chars = [], 0
     for rg in range(pf.num_row_groups):
-        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        texts = pf.read_row_group(rg, columns=[column]).column(column).to_pylist()
         for start in range(0, len(texts), 256):
             batch = texts[start:start + 256]
             lengths += [len(ids) for ids in tokenizer.encode(batch, prepend=bos, num_threads=threads)]
@@ -313,13 +372,24 @@ def measure_shard_yield(tokenizer, path, T, sample_chars=4_000_000, threads=4):
                       trained_tokens=max(1, round(packed_rows(lengths, T + 1) * T * scale)))
 
 
-def shards_needed(tokens_needed, shard_yield, train_shards=None, read_ahead_docs=0):
+def shards_needed(tokens_needed, shard_yield, train_shards=None, read_ahead_docs=0, sizes=None):
     """Train shards the run reads, rounded up (capped at the dataset's train_shards); the val shard comes besides.
 
     The loader reads read_ahead_docs documents beyond the last row it hands out (its packing buffer and
     prefetch); counting them keeps a short run from wrapping into a second epoch it never trains on.
+    sizes: the train files' sizes in bytes, in read order (the manifest's; shard 0 is the one measured).
+    Files of any size then count by their bytes, at shard 0's documents per byte; without them (or with one
+    unknown) every shard is taken to hold what shard 0 does.
     """
     docs = tokens_needed * shard_yield.docs / shard_yield.trained_tokens + read_ahead_docs
+    if sizes and all(isinstance(b, int) and b > 0 for b in sizes):
+        need = docs / shard_yield.docs * sizes[0]       # bytes, at shard 0's density
+        total = 0
+        for n, size in enumerate(sizes[:train_shards] if train_shards else sizes, 1):
+            total += size
+            if total >= need * (1 - 1e-12):
+                return n
+        return n
     n = max(1, math.ceil(docs / shard_yield.docs))
     return min(n, train_shards) if train_shards else n
 
@@ -349,13 +419,14 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
-def prepare_tokenizer(tokenizer_dir, vocab_size, first_shard, data_key, T, threads=4):
+def prepare_tokenizer(tokenizer_dir, vocab_size, first_shard, data_key, T, threads=4, column="text"):
     """(tokenizer, ShardYield at row length T): load from tokenizer_dir or train from the first shard and save.
 
     first_shard() returns the path of the first train shard (fetching it if need be); it is only called
-    when something is missing. The tokens-per-shard measurement is remembered per data source.
+    when something is missing. The tokens-per-shard measurement is remembered per data source. column:
+    the parquet column holding the documents.
     """
-    from .tokenizer import Tokenizer, train_tokenizer_from_shards
+    from .tokenizer import Tokenizer, train_tokenizer
     tokenizer_dir = Path(tokenizer_dir)
     meta = _read_tokenizer_meta(tokenizer_dir)
     tokenizer = None
@@ -371,7 +442,7 @@ def prepare_tokenizer(tokenizer_dir, vocab_size, first_shard, data_key, T, threa
     if tokenizer is None:
         path = first_shard()
         t0 = time.time()
-        tokenizer = train_tokenizer_from_shards([path], vocab_size=vocab_size)
+        tokenizer = train_tokenizer(shard_texts(path, column), vocab_size)
         tokenizer.save(tokenizer_dir)
         meta = {"identity": tokenizer.identity(), "requested_vocab_size": vocab_size,
                 "trained_on": shard_name(0) if path is None else Path(path).name, "shard_yield": {}}
@@ -383,7 +454,7 @@ def prepare_tokenizer(tokenizer_dir, vocab_size, first_shard, data_key, T, threa
         shard_yield = ShardYield(**known)
     else:
         path = path or first_shard()
-        shard_yield = measure_shard_yield(tokenizer, path, T, threads=threads)
+        shard_yield = measure_shard_yield(tokenizer, path, T, threads=threads, column=column)
         meta.setdefault("shard_yield", {})[key] = asdict(shard_yield)
         meta["identity"] = tokenizer.identity()
         meta.setdefault("requested_vocab_size", vocab_size)
@@ -466,6 +537,8 @@ def check_resume(saved, current, step):
     for key, label in RESUME_MUST_MATCH.items():
         if saved.get(key) != current.get(key):
             diffs.append(f"{label}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    if saved.get("data") != current.get("data") and "#manifest-" in f"{saved.get('data')}{current.get('data')}":
+        diffs.append("the files differ (another --files/--val-files/--manifest, or a file changed at the source)")
     if diffs:
         raise StateMismatchError(f"cannot resume from step {step}: the checkpoint belongs to a different run "
                                  f"({'; '.join(diffs)}). Resume with the original settings, or start a new "
@@ -485,18 +558,40 @@ def check_train_shards(n, source):
     have = source.num_train_shards
     if 1 <= n <= have:
         return
-    why = (f"{n} is the dataset's count with the val shard, but the flag counts train shards only (the val "
-           f"shard is fetched besides)" if n == source.dataset_shards else "the val shard is fetched besides")
-    raise ConfigError(f"--streaming_total_shards {n}: {source.name} has {have} train shards (0..{have - 1}; shard "
-                      f"{source.val_shard} is val) and {why}: give 1..{have} ({have} for all of them), or -1 for "
-                      f"what the run needs")
+    val = source.val_shards
+    if not val:
+        why, which = "there are no val files (--val-files none)", "no val shard"
+    else:
+        which = f"shard {val[0]} is val" if len(val) == 1 else f"shards {val[0]}..{val[-1]} are val"
+        them = "the val shard is" if len(val) == 1 else f"the {len(val)} val shards are"
+        why = f"{them} fetched besides"
+        if n == source.dataset_shards:
+            why = (f"{n} is the dataset's count with the val shard{'s' if len(val) > 1 else ''}, but the flag "
+                   f"counts train shards only ({why})")
+    raise ConfigError(f"--streaming_total_shards {n}: {source.name} has {have} train shards (0..{have - 1}; "
+                      f"{which}) and {why}: give 1..{have} ({have} for all of them), or -1 for what the run needs")
+
+
+def train_sizes(source):
+    """The train files' sizes in bytes, in read order, from the source's listing (None when one is unknown:
+    an unlisted https source)."""
+    sizes = [getattr(source.listed(i), "size", None) for i in range(source.num_train_shards)]
+    return sizes if sizes and all(isinstance(b, int) and b > 0 for b in sizes) else None
+
+
+def text_column(args):
+    """The parquet column holding the documents (parse_args fills it from SHARDSTREAM_TEXT_COLUMN)."""
+    return getattr(args, "text_column", None) or "text"
 
 
 def shard_bytes(data_dir):
     """Bytes of the shard files and partial downloads in data_dir (what the downloader's bytes_on_disk counts)."""
+    from .manifest import is_cache_name
     total = 0
     for e in os.scandir(data_dir):
-        if e.name.startswith("shard_") and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
+        final = e.name.split(".parquet", 1)[0] + ".parquet"     # a partial's name starts with its shard's
+        ours = e.name.startswith("shard_") or is_cache_name(final)
+        if ours and (e.name.endswith(".parquet") or e.name.endswith(".partial")):
             try:
                 total += e.stat(follow_symlinks=False).st_size
             except OSError:
@@ -687,6 +782,7 @@ class _Data:
     data_id: str                # the fingerprint's "data"
     dataset_shards: int | None
     first_shard: object         # () -> the path of train shard 0, fetched if need be
+    has_val: bool               # False: --val-files none, no val loss
 
 
 @dataclass
@@ -722,7 +818,7 @@ def _train(args, result, t_start, device, device_type, stopper, info):
     result.shard_yield = shard_yield
     m = _build_model(run, tokenizer, data, resume)
     downloader, train_shards = _setup_downloader(run, data, m, shard_yield, resume)
-    _train_loop(run, tokenizer, m, downloader, train_shards)
+    _train_loop(run, tokenizer, m, downloader, train_shards, data.has_val)
 
     result.wall_seconds = time.time() - t_start
     if result.exit_code == 0 and result.losses:
@@ -741,29 +837,41 @@ def _setup_data(run):
     if args.streaming_mode:
         from .fetch import FetchPolicy, ensure_data_dir, fetch_shard
         from .listing import make_source
-        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify)
+        column = text_column(args)
+        policy = FetchPolicy(require_checksum=args.require_checksum, verify=args.verify, text_column=column)
         ensure_data_dir(data_dir)           # before make_source: an hf/s3/gs source is listed over the network
-        source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards)
+        source = make_source(args.source, dataset=args.dataset, dataset_shards=args.dataset_shards,
+                             files=getattr(args, "files", None), val_files=getattr(args, "val_files", None),
+                             manifest=getattr(args, "manifest", None))
         if args.streaming_total_shards != -1:
             check_train_shards(args.streaming_total_shards, source)     # before shard 0 is fetched
+        if source.manifest is not None:
+            m = source.manifest
+            logger.info("Manifest: %d train + %d val files from %s (digest %s), first %s", len(m.train),
+                        len(m.val), source.name, m.digest(), source.path(0))
+        if source.val_shard is None:
+            logger.info("no val files (--val-files none): val loss is skipped")
+        # the identity carries the revision and the manifest's digest: a resume against other files fails
         data_id = source.identity()["source"]
+        if column != "text":        # other documents from the same files (kept out for "text": old checkpoints)
+            data_id += f"#column-{column}"
 
         def first_shard():
-            logger.info("Fetching %s to train the tokenizer and measure tokens per shard", shard_name(0))
+            logger.info("Fetching %s to train the tokenizer and measure tokens per shard", source.path(0))
             r = fetch_shard(source, 0, data_dir, policy)
             if not r.already_present:       # the event log shows every fetch, this one too (the demo counts them)
                 log_event(data_dir, "downloaded", shard=0, size=r.size, seconds=round(r.seconds, 4),
                           attempts=r.attempts, resumed_from=r.resumed_from, checked=r.checked, by="trainer",
                           bytes_on_disk=shard_bytes(data_dir), budget=args.max_cache_bytes, ahead=0, reader_shard=None)
             return r.path
-        return _Data(source, policy, data_id, source.dataset_shards, first_shard)
+        return _Data(source, policy, data_id, source.dataset_shards, first_shard, source.val_shard is not None)
 
     on_disk = list_shards(data_dir) if data_dir.is_dir() else []
     if len(on_disk) < 2:
         raise ConfigError(f"{data_dir} holds {len(on_disk)} shard(s); the trainer needs at least 2 (train + "
                           f"val). Download some (`shardstream download -n 4 --data-dir {data_dir}`) or "
                           f"stream them with --streaming_mode=True")
-    return _Data(None, None, f"local:{len(on_disk)} shards", None, lambda: data_dir / shard_name(on_disk[0]))
+    return _Data(None, None, f"local:{len(on_disk)} shards", None, lambda: data_dir / shard_name(on_disk[0]), True)
 
 
 def _setup_tokenizer(run, data, base):
@@ -775,7 +883,7 @@ def _setup_tokenizer(run, data, base):
     if info.local_rank == 0:    # one process per node fetches shard 0, trains the tokenizer, measures the shard
         tokenizer, shard_yield = run.stopper.waiting(prepare_tokenizer, tokenizer_dir, args.vocab_size,
                                                      data.first_shard, data_key, args.max_seq_len,
-                                                     args.tokenizer_threads)
+                                                     args.tokenizer_threads, text_column(args))
     if info.distributed:
         import torch.distributed as dist
         dist.barrier()          # main thread: every node's local rank 0 has saved the tokenizer and shard yield
@@ -785,7 +893,7 @@ def _setup_tokenizer(run, data, base):
                               f"rank finds it incomplete there: every rank of a node must see the same "
                               f"--tokenizer_dir (a node-local or shared disk)")
         tokenizer, shard_yield = prepare_tokenizer(tokenizer_dir, args.vocab_size, not_prepared, data_key,
-                                                   args.max_seq_len, args.tokenizer_threads)
+                                                   args.max_seq_len, args.tokenizer_threads, text_column(args))
     return tokenizer, shard_yield
 
 
@@ -847,10 +955,15 @@ def _setup_downloader(run, data, m, shard_yield, resume):
         train_shards = saved
     elif train_shards == -1:
         tokens_needed = m.num_iterations * m.tokens_per_step
+        sizes = train_sizes(source)
         train_shards = shards_needed(tokens_needed, shard_yield, source.num_train_shards,
-                                     read_ahead_docs=loader_read_ahead_docs() * info.world_size)
-        logger.info("Streaming mode: calculated %d train shards needed for %s tokens (~%s tokens each; the val "
-                    "shard comes besides)", train_shards, f"{tokens_needed:,}", f"{shard_yield.trained_tokens:,}")
+                                     read_ahead_docs=loader_read_ahead_docs() * info.world_size, sizes=sizes)
+        each = "in shard 0, the others counted by their sizes" if sizes else "each"
+        val = "the val shard comes besides" if len(source.val_shards) == 1 else \
+            f"{len(source.val_shards)} val shards besides" if source.val_shards else "no val shards"
+        logger.info("Streaming mode: calculated %d of %d train shards needed for %s tokens (~%s tokens %s; %s)",
+                    train_shards, source.num_train_shards, f"{tokens_needed:,}", f"{shard_yield.trained_tokens:,}",
+                    each, val)
     if saved is not None and saved != train_shards:
         raise StateMismatchError(f"cannot resume from step {resume['step']}: the checkpoint streamed "
                                  f"{saved} train shards, this run --streaming_total_shards {train_shards} "
@@ -865,14 +978,14 @@ def _setup_downloader(run, data, m, shard_yield, resume):
         buffer_size=args.streaming_buffer_size, data_dir=run.data_dir, source=source,
         max_cache_bytes=args.max_cache_bytes, retain=args.streaming_retain, initial_buffer=0 if resume else 1,
         prefetch="auto" if args.streaming_prefetch == "auto" else None, fetch_policy=data.policy,
-        timeout=getattr(args, "dist_timeout", None))
+        timeout=getattr(args, "dist_timeout", None), text_column=text_column(args))
     return downloader, train_shards
 
 
 # -----------------------------------------------------------------------------------------------------
 # The training loop
 
-def _train_loop(run, tokenizer, m, downloader, train_shards):
+def _train_loop(run, tokenizer, m, downloader, train_shards, has_val=True):
     """nanochat's loop: the first batch before step 0, then per step: val loss, stop, checkpoint, one optimizer
     step that fetches the next batch as it trains. A signal saves the whole steps; the downloader stops at the end."""
     import torch
@@ -894,6 +1007,8 @@ def _train_loop(run, tokenizer, m, downloader, train_shards):
         loop_waiting = waiting
     eval_tokens = args.eval_tokens if args.eval_tokens != -1 else 4 * args.device_batch_size * args.max_seq_len
     eval_batches = 0 if eval_tokens == 0 else max(1, eval_tokens // (args.device_batch_size * args.max_seq_len))
+    if not has_val:             # --val-files none (said once at start)
+        eval_batches = 0
 
     step, loader_state = m.start_step, m.loader_state
     orderly = False             # every rank ends here together (finished, or a stop they agreed on)
@@ -1118,9 +1233,10 @@ def _checkpoint(run, m, step, state, train_shards, downloader):
 def _stream_status(downloader, data_dir, trained):
     """The downloader's status naming the shard in training (its current_shard is the loader's read-ahead)."""
     from .status import with_events
+    from .streaming_env import with_training
     st = downloader.get_status()
     if trained is not None:
-        st = replace(st, training_shard=trained)
+        st = with_training(st, trained, downloader.source)
     if st.current_shard is not None and st.current_shard not in st.cached:    # the reader may be waiting
         st = with_events(st, data_dir)
     return st
@@ -1146,7 +1262,8 @@ def _stop_downloader(run, downloader, trained):
         last = downloader.get_status()
     except ShardStreamError:
         pass
-    result.downloader_status = replace(last, training_shard=trained) if trained is not None else last
+    from .streaming_env import with_training
+    result.downloader_status = with_training(last, trained, downloader.source) if trained is not None else last
     result.data_wait_seconds = result.downloader_status.data_wait_seconds()
     result.data_waits = result.downloader_status.waits
     if run.info.rank == 0:
@@ -1165,6 +1282,9 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                             format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
     logging.getLogger("rustbpe").setLevel(logging.WARNING)     # its per-merge progress lines
+    logging.getLogger("httpx2").setLevel(logging.WARNING)      # a line per Hub API request (huggingface_hub)
+    from .settings import warn_unknown
+    warn_unknown(log=logger)            # a typo in a SHARDSTREAM_* name would otherwise be ignored silently
     try:
         args = parse_args(argv)
         return train(args).exit_code

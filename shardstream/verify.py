@@ -1,4 +1,5 @@
-"""Is this file the shard it claims to be? Size, sha256 and a parquet footer with a `text` column.
+"""Is this file the shard it claims to be? Size, sha256 and a parquet footer with a text column (`text`,
+or the run's --text-column).
 
 Every check raises CorruptShardError naming the file and what was wrong; nothing here deletes or
 repairs anything (fetch.py decides that). Only the footer is read, never the data pages, so
@@ -69,11 +70,12 @@ def row_group_limits(max_bytes=None, max_rows=None):
         _configured.max_rows if max_rows is None else _positive_int(max_rows, "max_row_group_rows"))
 
 
-def text_column_index(meta):
-    """The index of the top-level `text` column chunk in a parquet FileMetaData, or None."""
+def text_column_index(meta, column=TEXT_COLUMN):
+    """The index of the top-level text column chunk (`column`, `text` unless the run reads another) in a
+    parquet FileMetaData, or None."""
     schema = meta.schema
     for j in range(meta.num_columns):
-        if schema.column(j).path == TEXT_COLUMN:
+        if schema.column(j).path == column:
             return j
     return None
 
@@ -82,7 +84,7 @@ def _name(path):
     return os.fspath(path) if path is not None else "parquet file"
 
 
-def check_row_group(path, meta, rg_idx, limits, text_col=None):
+def check_row_group(path, meta, rg_idx, limits, text_col=None, column=TEXT_COLUMN):
     """Raise CorruptShardError if row group rg_idx declares more rows or more uncompressed `text` bytes
     than `limits` allow; else return the declared size. Metadata only (meta is the FileMetaData pyarrow
     already parsed): no file read."""
@@ -93,13 +95,13 @@ def check_row_group(path, meta, rg_idx, limits, text_col=None):
             f"{_name(path)}: row group {rg_idx} declares {rows:,} rows, over the cap of {limits.max_rows:,} "
             f"rows per row group: refusing to read it (a decompression bomb or a broken file); if the shard "
             f"is genuine, raise {MAX_ROWS_ENV}")
-    j = text_column_index(meta) if text_col is None else text_col
+    j = text_column_index(meta, column) if text_col is None else text_col
     if j is None:
-        raise CorruptShardError(f"{_name(path)}: parquet file has no `text` column chunk")
+        raise CorruptShardError(f"{_name(path)}: parquet file has no `{column}` column chunk")
     size = rg.column(j).total_uncompressed_size
     if size < 0 or size > limits.max_bytes:
         raise CorruptShardError(
-            f"{_name(path)}: row group {rg_idx} declares {size:,} bytes of `text` uncompressed, over the cap "
+            f"{_name(path)}: row group {rg_idx} declares {size:,} bytes of `{column}` uncompressed, over the cap "
             f"of {limits.max_bytes:,} bytes per row group: refusing to read it (a decompression bomb or a "
             f"broken file); if the shard is genuine, raise {MAX_BYTES_ENV}")
     return size
@@ -131,9 +133,10 @@ def sha256_file(path, *, limit=None, hasher=None):
     return h.hexdigest()
 
 
-def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None):
-    """Raise CorruptShardError unless path's parquet footer parses, has a string `text` column, and no
-    row group is over the limits (row_group_limits: the arguments, else the process's caps).
+def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None, text_column=TEXT_COLUMN):
+    """Raise CorruptShardError unless path's parquet footer parses, has a string `text_column` column (the
+    run's text column: `text` unless --text-column says otherwise), and no row group is over the limits
+    (row_group_limits: the arguments, else the process's caps).
 
     Returns (num_rows, num_row_groups) for callers that want them.
     """
@@ -144,19 +147,20 @@ def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None):
         meta = pf.metadata
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorruptShardError(f"{os.fspath(path)}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    if "text" not in schema.names:
-        raise CorruptShardError(f"{os.fspath(path)}: parquet file has no `text` column "
-                                f"(columns: {', '.join(schema.names) or 'none'})")
-    typ = schema.field("text").type
+    if text_column not in schema.names:
+        raise CorruptShardError(f"{os.fspath(path)}: parquet file has no `{text_column}` column "
+                                f"(columns: {', '.join(schema.names) or 'none'}; pick the text with "
+                                f"--text-column NAME)")
+    typ = schema.field(text_column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise CorruptShardError(f"{os.fspath(path)}: column `text` is {typ}, expected a string column")
-    j = text_column_index(meta)
+        raise CorruptShardError(f"{os.fspath(path)}: column `{text_column}` is {typ}, expected a string column")
+    j = text_column_index(meta, text_column)
     for i in range(meta.num_row_groups):
-        check_row_group(path, meta, i, limits, j)
+        check_row_group(path, meta, i, limits, j, text_column)
     return meta.num_rows, meta.num_row_groups
 
 
-def verify_shard(path, size=None, sha256=None, *, parquet=True, actual_sha256=None):
+def verify_shard(path, size=None, sha256=None, *, parquet=True, actual_sha256=None, text_column=TEXT_COLUMN):
     """Raise CorruptShardError unless path has `size` bytes, hashes to `sha256` and is a text parquet.
 
     size / sha256 of None are not checked. actual_sha256 skips re-hashing when the caller already
@@ -174,7 +178,7 @@ def verify_shard(path, size=None, sha256=None, *, parquet=True, actual_sha256=No
         if got.lower() != sha256.lower():
             raise CorruptShardError(f"{path}: sha256 {got[:16]}... does not match the source's {sha256[:16]}...")
     if parquet:
-        check_parquet(path)
+        check_parquet(path, text_column=text_column)
 
 
 def decode_parquet(path):

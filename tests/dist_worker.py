@@ -64,6 +64,8 @@ class SlowReader:
     source = property(lambda self: self.inner.source)
     data_dir = property(lambda self: self.inner.data_dir)
     val_shard = property(lambda self: self.inner.val_shard)
+    val_shards = property(lambda self: self.inner.val_shards)
+    text_column = property(lambda self: self.inner.text_column)
     total_shards = property(lambda self: self.inner.total_shards)
     plan = property(lambda self: self.inner.plan)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_like import ByteTokenizer     # the same tokenizer the nanochat-like processes use
+from nanochat_like import ByteTokenizer, digest     # the same tokenizer the nanochat-like processes use
 from shardstream import streaming_env
-from shardstream.errors import ConfigError
+from shardstream.errors import ConfigError, ShardStreamError
 from shardstream.loader import (tokenizing_distributed_data_loader_bos_bestfit,
                                 tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_fn)
 from shardstream.sample import make_sample
@@ -316,6 +316,89 @@ def test_status_lines_are_logged(clean_env, tmp_path, srv, caplog):
     assert trained[:3] == [0, 1, 2]
     text, _ = describe(tmp_path / "cache")
     assert f"training on {shard_name(trained[-1])}" in text, text
+
+
+# --- any parquet corpus: SHARDSTREAM_FILES, _VAL_FILES, _MANIFEST, _TEXT_COLUMN ----------------------
+
+def write_corpus(d, column="content"):
+    """A corpus that is not nanochat's: nested folders, other names, the documents in `column`, a file
+    outside the globs; returns the train paths in manifest order (sorted) and the val path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from shardstream.sample import make_documents
+    paths = ["train/a/part-1.parquet", "train/a/part-0.parquet", "train/b/x.parquet", "val/v.parquet",
+             "other/skip.parquet"]
+    for k, rel in enumerate(paths):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        docs = make_documents(60, 60_000, seed=[7, k])
+        pq.write_table(pa.table({column: docs, "id": list(range(len(docs)))}), d / rel, row_group_size=20)
+    return sorted(paths[:3]), paths[3]
+
+
+def test_file_variables_parse_and_reach_the_source(tmp_path):
+    s = StreamingSettings.from_env({"SHARDSTREAM_FILES": "train/**/*.parquet; extra/*.parquet\n",
+                                    "SHARDSTREAM_VAL_FILES": "none", "SHARDSTREAM_TEXT_COLUMN": "content",
+                                    "SHARDSTREAM_DATA_DIR": str(tmp_path)})
+    assert (s.files, s.val_files, s.text_column, s.manifest) == \
+        (("train/**/*.parquet", "extra/*.parquet"), "none", "content", None)
+    assert s.downloader_kwargs("train")["text_column"] == "content"
+    assert "files train/**/*.parquet;extra/*.parquet; val files none; text column content" in s.describe()
+    d = tmp_path / "corpus"
+    write_corpus(d)
+    s = StreamingSettings.from_env({"SHARDSTREAM_SOURCE": str(d), "SHARDSTREAM_FILES": "train/**/*.parquet",
+                                    "SHARDSTREAM_VAL_FILES": "nothing/*.parquet"})
+    with pytest.raises(ConfigError, match="SHARDSTREAM_FILES='train/.*SHARDSTREAM_VAL_FILES='nothing.*matches none"):
+        s.make_source()
+    (tmp_path / "files.txt").write_text("# two files, val last\ntrain/b/x.parquet\nval/v.parquet\n")
+    s = StreamingSettings.from_env({"SHARDSTREAM_SOURCE": str(d), "SHARDSTREAM_MANIFEST": str(tmp_path / "files.txt")})
+    src = s.make_source()
+    assert [e.path for e in src.manifest.train] == ["train/b/x.parquet"] and src.path(src.val_shard) == "val/v.parquet"
+
+
+def test_another_corpus_streams_bitwise_in_manifest_order(clean_env, tmp_path):
+    """SHARDSTREAM_FILES / _VAL_FILES / _TEXT_COLUMN over a local folder: the same batches as the files copied
+    by hand, in manifest order, into a nanochat-layout dir; val reads the val file; a wrong column is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path / "corpus"
+    train, val = write_corpus(d)
+    by_hand = tmp_path / "by-hand"          # the loader's local mode reads `text`: the same docs renamed
+    by_hand.mkdir()
+    for i, rel in enumerate(train + [val]):
+        t = pq.read_table(d / rel)
+        pq.write_table(pa.table({"text": t.column("content")}), by_hand / shard_name(i), row_group_size=20)
+    tok = ByteTokenizer()
+    expect = {split: [digest(x, y) for x, y, _ in _take(loader_fn(tok, 4, 64, split, device="cpu",
+                                                                   data_dir=by_hand), 40)]
+              for split in ("train", "val")}
+    env = {"SHARDSTREAM_STREAMING": "1", "SHARDSTREAM_SOURCE": str(d), "SHARDSTREAM_FILES": "train/**/*.parquet",
+           "SHARDSTREAM_VAL_FILES": "val/*.parquet", "SHARDSTREAM_TEXT_COLUMN": "content",
+           "SHARDSTREAM_DATA_DIR": str(tmp_path / "cache"), "SHARDSTREAM_MIN_FREE_BYTES": "0",
+           "SHARDSTREAM_BUFFER_SIZE": "1"}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    for split in ("train", "val"):
+        got = [digest(x, y) for x, y, _ in _take(loader_fn(tok, 4, 64, split, device="cpu"), 40)]
+        assert got == expect[split], split
+    assert not streaming_env._live
+    cached = {p.name for p in (tmp_path / "cache").iterdir() if p.is_file()}
+    assert cached and not any(n.startswith("shard_") for n in cached)          # cache names
+    # no val files: the val loader says so; a column that is not there is named with the ones that are
+    clean_env.setenv("SHARDSTREAM_VAL_FILES", "none")
+    with pytest.raises(ConfigError, match="val"):
+        next(loader_fn(tok, 4, 64, "val", device="cpu"))
+    streaming_env.shutdown()
+    clean_env.setenv("SHARDSTREAM_TEXT_COLUMN", "body")
+    clean_env.setenv("SHARDSTREAM_DATA_DIR", str(tmp_path / "cache2"))
+    with pytest.raises(ShardStreamError, match="body.*content"):
+        next(loader_fn(tok, 4, 64, "train", device="cpu"))
+
+
+def _take(gen, n):
+    try:
+        return [next(gen) for _ in range(n)]
+    finally:
+        gen.close()
 
 
 # --- nanochat's loop in real processes: budget, exact resume in a fresh process, atexit ---------------

@@ -70,6 +70,8 @@ class LocalReader:
     source = property(lambda self: self._source)
     data_dir = property(lambda self: self._dir)
     val_shard = property(lambda self: self._plan.epoch_length)
+    val_shards = property(lambda self: (self._plan.epoch_length,))
+    text_column = "text"
     total_shards = property(lambda self: self._plan.epoch_length)
     plan = property(lambda self: self._plan)
 

@@ -304,3 +304,35 @@ def test_schedule_and_shard_arithmetic():
     # best-fit packing: docs that fit are packed whole; a too-long doc is cropped to fill a row
     assert packed_rows([4, 4, 8], 8) == 2
     assert packed_rows([20, 20], 8) == 2
+
+
+def test_corpus_flags_both_spellings_and_their_variables(monkeypatch):
+    a = parse_args(["--streaming_mode=True", "--files", "sample/10BT/*.parquet", "--files=data/**/*.parquet",
+                    "--val-files", "none", "--text-column", "content", "--manifest=m.txt"])
+    assert (a.files, a.val_files, a.text_column, a.manifest) == \
+        (["sample/10BT/*.parquet", "data/**/*.parquet"], "none", "content", "m.txt")
+    a = parse_args(["--streaming_mode=True", "--val_files=val/*.parquet", "--text_column=body"])
+    assert (a.files, a.val_files, a.text_column, a.manifest) == (None, "val/*.parquet", "body", None)
+    assert parse_args([]).text_column == "text"
+    monkeypatch.setenv("SHARDSTREAM_FILES", "a/*.parquet;b/*.parquet")
+    monkeypatch.setenv("SHARDSTREAM_VAL_FILES", "none")
+    monkeypatch.setenv("SHARDSTREAM_TEXT_COLUMN", "content")
+    a = parse_args(["--streaming_mode=True"])
+    assert (a.files, a.val_files, a.text_column) == (["a/*.parquet", "b/*.parquet"], "none", "content")
+    a = parse_args(["--streaming_mode=True", "--files=c/*.parquet", "--val-files=v/*.parquet", "--text-column=x"])
+    assert (a.files, a.val_files, a.text_column) == (["c/*.parquet"], "v/*.parquet", "x")      # flags win
+    with pytest.raises(ConfigError, match="SHARDSTREAM_FILES.*--streaming_mode=True"):
+        parse_args([])                          # they pick files of a --source: a local run reads none
+    monkeypatch.delenv("SHARDSTREAM_FILES")
+    monkeypatch.delenv("SHARDSTREAM_VAL_FILES")
+    with pytest.raises(ConfigError, match="--text_column"):
+        parse_args(["--text-column= "])
+
+
+def test_shards_needed_counts_files_by_their_sizes():
+    y = ShardYield(docs=1000, raw_tokens=2_000_000, trained_tokens=1_000_000)      # shard 0: 1 MB
+    assert shards_needed(3_500_000, y, 10, sizes=[1_000_000] * 10) == shards_needed(3_500_000, y, 10) == 4
+    assert shards_needed(3_500_000, y, 10, sizes=[1_000_000, 250_000] + [1_000_000] * 8) == 5
+    assert shards_needed(3_500_000, y, 10, sizes=[1_000_000, 3_000_000] + [1_000_000] * 8) == 2
+    assert shards_needed(99_000_000, y, 3, sizes=[1_000_000] * 3) == 3            # at most every train file
+    assert shards_needed(3_500_000, y, 10, sizes=[1_000_000, None] + [1] * 8) == 4  # one unknown: uniform
