@@ -38,6 +38,11 @@ class CorruptShardError(ShardStreamError):
     """A file on disk is not the shard it claims to be (size, sha256 or parquet layout wrong)."""
 
 
+class SchemaError(CorruptShardError):
+    """A readable parquet file without the run's text column, or with it not a string column: the file's
+    own schema, so fetching it again cannot help (--text-column NAME picks the column)."""
+
+
 class DiskSpaceError(ShardStreamError):
     """Free disk space fell under the configured floor, or a budget cannot hold what is needed."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, CorruptShardError
+from .errors import ConfigError, CorruptShardError, SchemaError
 
 HASH_CHUNK = 1 << 20
 
@@ -148,12 +148,13 @@ def check_parquet(path, *, max_row_group_bytes=None, max_row_group_rows=None, te
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorruptShardError(f"{os.fspath(path)}: not a readable parquet file ({type(e).__name__}: {e})") from None
     if text_column not in schema.names:
-        raise CorruptShardError(f"{os.fspath(path)}: parquet file has no `{text_column}` column "
+        raise SchemaError(f"{os.fspath(path)}: parquet file has no `{text_column}` column "
                                 f"(columns: {', '.join(schema.names) or 'none'}; pick the text with "
                                 f"--text-column NAME)")
     typ = schema.field(text_column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise CorruptShardError(f"{os.fspath(path)}: column `{text_column}` is {typ}, expected a string column")
+        raise SchemaError(f"{os.fspath(path)}: column `{text_column}` is {typ}, expected a string column "
+                          f"(pick the text with --text-column NAME)")
     j = text_column_index(meta, text_column)
     for i in range(meta.num_row_groups):
         check_row_group(path, meta, i, limits, j, text_column)

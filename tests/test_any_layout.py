@@ -255,3 +255,22 @@ def test_a_changed_file_under_the_same_name_is_fetched_again(hub, tree, tmp_path
         assert dl.wait_for_shard(0).read_bytes() == (tree / SAMPLE[0]).read_bytes()
         dl.release(0)
     assert downloaded(d).count(0) == 2
+
+
+def test_a_file_without_the_text_column_fails_on_its_first_download(tmp_path):
+    """A readable footer without the run's column is the file's own schema: refused at once (no checksum to
+    tell a bad transfer from it, but a new download cannot grow a column), naming the columns and the flag."""
+    from shardstream.fetch import fetch_shard
+    from shardstream.source import Source
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"content": [f"doc {i} " * 50] * 20}), remote / shard_name(i))
+    with ShardServer(remote) as srv:
+        with pytest.raises(PermanentFetchError) as ei:
+            fetch_shard(Source(srv.url, 2), 0, tmp_path / "data", FAST)
+        gets = srv.stats(shard_name(0)).get_requests
+    assert gets == 1, f"fetched {gets} times"
+    for words in ("no `text` column", "content", "--text-column"):
+        assert words in str(ei.value), str(ei.value)
+    assert not (tmp_path / "data" / shard_name(0)).exists()

@@ -19,8 +19,8 @@ import pytest
 from rel_common import OverlapServer, until
 from shardstream import layout
 from shardstream.errors import ConfigError, FetchCancelled
-from shardstream.fetch import (FetchPolicy, auto_parts, fetch_shard, merge_spans, missing_spans, plan_parts,
-                               split_point, steal_point)
+from shardstream.fetch import FetchPolicy, fetch_shard
+from shardstream.parts import auto_parts, merge_spans, missing_spans, plan_parts, split_point, steal_point
 from shardstream.server import Fault
 from shardstream.source import Source
 
