@@ -83,7 +83,8 @@ def summary(outputs, real=False):
     for label, (best, med) in zip(("  same durability (curl+fsync)", "  same durability, 8 shards"), same):
         rows.append((label, f"fetch/(curl+fsync) {float(med):.2f} (median)", "(context)", None))
 
-    streamed = [(r, " real" if real else "") for r in _load("streaming_real" if real else "streaming") or []]
+    streamed = [(r, " real" if real else "") for r in (_load("streaming_real" if real else "streaming") or [])
+                if "streaming" in outputs]
     uncapped = {r["mode"]: r for r, _ in streamed if r.get("w_bps") is None}
     if len(uncapped) == 2:
         a, b = uncapped["adaptive"]["achieved_bps"], uncapped["all-first"]["achieved_bps"]
@@ -112,7 +113,7 @@ def summary(outputs, real=False):
             target += ", link >= 0.95 W"
         rows.append((label, figs, target, ok))
 
-    ep = _load("epochs")
+    ep = _load("epochs") if "epochs" in outputs else None     # never a stale file of an earlier run
     if ep:
         a, b = ep["rows"]["plan-aware (Belady)"], ep["rows"]["delete-on-consume"]
         rows.append(("epochs x3, data 1.5x budget", f"Belady {a['sent'] / ep['train']:.2f}x train bytes, "
@@ -123,7 +124,7 @@ def summary(outputs, real=False):
                                  outputs.get("loader", ""), flags=re.S):
         rows.append((f"loader tokens/s, {bt}", f"{tps} M tok/s = {x}x raw encode", ">= 0.9x raw encode",
                      float(x) >= 0.9))
-    res = _load("resume")
+    res = _load("resume") if "resume" in outputs else None
     if res:
         for name, t, base, *got in res["rows"][1:]:
             if name.startswith("resume"):

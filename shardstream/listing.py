@@ -158,39 +158,10 @@ def _manifest_from_file(entries, tree, val_files, name):
 
 
 def list_tree_fsspec(kind, url, storage_options=None):
-    """{path relative to the folder at url: RemoteInfo} of every file under it, at any depth, through
-    fsspec's find (the same metadata objectstore.list_folder gives a flat listing: sizes, ETags, md5s).
-    ConfigError when the folder is not there or not readable; TransientFetchError when the store fails.
-    A path that is no safe path is left for manifest.entries_from_listing to refuse."""
-    from .objectstore import TRANSIENT_ERRORS, filesystem, remote_info_of
-    fs, path = filesystem(url, storage_options)
-    try:
-        fs.invalidate_cache(path)
-        if not fs.isdir(path):
-            raise FileNotFoundError(path)
-        found = fs.find(path, detail=True)
-    except FileNotFoundError:
-        raise ConfigError(f"source {redact_url(url)!r}: no such folder (check the bucket and prefix)") from None
-    except PermissionError as e:
-        raise ConfigError(f"source {redact_url(url)!r}: not allowed to list it ({e}): check the credentials "
-                          f"(AWS_* variables, GOOGLE_APPLICATION_CREDENTIALS) or storage_options") from None
-    except TypeError as e:              # s3fs/gcsfs make their client on first use
-        raise ConfigError(f"source {redact_url(url)!r}: bad storage options ({e})") from None
-    except TRANSIENT_ERRORS as e:
-        raise TransientFetchError(f"source {redact_url(url)!r}: listing failed ({type(e).__name__}: {e})",
-                                  url=redact_url(url), cause=str(e)) from None
-    prefix = path.rstrip("/") + "/"
-    out = {}
-    for full, e in (found.items() if isinstance(found, dict) else ()):
-        if not isinstance(e, dict) or e.get("type") != "file":
-            continue
-        full = str(e.get("name", full)).rstrip("/")
-        rel = full[len(prefix):] if full.startswith(prefix) else full.lstrip("/").removeprefix(path.lstrip("/") + "/")
-        if rel in out:
-            raise ConfigError(f"source {redact_url(url)!r}: the listing names {rel!r} twice: a listing that "
-                              f"contradicts itself is not trusted")
-        out[rel] = remote_info_of(kind, e)
-    return out
+    """{path relative to the folder at url: RemoteInfo} of every file under it, at any depth (see
+    objectstore.list_folder). A path that is no safe path is left for manifest.entries_from_listing."""
+    from .objectstore import list_folder
+    return list_folder(kind, url, storage_options, recursive=True)
 
 
 def _file_url(url):

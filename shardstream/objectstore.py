@@ -109,13 +109,21 @@ def _s3_md5(head):
     return etag if MD5_RE.match(etag) else None
 
 
-def list_folder(kind, url, storage_options=None):
-    """{file name: RemoteInfo} of the files directly in the folder at url (not recursive).
-    ConfigError when the folder is not there or not readable; TransientFetchError when the store fails."""
+def list_folder(kind, url, storage_options=None, recursive=False):
+    """{name below the folder at url: RemoteInfo} of the files directly in it, or with recursive at any
+    depth (fsspec's find; names are then paths like "sample/10BT/000_00000.parquet"). ConfigError when the
+    folder is not there or not readable, or when the listing names a file twice; TransientFetchError when
+    the store fails. A name that is no safe path is left for the caller to refuse."""
     fs, path = filesystem(url, storage_options)
     try:
         fs.invalidate_cache(path)
-        entries = fs.ls(path, detail=True)
+        if recursive:
+            if not fs.isdir(path):
+                raise FileNotFoundError(path)
+            found = fs.find(path, detail=True)
+            entries = list(found.values()) if isinstance(found, dict) else []
+        else:
+            entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         raise ConfigError(f"source {redact_url(url)!r}: no such folder (check the bucket and prefix)") from None
     except PermissionError as e:
@@ -134,7 +142,7 @@ def list_folder(kind, url, storage_options=None):
         if not isinstance(e, dict) or e.get("type") != "file":
             continue
         full = str(e.get("name", "")).rstrip("/")
-        # the name below the listed folder, whole: listing.py refuses one that is not a plain base name
+        # the name below the listed folder, whole: the caller refuses one that is not what it expects
         name = full[len(prefix):] if full.startswith(prefix) else full.lstrip("/").removeprefix(path.lstrip("/") + "/")
         if name in out:
             raise ConfigError(f"source {redact_url(url)!r}: the listing names {name!r} twice: a listing that "

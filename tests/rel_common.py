@@ -358,3 +358,16 @@ class HostileServer(TinyServer):
         for f in self.files.values():
             f.release.set()
         super().__exit__(*exc)
+
+
+HUB_ENV = ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_ENDPOINT")
+FILE_PICKS = ("SHARDSTREAM_SOURCE", "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES", "SHARDSTREAM_MANIFEST",
+              "SHARDSTREAM_DATA_DIR")
+
+
+def isolate_hub_env(monkeypatch, tmp_path, also=()):
+    """No Hub token, endpoint or offline flag from the shell (nor the names in `also`), and HF_HOME in
+    tmp_path: no token saved by `hf auth login` unless the test writes one."""
+    for name in HUB_ENV + tuple(also):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

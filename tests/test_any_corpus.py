@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rel_common import isolate_hub_env
 from nanochat_like import ByteTokenizer, digest
 from shardstream.downloader import StreamingDownloader
 from shardstream.errors import ConfigError
@@ -43,9 +44,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
-    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))      # no saved token unless a test writes one
+    isolate_hub_env(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rel_common import FILE_PICKS, isolate_hub_env
 from shardstream.downloader import DiskPolicy, FailurePolicy, StreamingDownloader
 from shardstream.errors import ConfigError, PermanentFetchError
 from shardstream.fetch import FetchPolicy
@@ -48,10 +49,7 @@ def tree(fineweb, tmp_path):
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
-    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_ENDPOINT", "SHARDSTREAM_SOURCE",
-                 "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES", "SHARDSTREAM_MANIFEST", "SHARDSTREAM_DATA_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    isolate_hub_env(monkeypatch, tmp_path, also=FILE_PICKS)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import requests
 
+from rel_common import FILE_PICKS, isolate_hub_env
 from shardstream.cli import main
 from shardstream.errors import ConfigError
 from shardstream.fetch import FetchPolicy, fetch_shard
@@ -46,10 +47,7 @@ def tree(fineweb, tmp_path):
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
-    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_ENDPOINT", "SHARDSTREAM_SOURCE",
-                 "SHARDSTREAM_FILES", "SHARDSTREAM_VAL_FILES", "SHARDSTREAM_MANIFEST", "SHARDSTREAM_DATA_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    isolate_hub_env(monkeypatch, tmp_path, also=FILE_PICKS)
 
 
 @pytest.fixture
