@@ -887,7 +887,7 @@ def cli(argv):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with srv:
-        n = sum(1 for e in os.scandir(srv.directory) if e.is_file())
+        n = sum(len(files) for _, _, files in os.walk(srv.directory))      # nested folders too (a FineWeb tree)
         print(f"serving {n} files from {srv.directory}")
         print(f"  plain:  {srv.url}/<file>")
         print(f"  hub:    {srv.hub_url}/<file>")
