@@ -891,6 +891,7 @@ def cli(argv):
         print(f"serving {n} files from {srv.directory}")
         print(f"  plain:  {srv.url}/<file>")
         print(f"  hub:    {srv.hub_url}/<file>")
+        print(f"  as the Hub: export HF_ENDPOINT={srv.url}; then source hf://datasets/{srv.hub_repo}")
         print(f"  stats:  {srv.url}/_stats")
         if srv.rate:
             print(f"  rate cap: {srv.rate:g} MB/s (all connections together)")
