@@ -84,7 +84,7 @@ from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderC
                      FetchCancelled, FetchError, ShardSkipped, ShardWaitTimeout)
 from .existing import SHA_AUTO_LIMIT, scan_existing  # noqa: F401  (SHA_AUTO_LIMIT: re-exported)
 from .fetch import fetch_shard, remote_info
-from .listing import make_source, pin_source
+from .listing import make_source, pin_when_reachable
 from .policies import (FAILURE_MODES, DiskPolicy, FailurePolicy, WindowPolicy,  # noqa: F401  (re-exported)
                        budget_problem, disk_check, resolve_options, resolve_plan)
 from .prefetch import LinkClock, PrefetchController
@@ -256,7 +256,7 @@ class StreamingDownloader:
         try:
             # the default source (the Hub at a branch) is read at one commit: resolved here, where fetching
             # starts, so a downloader that is only made sends nothing
-            self._source = pin_source(self._source)
+            self._source = pin_when_reachable(self._source)
             self._status.open()
             logger.info(f"{P} Starting download of {self.total_shards} shards with buffer_size={self.buffer_size}")
             with self._cond:

@@ -515,6 +515,19 @@ def pin_source(source, allow_insecure=None):
                   allow_insecure=source.allow_insecure, kind="hf", revision=sha, listing=source.listing)
 
 
+def pin_when_reachable(source):
+    """pin_source where a run starts (StreamingDownloader.start, make_node_downloader): a Hub that does not
+    answer now is no reason to fail a run the transfer loop can ride out (it announces an unreachable source
+    and retries under the failure policy), so the run goes on at the branch, unpinned, with a warning.
+    A Hub that answers "no" (offline mode, a missing repo or revision) still raises."""
+    try:
+        return pin_source(source)
+    except TransientFetchError as e:
+        logger.warning("%s; reading %s unpinned: a commit pushed during the run would mix two commits' shards",
+                       e, source.name)
+        return source
+
+
 def _hub_branch(source):
     """(origin, repo, revision, folder) of an http Source whose base URL is a Hub resolve URL at a revision
     that is no commit sha, at the Hub's origin (HF_ENDPOINT's or the default Hub's); else None."""

@@ -595,8 +595,8 @@ def make_node_downloader(*, partition="global", scope="node", timeout=None, info
         return StreamingDownloader(source=src, **downloader_kwargs)     # its start() pins the source
     # every rank pins the default source (the Hub at a branch) now, so the leader and its readers agree on
     # the commit before the leader's start()
-    from .listing import pin_source
-    src = pin_source(src)
+    from .listing import pin_when_reachable
+    src = pin_when_reachable(src)
     store = open_store(timeout)
     if group.is_leader:
         return NodeLeader(StreamingDownloader(source=src, **downloader_kwargs), group, store, timeout, stride)

@@ -267,3 +267,26 @@ def test_the_settings_and_a_manifest_of_urls_without_a_source(tree, tmp_path):
         m.write_text("s3://bucket/x.parquet\nb.parquet\n")
         with pytest.raises(ConfigError, match="s3:// URL, but the source .* reads http:// or https://"):
             make_source(srv.url, manifest=str(m))
+
+
+def test_the_run_pins_the_default_source_at_start_and_rides_out_a_hub_api_that_fails(tmp_path, monkeypatch, caplog):
+    """start() pins a Hub branch URL to its commit; an API that fails now (503) leaves the run going unpinned,
+    with a warning, instead of dead (the transfer loop rides out what it must)."""
+    import logging
+    from shardstream.downloader import StreamingDownloader
+    from shardstream.sample import make_sample
+    from shardstream.server import Fault
+    make_sample(tmp_path / "climb", 3, 20_000, seed=1)
+    with ShardServer(tmp_path / "climb") as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        with StreamingDownloader(2, data_dir=tmp_path / "a", source=make_source(srv.hub_url, dataset_shards=3),
+                                 fetch_policy=FAST, progress=False) as dl:
+            assert dl.source.kind == "hf" and dl.source.revision == srv.revision
+            assert dl.wait_for_shard(0).read_bytes() == (tmp_path / "climb" / shard_name(0)).read_bytes()
+        srv.add_fault(Fault("status", status=503, file="api/*", times=None))
+        with caplog.at_level(logging.WARNING, logger="shardstream.listing"):
+            with StreamingDownloader(2, data_dir=tmp_path / "b", source=make_source(srv.hub_url, dataset_shards=3),
+                                     fetch_policy=FAST, progress=False) as dl:
+                assert dl.source.kind == "http"                     # unpinned, still at main
+                assert dl.wait_for_shard(1).read_bytes() == (tmp_path / "climb" / shard_name(1)).read_bytes()
+    assert "unpinned" in caplog.text and "503" in caplog.text
