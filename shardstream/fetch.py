@@ -1296,7 +1296,7 @@ class _Transfer:
                     decode_parquet(self.partial)
             except SchemaError as e:                # a readable footer: the file's own schema
                 self._discard()
-                raise Fatal(str(e)) from None
+                raise Fatal(f"the source's file is not a valid shard: {e}") from None
             except CorruptShardError as e:
                 if info.sha256 is not None or info.md5 is not None:    # the source's own bytes: a new
                     self._discard()                                     # download cannot help
