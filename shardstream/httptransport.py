@@ -21,14 +21,13 @@ import re
 import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin
 
 import requests
 import urllib3
 
 from .checksums import CHECKSUMS, MAX_CHECKSUM_FILE_BYTES, ChecksumFileError, ChecksumFileUnavailable
 from .shards import shard_name
-from .source import RemoteInfo, follow_problem, redact_url, url_origin
+from .source import RemoteInfo, follow_target, redact_url, url_origin
 from .transport import Body, Fatal, Retry, describe
 
 logger = logging.getLogger(__name__)
@@ -146,11 +145,7 @@ class HttpBody(Body):
 def _redirect_target(source, url, location):
     """Where a redirect may go (source.follow_problem): http(s) only, well-formed, and plain http only to
     loopback unless allowed."""
-    try:
-        target = urljoin(url, location)
-    except ValueError:
-        target = location
-    why = follow_problem(target, source.allow_insecure)
+    target, why = follow_target(url, location, source.allow_insecure)
     if why:
         raise Fatal(f"refused a redirect to {why}")
     return target

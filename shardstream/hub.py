@@ -48,7 +48,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx2
 import huggingface_hub
@@ -57,7 +57,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeI
 
 from .errors import ConfigError, TransientFetchError
 from .settings import foreign
-from .source import RemoteInfo, follow_problem, hf_endpoint, redact_url, url_origin
+from .source import RemoteInfo, follow_target, hf_endpoint, redact_url, url_origin
 
 logger = logging.getLogger(__name__)
 
@@ -414,11 +414,7 @@ class _GuardedTransport(httpx2.BaseTransport):
 
     @staticmethod
     def _check_follow(guard, base, link, kind):
-        try:
-            target = urljoin(base, link)
-        except ValueError:
-            target = link
-        why = follow_problem(target, guard.allow_insecure)
+        target, why = follow_target(base, link, guard.allow_insecure)
         if why:
             raise ConfigError(f"{guard.what}: refused {kind} from {redact_url(base)} to {why}")
         return target

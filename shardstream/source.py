@@ -36,7 +36,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from . import settings
 from .errors import ConfigError
@@ -147,6 +147,16 @@ def follow_problem(url, allow_insecure=False):
         return (f"plain http on a non-loopback host ({shown}): https is required unless you opt out with "
                 f"--allow-insecure")
     return None
+
+
+def follow_target(base, link, allow_insecure=False):
+    """(the URL a server-sent link (a redirect's Location, a next-page link) names, resolved against the
+    URL that sent it; follow_problem's words, or None when it may be followed)."""
+    try:
+        target = urljoin(base, link)
+    except ValueError:
+        target = link
+    return target, follow_problem(target, allow_insecure)
 
 
 def url_origin(url):
