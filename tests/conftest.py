@@ -37,3 +37,20 @@ def remote_dir(sample_dir, tmp_path):
 def server(remote_dir):
     with ShardServer(remote_dir) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def fineweb(tmp_path_factory):
+    """A small FineWeb-like tree (shardstream.sample.make_fineweb_sample), made once per module."""
+    from shardstream.sample import make_fineweb_sample
+    d = tmp_path_factory.mktemp("fineweb")
+    make_fineweb_sample(d, chars_per_file=20_000)
+    return d
+
+
+@pytest.fixture
+def tree(fineweb, tmp_path):
+    """A fresh copy of the FineWeb-like tree, free to change."""
+    d = tmp_path / "fineweb"
+    shutil.copytree(fineweb, d)
+    return d

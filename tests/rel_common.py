@@ -371,3 +371,4 @@ def isolate_hub_env(monkeypatch, tmp_path, also=()):
     for name in HUB_ENV + tuple(also):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+

@@ -19,7 +19,7 @@ from shardstream.layout import BOOK_DIR
 from shardstream.listing import make_source
 from shardstream.loader import ShardPlan, iter_doc_batches
 from shardstream.manifest import is_cache_name
-from shardstream.sample import FINEWEB_FILES, make_fineweb_sample
+from shardstream.sample import FINEWEB_FILES
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
 from shardstream.status import read_events, read_status
@@ -31,20 +31,6 @@ CRAWLS = [p for p in FINEWEB_FILES if p.startswith("data/")]
 FAST = FetchPolicy(connect_timeout=2, stall_timeout=5, max_attempts=3, backoff_initial=0.01, backoff_max=0.05,
                    chunk_bytes=16384, fsync=False)
 NO_FLOOR = DiskPolicy(warn_free_bytes=0, min_free_bytes=0)
-
-
-@pytest.fixture(scope="module")
-def fineweb(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fineweb")
-    make_fineweb_sample(d, chars_per_file=20_000)
-    return d
-
-
-@pytest.fixture
-def tree(fineweb, tmp_path):
-    d = tmp_path / "fineweb"
-    shutil.copytree(fineweb, d)
-    return d
 
 
 @pytest.fixture(autouse=True)

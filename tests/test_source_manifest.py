@@ -14,7 +14,7 @@ from shardstream.errors import ConfigError
 from shardstream.fetch import FetchPolicy, fetch_shard
 from shardstream.listing import make_source, pin_source
 from shardstream.manifest import is_cache_name
-from shardstream.sample import FINEWEB_FILES, make_fineweb_sample
+from shardstream.sample import FINEWEB_FILES
 from shardstream.server import ShardServer
 from shardstream.shards import shard_name
 from shardstream.source import Source
@@ -28,21 +28,6 @@ FAST = FetchPolicy(connect_timeout=2, stall_timeout=5, max_attempts=3, backoff_i
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def fineweb(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fineweb")
-    make_fineweb_sample(d, chars_per_file=20_000)
-    return d
-
-
-@pytest.fixture
-def tree(fineweb, tmp_path):
-    """A fresh copy of the FineWeb-like tree, free to change."""
-    d = tmp_path / "fineweb"
-    shutil.copytree(fineweb, d)
-    return d
 
 
 @pytest.fixture(autouse=True)
