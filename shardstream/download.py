@@ -43,7 +43,8 @@ from pathlib import Path
 
 from . import layout
 from .errors import ConfigError, FetchCancelled, ShardStreamError
-from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, fetch_shard, remote_info
+from .fetch import VERIFY_LEVELS, FetchPolicy, ensure_data_dir, remote_info
+from .fetchproc import FetchHelper, run_fetch
 from .shards import DATASETS, DEFAULT_DATASET, default_data_dir
 from .listing import add_manifest_arguments, make_source, manifest_choice, pin_source
 from .settings import read_all
@@ -140,11 +141,12 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
         if stop.is_set():                       # queued behind the workers when the stop came
             return FetchCancelled(f"shard {i:05d}: stopped before it started", shard_id=i)
         try:
-            info = None
+            info = size = None
             if not (data_dir / source.file_name(i)).is_file():
                 info = infos.get(i) if infos is not None else remote_info(source, i, policy, sessions.get(), stop)
                 if isinstance(info, ShardStreamError):
                     raise info
+                size = info.size if info is not None else None
                 if on_size is not None and info is not None and info.size:
                     on_size(info.size)
                 if info is not None and info is source.listed(i):
@@ -157,7 +159,8 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
                     on_bytes(n)
                 if progress is not None:
                     progress.add(i, n)
-            r = fetch_shard(source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got, info=info)
+            r = run_fetch(helper, source, i, data_dir, policy, session=sessions.get(), stop=stop, on_bytes=got,
+                          info=info, size=size)
             if r.resumed_from and on_bytes is not None:
                 on_bytes(r.resumed_from)        # on disk from an earlier run: count it as done
         except ShardStreamError as e:
@@ -166,9 +169,11 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
             progress.finished(i, r)
         return r
 
+    helper = FetchHelper()
     try:
         return _run_pool(one, shard_ids, workers, stop)
     finally:
+        helper.close()
         sessions.close()
 
 

@@ -83,7 +83,8 @@ from .cache import ShardCache
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, DownloaderCrashed, DownloaderStopped,
                      FetchCancelled, FetchError, ShardSkipped, ShardWaitTimeout)
 from .existing import SHA_AUTO_LIMIT, scan_existing  # noqa: F401  (SHA_AUTO_LIMIT: re-exported)
-from .fetch import fetch_shard, remote_info
+from .fetch import remote_info
+from .fetchproc import FetchHelper, run_fetch
 from .listing import make_source, pin_when_reachable
 from .policies import (FAILURE_MODES, DiskPolicy, FailurePolicy, WindowPolicy,  # noqa: F401  (re-exported)
                        budget_problem, disk_check, resolve_options, resolve_plan)
@@ -147,6 +148,7 @@ class StreamingDownloader:
         self.cache = ShardCache(self._data_dir, self.window.max_cache_bytes, layout.Naming.of(self._source))
         self._stop = threading.Event()
         self._threads = []
+        self._helper = FetchHelper()     # the process big transfers run in (fetchproc.use_helper), on first need
         self._state = "created"
         self._status = StatusWriter(self._data_dir, self._locked_progress, self._status_of, self.status_interval)
         self._origin = report.Origin(self.total_shards, self.val_shard, str(self._data_dir),
@@ -378,6 +380,7 @@ class StreamingDownloader:
             t.join(timeout=15)
             if t.is_alive():
                 logger.error(f"{P} thread {t.name} did not stop within 15 s")
+        self._helper.close()
         with self._cond:
             if self._state != "crashed":
                 self._state = "stopped"
@@ -753,10 +756,10 @@ class StreamingDownloader:
         name = self._label(shard)
         logger.info(f"{P} Downloading {name}...")
         try:
-            res = fetch_shard(self._source, shard, self._data_dir, self.fetch_policy, session=session,
-                              stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=self._info[shard],
-                              on_retry=lambda cause: self._on_retry(shard, cause),
-                              on_link=lambda busy: self._on_link(shard, busy))
+            res = run_fetch(self._helper, self._source, shard, self._data_dir, self.fetch_policy, session=session,
+                            stop=self._stop, on_bytes=lambda n: self._on_bytes(shard, n), info=self._info[shard],
+                            on_retry=lambda cause: self._on_retry(shard, cause),
+                            on_link=lambda busy: self._on_link(shard, busy))
         except BaseException as e:              # (re-raised there unless it is a fetch's own outcome)
             self._download_failed(shard, e)
             return

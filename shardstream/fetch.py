@@ -110,6 +110,11 @@ class FetchPolicy:
                                       # measurably raises the shard's rate (a per-connection cap)
     min_part_bytes: int = 8 << 20     # no part smaller than this: a shard under 2x it stays one request
     text_column: str = "text"         # the column verify_parquet checks (the run's --text-column)
+    process: bool | str = "auto"      # run the transfer in a helper process (fetchproc.py), out of the
+                                      # caller's interpreter lock: True always (waits for it to start),
+                                      # False never, "auto" for shards of min_process_bytes or more once
+                                      # the helper is up (a downloader's or download_shards' only)
+    min_process_bytes: int = 16 << 20
 
     def __post_init__(self):
         for name in ("connect_timeout", "stall_timeout", "backoff_max", "retry_after_max"):
@@ -135,6 +140,10 @@ class FetchPolicy:
                               f"got {self.max_connections!r}")
         if not (isinstance(self.min_part_bytes, int) and self.min_part_bytes >= 64 << 10):
             raise ConfigError(f"FetchPolicy.min_part_bytes must be an int >= 65536, got {self.min_part_bytes!r}")
+        if self.process not in (True, False, "auto"):
+            raise ConfigError(f"FetchPolicy.process must be True, False or \"auto\", got {self.process!r}")
+        if not (isinstance(self.min_process_bytes, int) and self.min_process_bytes >= 0):
+            raise ConfigError(f"FetchPolicy.min_process_bytes must be an int >= 0, got {self.min_process_bytes!r}")
         if self.chunk_bytes < 4096 or self.max_shard_bytes < 1 or self.max_full_downloads < 1:
             raise ConfigError("FetchPolicy: chunk_bytes must be >= 4096, max_shard_bytes and "
                               "max_full_downloads >= 1")

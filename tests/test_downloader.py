@@ -453,7 +453,7 @@ def test_a_crashed_worker_is_never_silent(srv, tmp_path, monkeypatch):
 
     def broken(*a, **k):
         raise RuntimeError("bug in the fetch layer")
-    monkeypatch.setattr(mod, "fetch_shard", broken)
+    monkeypatch.setattr(mod, "run_fetch", broken)
     dl = make(srv, tmp_path, initial_buffer=0).start()
     try:
         with pytest.raises(DownloaderCrashed, match="bug in the fetch layer"):
