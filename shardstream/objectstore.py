@@ -23,6 +23,7 @@ finish its call and its bytes dropped.
 """
 import asyncio
 import base64
+import functools
 import importlib
 import importlib.util
 import logging
@@ -42,8 +43,10 @@ EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}      # kind -> (module, 
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _transient_errors():
-    """What a dropped, refused or timed-out connection raises from fsspec and the store's client."""
+@functools.cache
+def transient_errors():
+    """What a dropped, refused or timed-out connection raises from fsspec and the store's client. Looked
+    up on first use, so that importing this module (every fetch does) does not import aiohttp or botocore."""
     errors = [OSError, TimeoutError, asyncio.TimeoutError]
     for module, names in (("fsspec.exceptions", ("FSTimeoutError",)), ("botocore.exceptions", ("BotoCoreError",)),
                           ("aiohttp", ("ClientError",)), ("google.auth.exceptions", ("TransportError",))):
@@ -53,9 +56,6 @@ def _transient_errors():
             continue
         errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
     return tuple(errors)
-
-
-TRANSIENT_ERRORS = _transient_errors()
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def list_folder(kind, url, storage_options=None, recursive=False):
         raise ConfigError(f"source {redact_url(url)!r} is a file, not a folder of shards") from None
     except TypeError as e:              # s3fs/gcsfs make their client on first use
         raise ConfigError(f"source {redact_url(url)!r}: bad storage options ({e})") from None
-    except TRANSIENT_ERRORS as e:
+    except transient_errors() as e:
         raise TransientFetchError(f"source {redact_url(url)!r}: listing failed ({type(e).__name__}: {e})",
                                   url=redact_url(url), cause=str(e)) from None
     prefix = path.rstrip("/") + "/"
@@ -175,7 +175,7 @@ def _classify(e, what):
     if isinstance(e, PermissionError):
         return Fatal(f"{what}: not authorized ({e}): check the store's credentials (AWS_* variables, "
                       f"GOOGLE_APPLICATION_CREDENTIALS) or storage_options")
-    if isinstance(e, TRANSIENT_ERRORS):
+    if isinstance(e, transient_errors()):
         return Retry(f"{what} failed: {type(e).__name__}: {e}")
     return e
 
