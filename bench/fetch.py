@@ -24,10 +24,12 @@ disk, not the code.
   fsync vs 8 curls with and without fsync; one 100 MB shard behind a per-connection cap of 10 MB/s (link
   100 MB/s): one curl vs fetch_shard over one connection, split in 4, and max_connections="auto"; 8
   shards behind the same per-connection cap; and the trainer's side: a pure-Python loop's iterations/s
-  in the main thread while download_shards runs in this process vs while curl runs in subprocesses over
-  the same bytes at the same W (target >= 0.95), beside the loop alone.
+  in the main thread while download_shards runs (its transfers in the helper process, as a downloader's
+  are once the helper is up, and in this process) vs while curl runs in subprocesses over the same bytes
+  at the same W (target >= 0.95), beside the loop alone.
 """
 import argparse
+import dataclasses
 import os
 import resource
 import shutil
@@ -215,23 +217,29 @@ def trainer_side(srv, source, ids, out_dir, workers, policy=None):
     clear(out_dir)
     t_end = time.perf_counter() + 3.0
     out["alone"] = python_loop(lambda: time.perf_counter() > t_end)
-    for who in ("curl", "fetch_shard", "curl ", "fetch_shard "):       # twice each, interleaved
+    policies = {"fetch, helper process": FetchPolicy(process=True), "fetch, this process": FetchPolicy(process=False)}
+    if policy is not None:
+        policies = {k: dataclasses.replace(policy, process=v.process) for k, v in policies.items()}
+    for who in ["curl", *policies] * 2:                 # twice each, interleaved
         clear(out_dir)
-        if who.strip() == "curl":
+        if who == "curl":
             procs = [subprocess.Popen(["curl", "-s", "-o", str(out_dir / f"curl_{k}.bin"), u])
                      for k, u in enumerate(urls)]
             rate = python_loop(lambda: all(p.poll() is not None for p in procs))
         else:
-            t = threading.Thread(target=time_fetch, args=(source, ids, out_dir, workers), kwargs={"policy": policy})
+            t = threading.Thread(target=time_fetch, args=(source, ids, out_dir, workers),
+                                 kwargs={"policy": policies[who]})
             t.start()
             rate = python_loop(lambda: not t.is_alive())
             t.join()
-        out[who.strip()] = max(out.get(who.strip(), 0.0), rate)
+        out[who] = max(out.get(who, 0.0), rate)
     clear(out_dir)
     print(f"\ntrainer's pure-Python loop while {len(ids)} shards download at the server's W (best of 2)")
     for k, v in out.items():
         print(f"  {k:<26} {v / 1e6:6.2f} M iterations/s")
-    print(f"  {'ratio while fetch / while curl (target >= 0.95):':<50} {out['fetch_shard'] / out['curl']:.2f}")
+    for k in policies:
+        print(f"  {'ratio while ' + k + ' / while curl:':<50} {out[k] / out['curl']:.2f}")
+    print(f"  {'(target >= 0.95: the downloader fetches in the helper once it is up, ~0.5 s after start)'}")
     return out
 
 
@@ -288,7 +296,17 @@ def main_real(args, work):
             label = (f"8 shards of {min(size[i] for i in ids) / 1e6:.0f}-{max(size[i] for i in ids) / 1e6:.0f} MB, "
                      f"w=8 vs 8 curls, link capped at W={w} MB/s")
             if w == 100:
-                results.append(compare(label, srv, source, ids, total, out, args.repeats, 8))
+                urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]
+                results.append(compare(label, srv, source, ids, total, out, args.repeats, 8, clients={
+                    "curl": lambda: time_curl(urls, out),
+                    "fetch_shard": lambda: time_fetch(source, ids, out, 8),
+                    "fetch_shard, helper": lambda: time_fetch(source, ids, out, 8, policy=FetchPolicy(process=True)),
+                    "curl + fsync": lambda: time_curl(urls, out, fsync=True),
+                    "fetch_shard, fsync=False": lambda: time_fetch(source, ids, out, 8, fsync=False)},
+                    ratios=[("fetch_shard", "curl", "ratio fetch/curl (target >= 0.9):"),
+                            ("fetch_shard, helper", "curl", "ratio fetch(helper process)/curl:"),
+                            ("fetch_shard", "curl + fsync", "ratio fetch/(curl + fsync), same durability:"),
+                            ("fetch_shard, fsync=False", "curl", "ratio fetch(fsync=False)/curl, transfer path:")]))
                 trainer_side(srv, source, ids, out, 8)
             else:
                 urls = [f"{srv.hub_url}/{shard_name(i)}" for i in ids]

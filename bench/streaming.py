@@ -2,7 +2,7 @@
 
     python bench/streaming.py               # 24 train shards of ~0.3 MB, R = 0.7 MB/s (a read takes 0.4 s)
     python bench/streaming.py --smoke       # 6 shards, W/R = 1.25 only (CI)
-    python bench/streaming.py --size real   # 12 train shards of ~24 MB, W = 10, 25 and 100 MB/s (~6 min)
+    python bench/streaming.py --size real   # 12 train shards of ~24 MB, W = 10, 25 and 100 MB/s, a long run (~7 min)
     shardstream bench streaming
 
 Offline: sample shards (shardstream.sample.make_sample) served by a local ShardServer whose token bucket
@@ -22,8 +22,17 @@ disk (sampled every 20 ms from the directory, partial files included) against th
 The real size (`--size real`) uses nanochat-like shards of ~24 MB and sets W (10, 25, 100 MB/s) with R =
 W / ratio, and adds an uncapped case where the trainer really reads every shard's text column with
 pyarrow (no sleep): download + read, streaming against downloading everything first, in parquet MB/s.
+Then a long run: adaptive only, W = 25 MB/s, W/R = 0.8, --long-shards train shards (default 48; hard links
+to the same files, taken in turn, on a second server). A run of N shards cannot show the reader >= 0.95 W:
+its last read starts after all N train shards crossed the link and takes W/R of one shard's download, so
+even a perfect link gives the reader at most N / (N + W/R) of W (0.94 W for N = 12, 0.98 W for N = 48);
+N / (N + 1 + W/R) when the val shard must cross before the last train shard, as for a trainer that
+evaluates early (0.87, 0.96; here nothing reads it, so it may come last). nanochat reads thousands of
+shards: the long run is the fair measure of what the reader gets. Rows carry both bounds, in W (bound_w,
+bound_w_val_first).
 
-Targets: W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W;
+Targets: W/R >= 1.25 -> data-wait <= 1 % after the first batch; W/R = 0.8 -> link >= 0.95 W, and the
+reader >= 0.95 W in the long run;
 first batch <= 1.2x one shard's download; peak disk <= budget. One PNG per streaming case (disk, shards
 ahead, waits over time: shardstream.timeline) goes to bench/out/. --json writes the figures.
 
@@ -35,6 +44,7 @@ idle; emptied before every case), and a table of how well they agree (targets: f
 wait within 2 percentage points, peak disk within 15 %). bench/RESULTS.md, section 2b, has the figures.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +69,8 @@ from shardstream.source import Source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 POLICY = FetchPolicy(fsync=False, connect_timeout=5, stall_timeout=10, backoff_initial=0.05, backoff_max=0.5)
+ALL_FIRST = dataclasses.replace(POLICY, process=False)    # the baseline at its fastest: nothing else runs
+                                                            # here, so a helper process would only cost its start
 NO_FLOOR = DiskPolicy(warn_free_bytes=0, min_free_bytes=0)
 
 
@@ -155,7 +167,7 @@ def run_all_first(srv, n, sizes, rate_bps, work):
     source = Source(srv.url, n + 1)
     with DiskSampler(data) as disk:
         t_start = time.monotonic()
-        res = download_shards(source, list(range(n + 1)), data, workers=4, policy=POLICY)
+        res = download_shards(source, list(range(n + 1)), data, workers=4, policy=ALL_FIRST)
         t_dl = time.monotonic()
         bad = [r for r in res if isinstance(r, Exception)]
         if bad:
@@ -174,9 +186,6 @@ def warm_up(srv, n, work):
     needs to know of this machine, measured here at no rate cap, medians: (a HEAD's round trip, the parquet
     footer check after a transfer's last byte, a read's cost beyond its sleep: wait_for_shard of a shard
     on disk + release + the sleep's overshoot)."""
-    import requests
-
-    from shardstream.fetch import remote_info
     from shardstream.verify import check_parquet
     reads = []
     with StreamingDownloader(n, data_dir=work / "warm-up", source=Source(srv.url, n + 1), fetch_policy=POLICY,
@@ -188,19 +197,55 @@ def warm_up(srv, n, work):
             time.sleep(0.05)
             dl.release(i)
             reads.append(time.perf_counter() - t0 - 0.05)
-    source = Source(srv.url, n + 1)
-    heads, checks = [], []
-    with requests.Session() as session:         # a worker's: one session, kept alive
-        for i in range(n + 1):                  # the server hashes each file once (X-Linked-Etag)
-            t0 = time.perf_counter()
-            remote_info(source, i, POLICY, session=session)
-            heads.append(time.perf_counter() - t0)
+    heads, checks = head_all(srv, n), []
     for i in range(min(n + 1, 8)):
         t0 = time.perf_counter()
         check_parquet(srv.directory / shard_name(i))
         checks.append(time.perf_counter() - t0)
     shutil.rmtree(work / "warm-up", ignore_errors=True)
     return tuple(sorted(v)[len(v) // 2] for v in (heads, checks, reads))
+
+
+def head_all(srv, n):
+    """A HEAD of every shard (train and val) through one kept-alive session, as a worker sends them: the
+    server hashes each file on its first HEAD (X-Linked-Etag), which is not to be charged to a case.
+    Returns each HEAD's seconds."""
+    import requests
+
+    from shardstream.fetch import remote_info
+    source, heads = Source(srv.url, n + 1), []
+    with requests.Session() as session:
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            remote_info(source, i, POLICY, session=session)
+            heads.append(time.perf_counter() - t0)
+    return heads
+
+
+def link_remote(remote, paths, n):
+    """remote/shard_00000.parquet .. shard_{n}.parquet (the last is val): hard links to paths in turn (a copy
+    where the file system has none), with their SHA256SUMS. Returns the new paths."""
+    remote.mkdir()
+    out = []
+    for i in range(n + 1):
+        src, dst = paths[i % len(paths)], remote / shard_name(i)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        out.append(dst)
+    write_sha256sums(remote, out)
+    return out
+
+
+def bound_w(n, ratio, val_first=False):
+    """The most of W a reader of n train shards can get with a perfect link at W/R = ratio, in shard-times
+    (one shard's download at W): its last read (ratio) starts after all n train shards crossed the link,
+    the val shard too with val_first; and it reads n shards (ratio each) after the first one came. None
+    uncapped."""
+    if ratio is None:
+        return None
+    return n / max(n + (1 if val_first else 0) + ratio, 1 + n * ratio)
 
 
 def simulated(mode, n, sizes, rate_bps, w_bps, budget, costs):
@@ -226,6 +271,7 @@ def _events(data):
 
 
 REAL_CASES = ((25, 0.8), (25, 1.25), (25, 4), (10, 1.25), (100, 1.25), (None, None))   # (W MB/s, W/R)
+LONG_W, LONG_RATIO = 25, 0.8                # the long run's case: the target a short run cannot show
 
 
 def cases(args, rate_bps):
@@ -243,18 +289,61 @@ def cases(args, rate_bps):
     return [(ratio * rate_bps, ratio, rate_bps) for ratio in ratios]
 
 
+def long_case(args):
+    """(W in bytes/s, W/R, R in bytes/s, train shards) of the long run, or None: real size only, skipped by
+    --long-shards 0 or by a --ratios without 0.8."""
+    ratios = [float(x) for x in args.ratios.split(",")] if args.ratios else None
+    if args.size != "real" or args.long_shards <= 0 or (ratios is not None and LONG_RATIO not in ratios):
+        return None
+    return LONG_W * 1e6, LONG_RATIO, LONG_W * 1e6 / LONG_RATIO, args.long_shards
+
+
+def measure(mode, srv, n, sizes, w_bps, ratio, rate_bps, budget, work, costs, args, long=False):
+    """One case, one mode: the measured figures, the simulation's beside them, the bound, the PNG."""
+    real = args.size == "real"
+    srv.reset_stats()
+    srv.set_rate(w_bps / 1e6 if w_bps else None)        # every case starts with an empty bucket
+    if mode == "all-first":
+        r = run_all_first(srv, n, sizes, rate_bps, work)
+    else:
+        r = run_streaming(mode, srv, n, sizes, rate_bps, budget, work)
+    shard = max(sizes.values())
+    r.update(mode=mode, ratio=ratio, w_bps=w_bps, r_bps=rate_bps, one_shard=shard / w_bps if w_bps else None,
+             achieved_bps=sum(sizes[i] for i in range(n)) / r["wall"], train_shards=n, long=long,
+             bound_w=bound_w(n, ratio), bound_w_val_first=bound_w(n, ratio, val_first=True))
+    r["sim_ttfb"] = r["sim_wait"] = r["sim_peak"] = r["sim_window_max"] = None
+    if w_bps is not None:
+        r["sim_ttfb"], r["sim_wait"], r["sim_peak"], r["sim_window_max"] = simulated(
+            mode, n, sizes, rate_bps, w_bps, budget, costs)
+    if r["events"] is not None and not args.no_plots and w_bps is not None:
+        from shardstream.timeline import plot_timeline
+        tail = f"_long{n}" if long else ""
+        png = OUT / f"streaming_real_{mode}_w{w_bps / 1e6:g}_wr{ratio:g}{tail}.png" if real else \
+            OUT / f"streaming_{mode}_wr{ratio:g}.png"
+        title = f"{mode}{f', {n} train shards' if long else ''}, W/R = {ratio:g} (W {w_bps / 1e6:.2f} MB/s, " \
+                f"R {rate_bps / 1e6:.2f} MB/s)"
+        plot_timeline(r["events"], png, title=title)
+        r["png"] = str(png.relative_to(OUT.parent.parent))
+    r["events"] = None
+    r["shard_bytes"] = shard
+    return r
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", "--quick", action="store_true", dest="smoke", help="a ~10 s smoke run (CI)")
     p.add_argument("--size", choices=("quick", "real"), default="quick",
-                   help="quick: shards of ~0.3 MB at R = 0.7 MB/s; real: 12 shards of ~24 MB, W 10-100 MB/s "
-                        "and an uncapped download + read (~6 min)")
+                   help="quick: shards of ~0.3 MB at R = 0.7 MB/s; real: 12 shards of ~24 MB, W 10-100 MB/s, "
+                        "an uncapped download + read and a long W/R = 0.8 run of --long-shards shards (a short "
+                        "run's last read keeps its reader under 0.95 W) (~7 min)")
     p.add_argument("--shards", type=int, default=None, help="train shards (default 24, --smoke 6, real 12)")
     p.add_argument("--chars", type=int, default=None,
                    help="characters per shard (default 1,000,000: ~0.3 MB; real 88,000,000: ~24 MB)")
     p.add_argument("--read-seconds", type=float, default=None, help="seconds the trainer spends on a shard (default 0.4, --smoke 0.25; real: from W and W/R)")
     p.add_argument("--ratios", default=None, help="W/R values, comma-separated (default 0.8,1.25,4)")
     p.add_argument("--budget-shards", type=float, default=8, help="budget in shards, val shard included")
+    p.add_argument("--long-shards", type=int, default=48,
+                   help="train shards of the real size's long W/R = 0.8 run (adaptive; 0 skips it)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -287,36 +376,29 @@ def main(argv=None):
                   f"footer check {costs[1] * 1e3:.1f} ms, a read's own cost {costs[2] * 1e3:.1f} ms", flush=True)
             print(HEADER, flush=True)
             for w_bps, ratio, rate_bps in todo:
-                one = shard / w_bps if w_bps else None                  # one shard's download at W
                 for mode in (["adaptive", "all-first"] if w_bps is None else ["adaptive", "fixed-5", "all-first"]):
-                    srv.reset_stats()
-                    srv.set_rate(w_bps / 1e6 if w_bps else None)        # every case starts with an empty bucket
-                    if mode == "all-first":
-                        r = run_all_first(srv, n, sizes, rate_bps, work)
-                    else:
-                        r = run_streaming(mode, srv, n, sizes, rate_bps, budget, work)
-                    r.update(mode=mode, ratio=ratio, w_bps=w_bps, r_bps=rate_bps, one_shard=one,
-                             achieved_bps=sum(sizes[i] for i in range(n)) / r["wall"])
-                    r["sim_ttfb"] = r["sim_wait"] = r["sim_peak"] = r["sim_window_max"] = None
-                    if w_bps is not None:
-                        r["sim_ttfb"], r["sim_wait"], r["sim_peak"], r["sim_window_max"] = simulated(
-                            mode, n, sizes, rate_bps, w_bps, budget, costs)
-                    if r["events"] is not None and not args.no_plots and w_bps is not None:
-                        from shardstream.timeline import plot_timeline
-                        tag = "_real" if real else ""
-                        png = OUT / f"streaming{tag}_{mode}_w{w_bps / 1e6:g}_wr{ratio:g}.png" if real else \
-                            OUT / f"streaming_{mode}_wr{ratio:g}.png"
-                        plot_timeline(r["events"], png, title=f"{mode}, W/R = {ratio:g} (W {w_bps / 1e6:.2f} MB/s, "
-                                                              f"R {rate_bps / 1e6:.2f} MB/s)")
-                        r["png"] = str(png.relative_to(OUT.parent.parent))
-                    r["events"] = None
-                    r["shard_bytes"] = shard
-                    rows.append(r)
-                    print(fmt_row(r), flush=True)
+                    rows.append(measure(mode, srv, n, sizes, w_bps, ratio, rate_bps, budget, work, costs, args))
+                    print(fmt_row(rows[-1]), flush=True)
+        long = long_case(args)
+        if long:            # its own server: shard ids run to n_long, and the val shard is the last one
+            w_bps, ratio, rate_bps, n_long = long
+            remote_long = work / "remote-long"
+            link_remote(remote_long, paths, n_long)
+            sizes_long = {i: (remote_long / shard_name(i)).stat().st_size for i in range(n_long + 1)}
+            budget_long = int(args.budget_shards * max(sizes_long.values()))
+            with ShardServer(remote_long) as srv:
+                head_all(srv, n_long)
+                rows.append(measure("adaptive", srv, n_long, sizes_long, w_bps, ratio, rate_bps, budget_long,
+                                    work, costs, args, long=True))
+                print(fmt_row(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(rows))
+    bounds = bound_lines(rows)
+    if bounds:
+        print()
+        print(bounds)
     print()
     print(agreement(rows))
     uncapped = {r["mode"]: r for r in rows if r["w_bps"] is None}
@@ -330,13 +412,15 @@ def main(argv=None):
     return 0
 
 
-HEADER = (f"{'W':>5} {'W/R':>5} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
+HEADER = (f"{'W':>5} {'W/R':>5} {'N':>4} {'mode':<10} {'1st batch s':>11} {'/1 shard':>8} {'wait %':>7} {'waits':>5} "
           f"{'achieved MB/s':>13} {'link MB/s':>9} {'link/W':>6} {'peak MB':>8} {'budget MB':>9} {'window':>6}"
           f"  | {'sim 1st s':>9} {'sim wait %':>10} {'sim peak MB':>11}")
 
 
 def _opt(value, spec, width, scale=1.0):
-    return f"{value * scale:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value * scale if scale != 1 else value:>{width}{spec}}"      # an int stays an int (window)
 
 
 def fmt_row(r):
@@ -347,7 +431,7 @@ def fmt_row(r):
     ratio = f"{r['ratio']:>5g}" if r["ratio"] is not None else f"{'-':>5}"
     per_shard = r["ttfb"] / r["one_shard"] if r["one_shard"] else None
     link_w = r["link_bps"] / r["w_bps"] if r["w_bps"] else None
-    return (f"{w} {ratio} {r['mode']:<10} {r['ttfb']:>11.2f} {_opt(per_shard, '.2f', 8)} {wait_pct:>7.2f} "
+    return (f"{w} {ratio} {r.get('train_shards', '-'):>4} {r['mode']:<10} {r['ttfb']:>11.2f} {_opt(per_shard, '.2f', 8)} {wait_pct:>7.2f} "
             f"{r['waits']:>5} {r['achieved_bps'] / 1e6:>13.2f} {r['link_bps'] / 1e6:>9.2f} "
             f"{_opt(link_w, '.2f', 6)} {r['peak'] / 1e6:>8.1f} {budget} {win}"
             f"  | {_opt(r['sim_ttfb'], '.2f', 9)} {_opt(r['sim_wait'], '.2f', 10, 100)} "
@@ -358,7 +442,7 @@ def agreement(rows):
     """Simulated vs measured per case, and whether each is within its target."""
     lines = ["simulated (shardstream.simulate, same parameters) vs measured: first batch within 20 %, wait within "
              "2 points, peak disk within 15 %",
-             f"{'W':>5} {'W/R':>5} {'mode':<10} {'1st s':>6} {'sim':>6} {'ratio':>5}  {'wait %':>6} {'sim':>6} {'diff':>5}  "
+             f"{'W':>5} {'W/R':>5} {'N':>4} {'mode':<10} {'1st s':>6} {'sim':>6} {'ratio':>5}  {'wait %':>6} {'sim':>6} {'diff':>5}  "
              f"{'peak MB':>7} {'sim':>6} {'ratio':>5}  {'window':>6} {'sim':>4}  agree"]
     for r in rows:
         if r["sim_ttfb"] is None:
@@ -368,15 +452,30 @@ def agreement(rows):
         ok = abs(f1 - 1) <= 0.2 and abs(sw - wait) <= 2 and abs(fp - 1) <= 0.15
         win = f"{r['window_max']:>6}" if r["window_max"] is not None else f"{'-':>6}"
         swin = f"{r['sim_window_max']:>4}" if r["sim_window_max"] is not None else f"{'-':>4}"
-        lines.append(f"{r['w_bps'] / 1e6:>5.3g} {r['ratio']:>5g} {r['mode']:<10} {r['ttfb']:>6.2f} {r['sim_ttfb']:>6.2f} {f1:>5.2f}  "
+        lines.append(f"{r['w_bps'] / 1e6:>5.3g} {r['ratio']:>5g} {r.get('train_shards', '-'):>4} {r['mode']:<10} {r['ttfb']:>6.2f} {r['sim_ttfb']:>6.2f} {f1:>5.2f}  "
                      f"{wait:>6.2f} {sw:>6.2f} {sw - wait:>+5.2f}  {r['peak'] / 1e6:>7.2f} {r['sim_peak'] / 1e6:>6.2f} "
                      f"{fp:>5.2f}  {win} {swin}  {'yes' if ok else 'NO'}")
     return "\n".join(lines)
 
 
+def bound_lines(rows):
+    """For each adaptive run at W/R < 1 (the reader could take more than W): the reader's share of W against
+    the most a perfect link gives a run of that many shards (bound_w), and the link's share."""
+    lines = []
+    for r in rows:
+        if r["mode"] != "adaptive" or r["w_bps"] is None or r["ratio"] >= 1 or r.get("bound_w") is None:
+            continue
+        n, ratio = r["train_shards"], r["ratio"]
+        what = f"long run ({n} train shards)" if r.get("long") else f"({n} train shards)"
+        lines.append(f"W/R = {ratio:g} {what}: reader {r['achieved_bps'] / r['w_bps']:.3f} W (bound for this N with a "
+                     f"perfect link: N/(N+{ratio:g}) = {r['bound_w']:.3f}; N/(N+{1 + ratio:g}) = "
+                     f"{r['bound_w_val_first']:.3f} with the val shard first), link {r['link_bps'] / r['w_bps']:.2f} W")
+    return "\n".join(lines)
+
+
 def table(rows):
-    lines = ["streaming (W = server cap in MB/s, none: uncapped and a real pyarrow read; R = trainer; wait % = data-wait after the first batch / wall after it;"
-             " window = largest)", HEADER] + [fmt_row(r) for r in rows]
+    lines = ["streaming (W = server cap in MB/s, none: uncapped and a real pyarrow read; R = trainer; N = train shards; wait % = data-wait after the first"
+             " batch / wall after it; window = largest)", HEADER] + [fmt_row(r) for r in rows]
     return "\n".join(lines)
 
 
