@@ -60,11 +60,12 @@ from .checksums import CHECKSUM_FILE
 from .errors import (ConfigError, CorruptShardError, DiskSpaceError, FetchCancelled, PermanentFetchError,
                      SchemaError, SourceUnreachable, TransientFetchError, UnsafePathError)
 from .httptransport import HttpTransport
-from .parts import AUTO_MAX_CONNECTIONS, AUTO_WINDOW, auto_parts, merge_spans, plan_parts, steal_point
+from .parts import (AUTO_MAX_CONNECTIONS, AUTO_WINDOW, Verdict, auto_parts, judged_parts, merge_spans, plan_parts,
+                    remembered_parts, steal_point)
 from .objectstore import ObjectTransport
 from .safefs import check_own_file, check_shard_name, ensure_book_dir, fopen_nofollow, open_nofollow
 from .shards import shard_name
-from .source import OBJECT_STORE_KINDS, hf_endpoint, redact_url
+from .source import OBJECT_STORE_KINDS, hf_endpoint, redact_url, url_origin
 from .transport import Fatal, Retry, scrub
 from .verify import check_parquet, decode_parquet, sha256_file, verify_shard
 
@@ -392,6 +393,26 @@ class _StopWatch:
 
 # -----------------------------------------------------------------------------
 # Files: data dir, partial + sidecar
+
+class _Verdicts:
+    """max_connections="auto"'s findings per origin, for this process (parts.Verdict): the next shards
+    start with the part count judged, and skip the split file's costs when it is one connection."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_origin = {}
+
+    def get(self, origin):
+        with self._lock:
+            return self._by_origin.get(origin)
+
+    def put(self, origin, verdict):
+        with self._lock:
+            self._by_origin[origin] = verdict
+
+
+VERDICTS = _Verdicts()
+
 
 def ensure_data_dir(data_dir):
     """Create data_dir if needed; ConfigError naming it when it cannot be created or written."""
@@ -753,7 +774,12 @@ class _Transfer:
         if self.split:
             return True
         most = AUTO_MAX_CONNECTIONS if policy.max_connections == "auto" else policy.max_connections
+        if policy.max_connections == "auto":
+            most = remembered_parts(VERDICTS.get(self._origin()), time.monotonic()) or most
         return most > 1 and info.size - self.pos >= 2 * policy.min_part_bytes
+
+    def _origin(self):
+        return url_origin(self.url) or self.url
 
     def _check_stop(self):
         if self.stop is not None and self.stop.is_set():
@@ -984,6 +1010,9 @@ class _Transfer:
         auto = policy.max_connections == "auto"
         most = AUTO_MAX_CONNECTIONS if auto else policy.max_connections
         target = 1 if auto else most
+        remembered = remembered_parts(VERDICTS.get(self._origin()), time.monotonic()) if auto else None
+        if remembered:                  # this origin was judged moments ago: start there, judge no more
+            target = min(remembered, most)
         self._split_partial()
         self._lane0_used = False
         parts = [_Part(a, b) for a, b in plan_parts(size, self.done, target, min_part)]
@@ -994,7 +1023,7 @@ class _Transfer:
         now = time.monotonic()
         checkpoint_t = now
         rate_before, parts_before, judging, window = None, 1, None, None   # "auto"'s measurement
-        frozen = not auto
+        frozen = not auto or bool(remembered)
         finished = False
 
         def spans_now():
@@ -1042,6 +1071,8 @@ class _Transfer:
                 if not running and not pending:
                     self._hash_prefix(rfd, spans_now(), None)     # what the last ticks did not hash
                     finished = True
+                    if auto and not remembered and rate_before is not None:    # ended while still gaining
+                        VERDICTS.put(self._origin(), Verdict(target, now))
                     break
                 try:
                     event = events.get(timeout=PART_TICK)
@@ -1101,6 +1132,9 @@ class _Transfer:
                             parts_before, rate_before, target = target, rate, more
                         else:
                             frozen = True
+                            VERDICTS.put(self._origin(), Verdict(judged_parts(rate_before, parts_before, rate,
+                                                                              target), now))
+                            remembered = target
                         judging, window = None, None
                         while not frozen and not pending and len(running) < target:
                             part = steal()

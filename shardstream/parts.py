@@ -3,13 +3,17 @@ no clock), used by fetch.py's transfer loop.
 
 A span is (start, stop), stop exclusive. `plan_parts` cuts what is still missing into up to `connections`
 parts of at least `min_part` bytes; `steal_point` lets a free connection take the tail of a busy part;
-`auto_parts` decides, from measured rates, whether one more connection helps (max_connections="auto").
+`auto_parts` decides, from measured rates, whether one more connection helps (max_connections="auto");
+`judged_parts` is what that judgement found, and `remembered_parts` lets the next shards from the same
+origin start with it (one connection: no split at all) instead of judging again, for AUTO_MEMORY seconds.
 """
+from dataclasses import dataclass
 
 AUTO_MAX_CONNECTIONS = 4    # max_connections="auto" adds parts up to this many...
 AUTO_GAIN = 1.15            # ...while the last part added raised the shard's rate by this factor (4 vs 3: 1.33)
 AUTO_LINEAR = 0.85          # ...doubling the parts when the rate grew at least this share of in proportion
 AUTO_WINDOW = 0.4           # seconds of a part count's bytes before it is judged
+AUTO_MEMORY = 60.0          # seconds a judged part count holds for the next shards from the same origin
 
 PART_ALIGN = 64 << 10       # split points fall on this grid (page- and extent-friendly writes)
 
@@ -84,3 +88,27 @@ def auto_parts(rate_before, parts_before, rate_now, parts, max_parts, gain=AUTO_
         return parts
     linear = rate_now >= rate_before * parts / parts_before * AUTO_LINEAR
     return min(max_parts, parts * 2 if linear else parts + 1)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What "auto" found for an origin: `parts` connections per shard, judged at monotonic time `at`."""
+    parts: int
+    at: float
+
+
+def judged_parts(rate_before, parts_before, rate_now, parts, gain=AUTO_GAIN):
+    """Once auto_parts says stay: the part count the judgement found worth having, the last one that
+    measurably raised the rate (parts_before when the part added last did not)."""
+    if rate_before is None or rate_now >= rate_before * gain:
+        return parts
+    return parts_before
+
+
+def remembered_parts(verdict, now, memory=AUTO_MEMORY):
+    """The part count a new shard from an origin starts with, fixed, from that origin's Verdict (None:
+    judge afresh, starting from one connection: no verdict, or one older than `memory` seconds, since
+    links and caps change)."""
+    if verdict is None or now - verdict.at >= memory:
+        return None
+    return verdict.parts

@@ -19,8 +19,10 @@ import pytest
 from rel_common import OverlapServer, until
 from shardstream import layout
 from shardstream.errors import ConfigError, FetchCancelled
-from shardstream.fetch import FetchPolicy, fetch_shard
-from shardstream.parts import auto_parts, merge_spans, missing_spans, plan_parts, split_point, steal_point
+from shardstream.fetch import VERDICTS, FetchPolicy, fetch_shard
+from shardstream.source import url_origin
+from shardstream.parts import (AUTO_MEMORY, Verdict, auto_parts, judged_parts, merge_spans, missing_spans, plan_parts,
+                               remembered_parts, split_point, steal_point)
 from shardstream.server import Fault
 from shardstream.source import Source
 
@@ -127,6 +129,40 @@ def test_auto_stays_near_one_connection_when_the_link_is_the_limit(remote_dir, t
         fetch_shard(Source(srv.hub_url, SHARDS), 2, tmp_path, policy)
         assert srv.max_overlap() <= 2                   # tried a second, saw no gain, added no third
     assert (tmp_path / name(2)).read_bytes() == (remote_dir / name(2)).read_bytes()
+
+
+def test_a_judgement_is_remembered_for_a_while():
+    assert judged_parts(None, 1, 5.0, 4) == 4             # the most at once, nothing to compare: keep it
+    assert judged_parts(5.0, 1, 5.5, 2) == 1              # the second connection did not pay: one
+    assert judged_parts(5.0, 2, 9.0, 4) == 4              # the last doubling did
+    assert judged_parts(8.0, 3, 8.4, 4) == 3
+    assert remembered_parts(None, 100.0) is None          # nothing judged: judge
+    assert remembered_parts(Verdict(1, 100.0), 100.0 + AUTO_MEMORY - 1) == 1
+    assert remembered_parts(Verdict(3, 100.0), 100.0 + AUTO_MEMORY) is None   # stale: judge again
+
+
+def test_the_next_shard_from_the_origin_starts_with_what_auto_judged(remote_dir, tmp_path):
+    """After a judgement, the next shard skips it: one plain request where a second part did not pay (no
+    split file, no Range), or the judged parts at once under a per-connection cap."""
+    policy = FetchPolicy(max_connections="auto", min_part_bytes=MIN, backoff_initial=0.01)
+    with OverlapServer(remote_dir, rate=0.3) as srv:    # the link is the limit
+        source = Source(srv.hub_url, SHARDS)
+        fetch_shard(source, 2, tmp_path / "a", policy)
+        assert VERDICTS.get(url_origin(srv.hub_url)).parts == 1
+        srv.reset_stats()
+        fetch_shard(source, 3, tmp_path / "a", policy)
+        st = srv.stats(name(3))
+        assert st.get_requests == 1 and st.ranges == [(0, (remote_dir / name(3)).stat().st_size)]
+    with OverlapServer(remote_dir, per_connection_rate=0.15) as srv:
+        source = Source(srv.hub_url, SHARDS)
+        fetch_shard(source, 2, tmp_path / "b", policy)
+        judged = VERDICTS.get(url_origin(srv.hub_url)).parts
+        assert judged >= 2
+        srv.reset_stats()
+        fetch_shard(source, 3, tmp_path / "b", policy)
+        assert srv.stats(name(3)).get_requests >= judged       # the judged parts, from the start
+    for i in (2, 3):
+        assert (tmp_path / "b" / name(i)).read_bytes() == (remote_dir / name(i)).read_bytes()
 
 
 def test_small_shards_stay_one_request(capped, tmp_path):
