@@ -220,7 +220,7 @@ def trainer_side(srv, source, ids, out_dir, workers, policy=None):
     policies = {"fetch, helper process": FetchPolicy(process=True), "fetch, this process": FetchPolicy(process=False)}
     if policy is not None:
         policies = {k: dataclasses.replace(policy, process=v.process) for k, v in policies.items()}
-    for who in ["curl", *policies] * 2:                 # twice each, interleaved
+    for who in ["curl", *policies] * 3:                 # three times each, interleaved
         clear(out_dir)
         if who == "curl":
             procs = [subprocess.Popen(["curl", "-s", "-o", str(out_dir / f"curl_{k}.bin"), u])
@@ -234,7 +234,7 @@ def trainer_side(srv, source, ids, out_dir, workers, policy=None):
             t.join()
         out[who] = max(out.get(who, 0.0), rate)
     clear(out_dir)
-    print(f"\ntrainer's pure-Python loop while {len(ids)} shards download at the server's W (best of 2)")
+    print(f"\ntrainer's pure-Python loop while {len(ids)} shards download at the server's W (best of 3)")
     for k, v in out.items():
         print(f"  {k:<26} {v / 1e6:6.2f} M iterations/s")
     for k in policies:

@@ -85,11 +85,16 @@ def summary(outputs, real=False):
 
     streamed = [(r, " real" if real else "") for r in (_load("streaming_real" if real else "streaming") or [])
                 if "streaming" in outputs]
-    uncapped = {r["mode"]: r for r, _ in streamed if r.get("w_bps") is None}
-    if len(uncapped) == 2:
+    for long in (False, True):          # the long run is the one judged: a short one is its fixed costs
+        uncapped = {r["mode"]: r for r, _ in streamed if r.get("w_bps") is None and bool(r.get("long")) == long}
+        if len(uncapped) != 2:
+            continue
         a, b = uncapped["adaptive"]["achieved_bps"], uncapped["all-first"]["achieved_bps"]
-        rows.append(("streaming real, uncapped download + read", f"{a / 1e6:.1f} vs {b / 1e6:.1f} MB/s of parquet "
-                     f"({a / b:.2f}x download-everything-first)", "ahead of download-all-then-read", a >= b))
+        judged = long or not any(r.get("long") and r.get("w_bps") is None for r, _ in streamed)
+        rows.append((f"streaming real, uncapped download + read, {uncapped['adaptive'].get('train_shards', '?')} "
+                     f"shards", f"{a / 1e6:.1f} vs {b / 1e6:.1f} MB/s of parquet ({a / b:.2f}x download-everything-"
+                     f"first)", "ahead of download-all-then-read" if judged else "(context)",
+                     a >= b if judged else None))
     for r, tag in streamed:
         if r.get("w_bps") is None:
             continue
