@@ -397,7 +397,6 @@ def main(argv=None):
                     rows.append(measure(mode, srv, n_long, sizes_long, None, None, None, budget_long, work, costs,
                                         args, long=True))
                     print(fmt_row(rows[-1]), flush=True)
-                print(fmt_row(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()

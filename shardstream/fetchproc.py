@@ -8,13 +8,19 @@ on_link as they happen, the FetchResult or the exception (the same types), the c
 The caller's thread blocks in FetchHelper.fetch exactly as it would in fetch_shard, so the downloader's
 scheduling, budget and failure handling do not change. Files, locks and sidecars are the same on disk:
 the child takes the shard's lock, a kill -9 of either process leaves a partial that the next fetch
-resumes.
+resumes. The one process-wide setting a fetch reads, the row-group caps (verify.row_group_limits), goes
+with each fetch.
+
+The child runs at NICE below its parent's CPU priority: where the trainer and the downloads both want a
+core, the trainer gets it (downloads run ahead of the reader; a link is not CPU-bound). It checks PROTOCOL
+first: a child started from newer code on disk than its parent's refuses to serve, and the parent fetches
+itself.
 
 Which fetches go there is use_helper's decision (FetchPolicy.process: "auto" sends shards of at least
 min_process_bytes once the child is up, True always, False never); run_fetch is the one call site.
 
 The protocol (one socketpair, length-prefixed pickles; both ends are ours):
-    parent -> child: ("source", sid, Source), ("fetch", jid, sid, shard_id, data_dir, policy, info),
+    parent -> child: ("source", sid, Source), ("fetch", jid, sid, shard_id, data_dir, policy, info, limits),
                      ("cancel", jid), ("quit",)
     child -> parent: ("ready", pid), ("bytes", jid, n), ("retry", jid, cause), ("link", jid, busy),
                      ("done", jid, FetchResult), ("failed", jid, exception), ("log", record dict)
@@ -36,9 +42,13 @@ from pathlib import Path
 
 from .errors import FetchCancelled, ShardStreamError, TransientFetchError
 from .fetch import fetch_shard
+from .verify import configure_row_group_limits, row_group_limits
 
 logger = logging.getLogger(__name__)
 
+PROTOCOL = 1            # the messages below; a child of another version refuses to serve
+NICE = 5                # the helper's CPU priority below the trainer's: where both want a core, training
+                        # gets it first (the window ahead absorbs a slower download; links are not CPU-bound)
 MAX_STARTS = 3          # a helper that keeps dying is given up on: fetches then run in the caller's thread
 READY_TIMEOUT = 60.0    # seconds a forced helper (process=True) may take to start
 POLL = 0.2              # how often a waiting caller looks at its stop event
@@ -145,7 +155,7 @@ class FetchHelper:
         root = str(Path(__file__).resolve().parent.parent)      # this very package, wherever it was found
         level = logging.getLogger("shardstream").getEffectiveLevel()
         boot = (f"import sys; sys.path.insert(0, {root!r}); from shardstream.fetchproc import _child; "
-                f"_child({theirs.fileno()}, {level})")
+                f"_child({theirs.fileno()}, {level}, {PROTOCOL}, {NICE})")
         try:
             proc = subprocess.Popen([sys.executable, "-c", boot], pass_fds=(theirs.fileno(),),
                                     stdin=subprocess.DEVNULL)
@@ -216,7 +226,7 @@ class FetchHelper:
                 if self._sources.get(sid) is not source:
                     self._sources[sid] = source             # held, so that its id is not reused
                     chan.send(("source", sid, source))
-                chan.send(("fetch", jid, sid, shard_id, str(data_dir), policy, info))
+                chan.send(("fetch", jid, sid, shard_id, str(data_dir), policy, info, row_group_limits()))
             except OSError:
                 q.put(("lost", jid, self._proc.pid if self._proc else 0, None))
         linked, cancelled = False, False
@@ -329,8 +339,16 @@ def _sendable(e):
     return RuntimeError(f"the download helper process failed: {type(e).__name__}: {e}\n{tb}")
 
 
-def _child(fd, level):
+def _child(fd, level, protocol, nice=0):
+    if protocol != PROTOCOL:    # shardstream was upgraded under a running parent: its fetches stay there
+        sys.exit(f"shardstream.fetchproc: this helper speaks protocol {PROTOCOL}, its parent {protocol} "
+                 f"(shardstream changed on disk since the parent started); the parent fetches in its own process")
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's: it cancels through "cancel"
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     import requests
     chan = _Channel(socket.socket(fileno=fd))
     root = logging.getLogger("shardstream")
@@ -368,7 +386,8 @@ def _child(fd, level):
             if kind == "source":
                 sources[msg[1]] = msg[2]
             elif kind == "fetch":
-                jid, sid, shard_id, data_dir, policy, info = msg[1:]
+                jid, sid, shard_id, data_dir, policy, info, limits = msg[1:]
+                configure_row_group_limits(limits.max_bytes, limits.max_rows)   # the parent's caps, as set now
                 stops[jid] = stop = threading.Event()
                 t = threading.Thread(target=job, args=(jid, sources[sid], shard_id, data_dir, policy, info, stop),
                                      name=f"fetch-{shard_id:05d}", daemon=True)

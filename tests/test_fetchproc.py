@@ -238,3 +238,40 @@ def test_a_helper_that_cannot_run_leaves_the_fetches_here(server, tmp_path, monk
         assert any("download helper process" in r.getMessage() for r in caplog.records)
     finally:
         h.close()
+
+
+def test_the_row_group_caps_set_here_hold_in_the_helper(server, tmp_path, helper):
+    from shardstream.verify import configure_row_group_limits
+    source = Source(server.hub_url, 6)
+    configure_row_group_limits(max_rows=100)            # the sample's row groups hold 1,024 rows
+    try:
+        with pytest.raises(PermanentFetchError) as there:
+            run_fetch(helper, source, 5, tmp_path / "a", FORCED)
+        with pytest.raises(PermanentFetchError) as here:
+            fetch_shard(source, 5, tmp_path / "b", FORCED)
+        assert "rows" in str(there.value) and type(there.value) is type(here.value)
+    finally:
+        configure_row_group_limits()
+    assert run_fetch(helper, source, 5, tmp_path / "a", FORCED).size > 0     # the defaults again, there too
+
+
+def test_a_helper_of_another_version_refuses_and_the_fetches_stay_here(server, tmp_path, monkeypatch, caplog):
+    # The parent's code and the code on disk differ (an upgrade under a running trainer): the child says
+    # so and exits before serving; nothing is sent to it in a protocol it does not speak.
+    import shardstream.fetchproc as fetchproc
+    monkeypatch.setattr(fetchproc, "PROTOCOL", fetchproc.PROTOCOL + 1)
+    h = FetchHelper()
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardstream"):
+            res = run_fetch(h, Source(server.hub_url, 6), 0, tmp_path, FORCED)
+        assert sha(res.path) == sha(server.directory / name(0)) and h.served == 0 and h.pid is None
+        assert any("exited with code 1" in r.getMessage() for r in caplog.records)
+    finally:
+        h.close()
+
+
+def test_the_helper_runs_below_this_process_cpu_priority(server, tmp_path, helper):
+    import shardstream.fetchproc as fetchproc
+    run_fetch(helper, Source(server.hub_url, 6), 0, tmp_path, FORCED)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, helper.pid) == min(19, mine + fetchproc.NICE) > mine
