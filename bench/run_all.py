@@ -79,6 +79,10 @@ def summary(outputs, real=False):
     for label, (best, med) in zip(("transfer, one shard", "transfer, 8 shards"), ratios):
         rows.append((label, f"fetch/curl MB/s {float(med):.2f} (median), {float(best):.2f} (best)", ">= 0.9",
                      float(med) >= 0.9))
+    side = re.search(r"ratio while fetch, helper process / while curl:\s+median ([\d.]+)", fetch)
+    if side:
+        rows.append(("trainer's Python loop while 8 shards download", f"{float(side.group(1)):.2f}x of it while "
+                     f"curl downloads them (median of rounds)", ">= 0.95x", float(side.group(1)) >= 0.95))
     same = re.findall(r"ratio fetch/\(curl \+ fsync\), same durability:\s+best ([\d.]+)\s+median ([\d.]+)", fetch)
     for label, (best, med) in zip(("  same durability (curl+fsync)", "  same durability, 8 shards"), same):
         rows.append((label, f"fetch/(curl+fsync) {float(med):.2f} (median)", "(context)", None))
