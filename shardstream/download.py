@@ -134,6 +134,7 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
     data_dir = ensure_data_dir(data_dir)
+    shard_ids = list(shard_ids)
     stop = stop or threading.Event()
     sessions = _Sessions()
 
@@ -169,11 +170,13 @@ def download_shards(source, shard_ids, data_dir, workers=4, policy=FetchPolicy()
             progress.finished(i, r)
         return r
 
-    helper = FetchHelper()
+    # "auto" sends a shard there only once the helper is up: with no more shards than workers, all start first
+    helper = FetchHelper() if policy.process is True or len(shard_ids) > workers else None
     try:
         return _run_pool(one, shard_ids, workers, stop)
     finally:
-        helper.close()
+        if helper is not None:
+            helper.close()
         sessions.close()
 
 

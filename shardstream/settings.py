@@ -112,6 +112,10 @@ def _column(s):
     return s
 
 
+def _process(s):
+    return "auto" if s.lower() == "auto" else _flag(s)
+
+
 def _positive_int(s):
     v = int(s)              # whole digits only: '512MB', '1e400', 'inf' are refused
     if v <= 0:
@@ -193,6 +197,11 @@ SETTINGS = (
             "`footer`: size, the checksum when there is one, the parquet footer; `decode`: also read and "
             "decompress every page before a shard is used (catches a flipped byte inside a page when there is "
             "no checksum)", f"write {' or '.join(VERIFY_LEVELS)}", (DROP_IN,)),
+    Setting("SHARDSTREAM_FETCH_PROCESS", _process, "auto", "`auto`",
+            "where downloads run: `auto` puts shards of 16 MB or more in one helper process (out of the "
+            "training process's interpreter lock, at a lower CPU priority) once it is up; `1` every shard "
+            "there; `0` every shard in the training process's threads",
+            "write auto, 1 or 0", (DROP_IN,)),
     # None: the library's own default (verify.DEFAULT_MAX_ROW_GROUP_*, torchrun.DEFAULT_TIMEOUT)
     Setting("SHARDSTREAM_MAX_ROW_GROUP_BYTES", _positive_int, None, "`536870912` (512 MiB)",
             "the most `text` bytes one row group may hold (a cap against decompression bombs); raise it for "

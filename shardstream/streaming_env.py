@@ -53,6 +53,7 @@ _FIELDS = {"SHARDSTREAM_SOURCE": "source", "SHARDSTREAM_DATASET": "dataset",
            "SHARDSTREAM_MIN_FREE_BYTES": "min_free_bytes", "SHARDSTREAM_PARTITION": "partition",
            "SHARDSTREAM_SCOPE": "scope", "SHARDSTREAM_STATUS_EVERY": "status_every",
            "SHARDSTREAM_REQUIRE_CHECKSUM": "require_checksum", "SHARDSTREAM_VERIFY": "verify",
+           "SHARDSTREAM_FETCH_PROCESS": "fetch_process",
            "SHARDSTREAM_MAX_ROW_GROUP_BYTES": "max_row_group_bytes",
            "SHARDSTREAM_MAX_ROW_GROUP_ROWS": "max_row_group_rows", "SHARDSTREAM_DIST_TIMEOUT": "dist_timeout",
            "SHARDSTREAM_SHARE_STATE": "share_state", "SHARDSTREAM_FILES": "files",
@@ -98,6 +99,7 @@ class StreamingSettings:
     status_every: float | None = 0.0    # None: no status lines
     require_checksum: bool = False
     verify: str = "footer"              # fetch.VERIFY_LEVELS
+    fetch_process: bool | str = "auto"  # FetchPolicy.process
     max_row_group_bytes: int | None = None     # None: verify.py's defaults
     max_row_group_rows: int | None = None
     dist_timeout: float | None = None   # None: torchrun.DEFAULT_TIMEOUT
@@ -177,7 +179,7 @@ class StreamingSettings:
                                       cycle=True),
                   prefetch="auto" if self.adaptive else None, text_column=self.text_column,
                   fetch_policy=FetchPolicy(require_checksum=self.require_checksum, verify=self.verify,
-                                           text_column=self.text_column))
+                                           text_column=self.text_column, process=self.fetch_process))
         if self.min_free_bytes is not None:
             kw["min_free_bytes"] = self.min_free_bytes
             kw["warn_free_bytes"] = max(self.min_free_bytes, min(5 * self.min_free_bytes, 5_000_000_000))

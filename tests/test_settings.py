@@ -164,6 +164,7 @@ def test_the_drop_in_warns_only_about_typos(tmp_path, caplog):
     ("SHARDSTREAM_STREAMING", "yes please", "write 1"),
     ("SHARDSTREAM_DATASET", "nope", "climbmix, fineweb-edu"),
     ("SHARDSTREAM_VERIFY", "all", "footer or decode"),
+    ("SHARDSTREAM_FETCH_PROCESS", "sometimes", "auto, 1 or 0"),
 ])
 def test_a_bad_value_names_the_variable_the_value_and_what_to_write(name, value, needle):
     with pytest.raises(ConfigError) as e:
@@ -189,3 +190,12 @@ def test_names_outside_the_tables_are_refused():
         settings.foreign("PATH", {})
     assert settings.hf_token({"HF_TOKEN": ""}) is None and settings.hf_token({"HF_TOKEN": "t"}) == "t"
     assert settings.torchrun_env({"RANK": "1", "PATH": "/bin"}) == {"RANK": "1"}
+
+
+@pytest.mark.parametrize("value, process", [("auto", "auto"), ("AUTO", "auto"), ("1", True), ("0", False),
+                                            (None, "auto")])
+def test_fetch_process_reaches_the_drop_ins_fetch_policy(tmp_path, value, process):
+    from shardstream.streaming_env import StreamingSettings
+    env = {"SHARDSTREAM_DATA_DIR": str(tmp_path)} | ({"SHARDSTREAM_FETCH_PROCESS": value} if value else {})
+    policy = StreamingSettings.from_env(env).downloader_kwargs("train")["fetch_policy"]
+    assert policy.process == process
