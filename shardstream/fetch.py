@@ -143,6 +143,8 @@ class FetchPolicy:
             raise ConfigError(f"FetchPolicy.min_part_bytes must be an int >= 65536, got {self.min_part_bytes!r}")
         if self.process not in (True, False, "auto"):
             raise ConfigError(f"FetchPolicy.process must be True, False or \"auto\", got {self.process!r}")
+        if self.process != "auto":
+            object.__setattr__(self, "process", bool(self.process))     # 1 and 0 read as True and False
         if not (isinstance(self.min_process_bytes, int) and self.min_process_bytes >= 0):
             raise ConfigError(f"FetchPolicy.min_process_bytes must be an int >= 0, got {self.min_process_bytes!r}")
         if self.chunk_bytes < 4096 or self.max_shard_bytes < 1 or self.max_full_downloads < 1:
