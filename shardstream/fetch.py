@@ -1012,9 +1012,9 @@ class _Transfer:
         auto = policy.max_connections == "auto"
         most = AUTO_MAX_CONNECTIONS if auto else policy.max_connections
         target = 1 if auto else most
-        remembered = remembered_parts(VERDICTS.get(self._origin()), time.monotonic()) if auto else None
-        if remembered:                  # this origin was judged moments ago: start there, judge no more
-            target = min(remembered, most)
+        settled = remembered_parts(VERDICTS.get(self._origin()), time.monotonic()) if auto else None
+        if settled:                     # this origin was judged moments ago: start there, judge no more
+            target = min(settled, most)
         self._split_partial()
         self._lane0_used = False
         parts = [_Part(a, b) for a, b in plan_parts(size, self.done, target, min_part)]
@@ -1025,7 +1025,7 @@ class _Transfer:
         now = time.monotonic()
         checkpoint_t = now
         rate_before, parts_before, judging, window = None, 1, None, None   # "auto"'s measurement
-        frozen = not auto or bool(remembered)
+        frozen = not auto or bool(settled)
         finished = False
 
         def spans_now():
@@ -1073,7 +1073,7 @@ class _Transfer:
                 if not running and not pending:
                     self._hash_prefix(rfd, spans_now(), None)     # what the last ticks did not hash
                     finished = True
-                    if auto and not remembered and rate_before is not None:    # ended while still gaining
+                    if auto and not settled and rate_before is not None:    # ended while still gaining
                         VERDICTS.put(self._origin(), Verdict(target, now))
                     break
                 try:
@@ -1136,7 +1136,7 @@ class _Transfer:
                             frozen = True
                             VERDICTS.put(self._origin(), Verdict(judged_parts(rate_before, parts_before, rate,
                                                                               target), now))
-                            remembered = target
+                            settled = target        # judged and recorded here
                         judging, window = None, None
                         while not frozen and not pending and len(running) < target:
                             part = steal()
